@@ -1,0 +1,23 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both (re)build .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: venv demo test bench clean
+
+venv:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: the 2.13.0 CPU wheel is on local disk; a bare `torch` would pull a CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	$(PIP) install -e examples/synfer-example-plugin
+
+demo: venv
+	$(VENV)/bin/synfer run recipes/quickstart.yaml
+
+test: venv
+	$(VENV)/bin/pytest -q -x --durations=15
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

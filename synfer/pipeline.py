@@ -1,0 +1,187 @@
+"""The run loop of `synfer run`: plan -> generate -> calibrate -> write -> evaluate.
+
+Stages are plain objects called through their typed methods. Every sample's
+randomness derives from (recipe seed, sample index), so the output does not depend
+on the batch size, the number of workers, or an interruption and resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from synfer import labels as L
+from synfer.dataset import DatasetWriter
+from synfer.ensemble import ExpertEnsemble, Member
+from synfer.recipe import Recipe, expert_kind
+from synfer.stages import LabelledSample, SampleRequest
+
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def expression_for(index: int, mix: dict[str, float]) -> str:
+    """Deterministic, well-spread class for a sample index (a low-discrepancy walk over the mix),
+    so any prefix of the plan is close to the asked proportions."""
+    u = (index * GOLDEN) % 1.0
+    acc = 0.0
+    for name, w in mix.items():
+        acc += w
+        if u < acc:
+            return name
+    return next(reversed(mix))
+
+
+def plan(recipe: Recipe, limit: int | None = None) -> list[SampleRequest]:
+    """Per-sample seed, expression and AU vector (FAU-FE prior); prompts come from the prompter."""
+    prior = L.AUPrior(**recipe.au_prior.model_dump())
+    n = recipe.num_images if limit is None else min(limit, recipe.num_images)
+    mix = recipe.mix()
+    out = []
+    for index in range(n):
+        seed = L.sample_seed(recipe.seed, index)
+        expression = expression_for(index, mix)
+        aus = prior.sample(expression, np.random.default_rng([seed, 1]))
+        out.append(SampleRequest(index=index, seed=seed, expression=expression, aus=L.au_dict(aus)))
+    return out
+
+
+def shard(requests: list[SampleRequest], rank: int, world: int) -> list[SampleRequest]:
+    """Deterministic sharding by sample index: N workers produce exactly what one would."""
+    return [r for r in requests if r.index % world == rank]
+
+
+@dataclass
+class RunSummary:
+    output: str
+    planned: int
+    generated: int
+    resumed: int
+    seconds: float
+    per_class: dict[str, Counter] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        lines = [f"{self.output}: {self.planned} planned, {self.generated} generated now, {self.resumed} already on disk, {self.seconds:.1f} s"]
+        if self.per_class:
+            lines.append(f"{'class':<10}{'total':>7}{'kept':>7}{'relabelled':>12}{'dropped':>9}")
+            tot = Counter()
+            for c, k in self.per_class.items():
+                tot.update(k)
+                lines.append(f"{c:<10}{k['total']:>7}{k['kept']:>7}{k['relabelled']:>12}{k['dropped']:>9}")
+            lines.append(f"{'all':<10}{tot['total']:>7}{tot['kept']:>7}{tot['relabelled']:>12}{tot['dropped']:>9}")
+        for k, v in self.metrics.items():
+            lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        return "\n".join(lines)
+
+
+def calibration_counts(rows: list[dict]) -> dict[str, Counter]:
+    """Per preassigned class: total, kept, relabelled, dropped."""
+    out: dict[str, Counter] = {}
+    for r in rows:
+        c = out.setdefault(r["preassigned_label"], Counter())
+        c["total"] += 1
+        if not r.get("kept", True):
+            c["dropped"] += 1
+        else:
+            c["kept"] += 1
+            c["relabelled"] += r["label"] != r["preassigned_label"]
+    return dict(sorted(out.items()))
+
+
+class Stages:
+    """Every stage a recipe names, built once (weights load lazily inside plugins)."""
+
+    def __init__(self, recipe: Recipe, registry=None):
+        from synfer.plugins import get_registry
+
+        reg = registry or get_registry()
+        self.registry = reg
+        self.prompter = reg.build("prompter", recipe.prompter)
+        self.generator = reg.build("generator", recipe.generator)
+        self.guidance = reg.build("guidance_classifier", recipe.guidance_classifier) if recipe.guidance_classifier else None
+        members = []
+        if recipe.calibrator:
+            cal = reg.build("calibrator", recipe.calibrator)
+            cal.bind(self.generator)
+            members.append(Member(cal.name, recipe.vote.calibrator_weight, cal.label_space, cal.predict))
+        for block in recipe.experts:
+            block = dict(block)
+            weight = float(block.pop("weight", 1.0))
+            expert = reg.build(expert_kind(reg, block["plugin"]), block)
+            space = getattr(expert, "label_space")
+            members.append(Member(expert.name, weight, space, lambda samples, e=expert: e.predict([s.image for s in samples])))
+        self.ensemble = ExpertEnsemble(members, recipe.label_space, recipe.vote)
+        self.evaluators = [(reg.build("evaluator", b)) for b in recipe.evaluators]
+
+
+def label_batch(stages: Stages, samples, classes) -> list[LabelledSample]:
+    votes = stages.ensemble(samples, [s.request.expression for s in samples])
+    out = []
+    for s, (v, preds) in zip(samples, votes):
+        out.append(LabelledSample(sample=s, preassigned_label=s.request.expression, label=classes[v.label],
+                                  soft_label=list(v.soft), agreement=v.agreement, kept=v.kept,
+                                  predictions={k: list(p) for k, p in preds.items()}))
+    return out
+
+
+def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress: bool = True) -> RunSummary:
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out = Path(recipe.output)
+    writer = DatasetWriter(out)
+    full = plan(recipe, limit)
+    todo = [r for r in shard(full, rank, world) if r.index not in writer.done]
+    stages = Stages(recipe, registry)
+    classes = L.label_space(recipe.label_space)
+    batch_size = int(getattr(stages.generator.config, "batch_size", 8) or 8)
+    generated = 0
+    with tqdm(total=len(todo), desc="generate", unit="img", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            for r, p in zip(batch, stages.prompter.prompt(batch)):
+                r.prompt = p
+            samples = stages.generator.generate(batch, guidance=stages.guidance)
+            for ls in label_batch(stages, samples, classes):
+                writer.write(ls.sample.request.index, ls.sample.image, ls.metadata(""))
+            generated += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(img_s=f"{generated / max(time.time() - t0, 1e-9):.2f}")
+    summary = RunSummary(str(out), len(full), generated, len(full) - len(todo), 0.0, calibration_counts(writer.rows))
+    (out / "calibration.json").write_text(json.dumps({k: dict(v) for k, v in summary.per_class.items()}, indent=2))
+    if recipe.grid and writer.rows:
+        write_grid(out, writer.rows, classes)
+    for ev in stages.evaluators:
+        summary.metrics.update(ev.evaluate(out))
+    if summary.metrics:
+        (out / "metrics.json").write_text(json.dumps(summary.metrics, indent=2))
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def write_grid(out: Path, rows: list[dict], classes, per_class: int = 8, name: str = "grid.png") -> Path:
+    """A grid PNG: one row per expression (final label), up to `per_class` images each."""
+    from PIL import Image, ImageDraw
+
+    by = {c: [r for r in rows if r.get("label") == c and r.get("kept", True)][:per_class] for c in classes}
+    by = {c: v for c, v in by.items() if v}
+    with Image.open(out / rows[0]["file_name"]) as im:
+        size = im.size[0]
+    label_w = 64
+    grid = Image.new("RGB", (label_w + per_class * size, max(1, len(by)) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for y, (c, rs) in enumerate(by.items()):
+        draw.text((2, y * size + size // 2 - 5), c, fill="black")
+        for x, r in enumerate(rs):
+            with Image.open(out / r["file_name"]) as im:
+                grid.paste(im.convert("RGB"), (label_w + x * size, y * size))
+    path = out.parent / f"{out.name}-{name}" if name else out / "grid.png"
+    grid.save(path)
+    return path

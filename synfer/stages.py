@@ -1,0 +1,217 @@
+"""Stage contracts: one ABC per stage of the method, and the typed records between them.
+
+A plugin subclasses one of these, sets `name`, nests a strict pydantic `Config`
+and implements the abstract methods. Contracts carry no shared logic.
+No torch import at module level: `synfer validate` builds Configs from here.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+    from PIL import Image
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's nested Config: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass
+class FaceRecord:
+    """One face of FEText (paper 4.2.1): image, expression, AUs, caption and provenance."""
+
+    image: "Image.Image"
+    expression: str | None  # canonical name (synfer.labels.EXPRESSIONS) or None if unlabelled
+    aus: dict[str, float] | None = None  # AU_KEYS -> intensity in [0, 1]
+    caption: str | None = None
+    source: str = ""
+    identity: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)  # e.g. the procedural identity
+
+
+@dataclass
+class SampleRequest:
+    """What the plan asks the generator for, one per sample index."""
+
+    index: int
+    seed: int
+    expression: str  # canonical name, also the preassigned label
+    aus: dict[str, float]
+    prompt: str = ""
+    layout_source: str | None = None  # file of the FEText face used for layout init
+
+
+@dataclass
+class GeneratedSample:
+    request: SampleRequest
+    image: "Image.Image"
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. guidance settings
+
+
+@dataclass
+class LabelledSample:
+    """A generated sample after calibration and voting (paper 4.1, 4.4)."""
+
+    sample: GeneratedSample
+    preassigned_label: str
+    label: str
+    soft_label: list[float]  # over the recipe's label space
+    agreement: float  # weighted share of votes for the final label
+    kept: bool
+    predictions: dict[str, list[float]] = field(default_factory=dict)  # expert name -> probs
+
+    def metadata(self, file_name: str) -> dict[str, Any]:
+        r = self.sample.request
+        return {
+            "file_name": file_name,
+            "index": r.index,
+            "seed": r.seed,
+            "prompt": r.prompt,
+            "aus": r.aus,
+            "preassigned_label": self.preassigned_label,
+            "label": self.label,
+            "soft_label": [round(float(p), 5) for p in self.soft_label],
+            "agreement": round(float(self.agreement), 5),
+            "kept": bool(self.kept),
+            "layout_source": r.layout_source,
+            "predictions": {k: [round(float(p), 5) for p in v] for k, v in self.predictions.items()},
+            **self.sample.extra,
+        }
+
+
+# ---------------------------------------------------------------- stages
+
+
+class Stage(abc.ABC):
+    """Common shape: a class-level `name`, a nested `Config`, built from a validated config."""
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    Config: ClassVar[type[StageConfig]] = StageConfig
+
+    def __init__(self, config: StageConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+
+class Source(Stage):
+    """Where FEText faces come from (procedural world, ImageFolder, AffectNet CSV, ...)."""
+
+    kind = "source"
+
+    @abc.abstractmethod
+    def records(self) -> Iterator[FaceRecord]: ...
+
+
+class Captioner(Stage):
+    kind = "captioner"
+
+    @abc.abstractmethod
+    def caption(self, records: list[FaceRecord]) -> list[str]: ...
+
+
+class Prompter(Stage):
+    """Enriches a coarse expression request into a detailed prompt (paper Fig. 2)."""
+
+    kind = "prompter"
+
+    @abc.abstractmethod
+    def prompt(self, requests: list[SampleRequest]) -> list[str]: ...
+
+
+class Upscaler(Stage):
+    """Resolution alignment of FEText sources (paper 4.2.1)."""
+
+    kind = "upscaler"
+
+    @abc.abstractmethod
+    def upscale(self, images: list["Image.Image"], size: int) -> list["Image.Image"]: ...
+
+
+class AUDetector(Stage):
+    kind = "au_detector"
+
+    @abc.abstractmethod
+    def detect(self, records: list[FaceRecord]) -> list[dict[str, float]]:
+        """AU intensities in [0, 1] keyed by synfer.labels.AU_KEYS."""
+
+
+class Generator(Stage):
+    """Text + AU conditioned diffusion sampler (paper 4.2, 4.3)."""
+
+    kind = "generator"
+
+    @abc.abstractmethod
+    def generate(self, requests: list[SampleRequest], guidance: "GuidanceClassifier | None" = None) -> list[GeneratedSample]: ...
+
+
+class GuidanceClassifier(Stage):
+    """A differentiable FER classifier (Eq. 5): torch images in, logits out.
+
+    `forward` takes RGB float tensors (N, 3, H, W) in [-1, 1] at any size and does its
+    own resizing/greying, so gradients flow from logits back to the image.
+    """
+
+    kind = "guidance_classifier"
+    label_space: ClassVar[str]
+
+    @abc.abstractmethod
+    def forward(self, images: "torch.Tensor") -> "torch.Tensor": ...
+
+    def predict(self, images: list["Image.Image"]) -> "np.ndarray":
+        """Probabilities (N, classes) in `label_space`: lets every classifier vote as an expert."""
+        import numpy as np
+        import torch
+
+        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]))
+        x = x.permute(0, 3, 1, 2) / 127.5 - 1.0
+        with torch.no_grad():
+            return torch.softmax(self.forward(x), dim=-1).cpu().numpy()
+
+
+class Expert(Stage):
+    """Any FER classifier that votes on generated samples (paper 4.1)."""
+
+    kind = "expert"
+    label_space: ClassVar[str]
+
+    @abc.abstractmethod
+    def predict(self, images: list["Image.Image"]) -> "np.ndarray":
+        """Probabilities (N, classes) in `label_space`."""
+
+
+class Calibrator(Stage):
+    """FERAnno-style calibrator: predicts labels from the generator's own features (paper 4.4)."""
+
+    kind = "calibrator"
+    label_space: ClassVar[str]
+
+    def bind(self, generator: Generator) -> None:
+        """Hand over the generator whose UNet the calibrator reads; default: unused."""
+
+    @abc.abstractmethod
+    def predict(self, samples: list[GeneratedSample]) -> "np.ndarray": ...
+
+
+class Evaluator(Stage):
+    kind = "evaluator"
+
+    @abc.abstractmethod
+    def evaluate(self, dataset: Path, reference: Path | None = None) -> dict[str, float]: ...
+
+
+STAGE_KINDS: dict[str, type[Stage]] = {
+    cls.kind: cls
+    for cls in (Source, Captioner, Prompter, Upscaler, AUDetector, Generator, GuidanceClassifier, Calibrator, Expert, Evaluator)
+}

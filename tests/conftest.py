@@ -1,0 +1,36 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+
+@pytest.fixture
+def registry():
+    """The installed plugins plus the dummy test stages."""
+    import dummy_plugins
+
+    from synfer.plugins import Registry
+
+    reg = Registry()
+    reg.load_entrypoints()
+    reg.add(dummy_plugins, provider="tests")
+    return reg
+
+
+def make_dist(tmp: Path, name: str, entry_points: dict[str, str]) -> Path:
+    """A fake installed distribution (dist-info on a PYTHONPATH entry) declaring synfer entry points."""
+    info = tmp / f"{name.replace('-', '_')}-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[synfer]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    return tmp
+
+
+def subprocess_env(*paths) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(p) for p in paths] + [env.get("PYTHONPATH", "")])
+    return env

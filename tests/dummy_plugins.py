@@ -1,0 +1,74 @@
+"""Dummy stages for core tests: deterministic, torch-free, instant."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from PIL import Image
+
+from synfer import hookimpl
+from synfer import labels as L
+from synfer.stages import Evaluator, Expert, GeneratedSample, Generator, StageConfig
+
+
+class DummyGenerator(Generator):
+    """Paints a per-seed noise image whose mean brightness encodes the preassigned class."""
+
+    name = "dummy"
+
+    class Config(StageConfig):
+        batch_size: int = 4
+        size: int = 16
+        steps: int = 1
+        delay: float = 0.0  # seconds per batch, so a test can kill a run half-way
+
+    def generate(self, requests, guidance=None):
+        if self.config.steps <= 0:
+            raise ValueError("steps must be > 0")
+        time.sleep(self.config.delay)
+        out = []
+        for r in requests:
+            rng = np.random.default_rng(r.seed)
+            level = L.EXPRESSIONS.index(r.expression) * 30
+            px = np.clip(rng.integers(0, 20, (self.config.size, self.config.size, 3)) + level, 0, 255).astype(np.uint8)
+            out.append(GeneratedSample(request=r, image=Image.fromarray(px), extra={"generator": self.name}))
+        return out
+
+
+class BrightnessExpert(Expert):
+    """Reads the class back from brightness, but calls every 'sad' image 'neutral' (a wrong expert)."""
+
+    name = "dummy-expert"
+    label_space = "affectnet8"
+
+    class Config(StageConfig):
+        confuse_sad: bool = True
+
+    def predict(self, images):
+        classes = L.label_space(self.label_space)
+        p = np.full((len(images), len(classes)), 0.01)
+        for i, im in enumerate(images):
+            name = L.EXPRESSIONS[min(int(round((np.asarray(im).mean() - 9.5) / 30)), len(L.EXPRESSIONS) - 1)]
+            if self.config.confuse_sad and name == "sad":
+                name = "neutral"
+            p[i, classes.index(name)] = 1.0
+        return p / p.sum(1, keepdims=True)
+
+
+class CountEvaluator(Evaluator):
+    name = "dummy-count"
+
+    class Config(StageConfig):
+        pass
+
+    def evaluate(self, dataset, reference=None):
+        from synfer.dataset import read_metadata
+
+        return {"count": float(len(read_metadata(dataset)))}
+
+
+@hookimpl
+def register_stages(register):
+    register(DummyGenerator)
+    register(BrightnessExpert)
+    register(CountEvaluator)

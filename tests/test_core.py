@@ -1,0 +1,175 @@
+"""Core: labels, plugins, recipes, CLI import hygiene."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import HERE, make_dist, subprocess_env
+
+from synfer import labels as L
+from synfer.plugins import PluginError, Registry
+from synfer.recipe import RecipeError, apply_overrides, load_recipe
+
+ROOT = HERE.parent
+SYNFER = [sys.executable, "-m", "synfer.cli"]
+
+
+def test_label_spaces_map_by_name():
+    m = L.mapping_matrix("fer2013", "affectnet8")
+    assert m.shape == (7, 8) and m.sum() == 7
+    assert m[:, L.LABEL_SPACES["affectnet8"].index("contempt")].sum() == 0  # fer2013 cannot see contempt
+    p = np.eye(7)[[L.LABEL_SPACES["fer2013"].index("anger")]]
+    assert L.LABEL_SPACES["affectnet8"][int(L.convert_probs(p, "fer2013", "affectnet8").argmax())] == "anger"
+    assert L.canonical("Angry") == "anger" and L.canonical("happiness") == "happy"
+    with pytest.raises(ValueError, match="unknown expression"):
+        L.canonical("bored")
+
+
+def test_au_prior_deterministic_and_prototypical():
+    assert len(L.AU_IDS) >= 16 and {1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25, 26} <= set(L.AU_IDS)
+    a, b = L.sample_aus("happy", 7), L.sample_aus("happy", 7)
+    assert np.array_equal(a, b)
+    on = {L.AU_IDS[i] for i in np.flatnonzero(a)}
+    assert on == {6, 12}
+    assert not L.sample_aus("neutral", 3).any()
+    extra = L.AUPrior(extra_rate=0.5).sample("sad", np.random.default_rng(0))
+    assert len(np.flatnonzero(extra)) > 3
+    assert L.sample_seed(0, 1) != L.sample_seed(0, 2) and L.sample_seed(5, 9) == L.sample_seed(5, 9)
+
+
+def test_plugins_list_builtins_and_example(registry):
+    assert registry.get("prompter", "template")
+    assert registry.get("guidance_classifier", "example-smile")
+    assert registry.get("expert", "example-constant")
+    with pytest.raises(PluginError, match="Installed: .*Run 'synfer plugins'"):
+        registry.get("guidance_classifier", "posterr")
+
+
+def test_plugins_json_cli():
+    out = subprocess.run(SYNFER + ["plugins", "--json"], capture_output=True, text=True, check=True, cwd=ROOT)
+    rows = json.loads(out.stdout)["plugins"]
+    providers = {(r["name"], r["provider"]) for r in rows}
+    assert ("template", "synfer") in providers
+    assert ("example-smile", "synfer-example-plugin") in providers
+
+
+def test_broken_plugin_is_a_warning(tmp_path):
+    (tmp_path / "synfer_broken.py").write_text("raise RuntimeError('boom at import')\n")
+    make_dist(tmp_path, "synfer-broken", {"broken": "synfer_broken"})
+    env = subprocess_env(tmp_path)
+    out = subprocess.run(SYNFER + ["plugins"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "broken" in out.stderr and "boom at import" in out.stderr
+    assert "template" in out.stdout  # the other plugins still load
+    env["SYNFER_STRICT_PLUGINS"] = "1"
+    strict = subprocess.run(SYNFER + ["plugins"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert strict.returncode != 0 and "boom at import" in strict.stderr
+    env.pop("SYNFER_STRICT_PLUGINS")
+    env["SYNFER_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    off = subprocess.run(SYNFER + ["plugins", "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert json.loads(off.stdout)["plugins"] == []
+
+
+def test_duplicate_names_name_both_providers(registry):
+    import dummy_plugins
+
+    class Clash(dummy_plugins.DummyGenerator):
+        pass
+
+    mod = type(sys)("clash_mod")
+    mod.register_stages = lambda register: register(Clash)
+    from synfer.hookspecs import hookimpl
+
+    hookimpl(mod.register_stages)
+    with pytest.raises(PluginError, match="two generator plugins are named 'dummy'.*DummyGenerator.*Clash"):
+        registry.add(mod, provider="clash-dist")
+
+
+def test_misspelled_hook_is_caught():
+    from synfer.hookspecs import hookimpl
+
+    mod = type(sys)("typo_mod")
+
+    @hookimpl
+    def register_stage(register):  # missing the 's'
+        pass
+
+    mod.register_stage = register_stage
+    with pytest.raises(Exception, match="register_stage"):
+        Registry().add(mod)
+
+
+def _recipe(tmp_path, data):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_recipe_with_three_mistakes_lists_all(tmp_path, registry):
+    p = _recipe(tmp_path, {
+        "num_images": 8,
+        "generator": {"plugin": "dummy", "steps": "many"},
+        "guidance_classifier": {"plugin": "posterr"},
+        "experts": [{"plugin": "dummy-expert", "confuse_sadd": True}],
+    })
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p, registry=registry)
+    msg = str(err.value)
+    assert "3 problem(s)" in msg
+    assert "generator.steps" in msg and "guidance_classifier.plugin: no guidance_classifier named 'posterr'" in msg
+    assert "experts.0.confuse_sadd: unknown key" in msg
+
+
+def test_overrides(tmp_path, registry):
+    p = _recipe(tmp_path, {"generator": {"plugin": "dummy"}, "experts": [{"plugin": "dummy-expert", "weight": 1}]})
+    r = load_recipe(p, ["generator.steps=10", "num_images=16", "output=out/x", "experts.0.weight=2.5"], registry=registry)
+    assert r.generator["steps"] == 10 and r.num_images == 16 and r.output == "out/x" and r.experts[0]["weight"] == 2.5
+    with pytest.raises(RecipeError, match="expected key=value"):
+        apply_overrides({}, ["nonsense"])
+    with pytest.raises(RecipeError, match="num_images: Input should be greater than 0, got -3"):
+        load_recipe(p, ["num_images=-3"], registry=registry)
+
+
+def test_cli_import_does_not_load_torch():
+    code = "import sys, synfer.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import synfer.cli"], capture_output=True, text=True, check=True)
+    assert " torch" not in out.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["validate", "recipes/quickstart.yaml"]])
+def test_light_commands_do_not_import_torch(args):
+    code = ("import sys, runpy; sys.argv=['synfer']+%r\n"
+            "try:\n    runpy.run_module('synfer.cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'" % (args,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_registry_yaml_matches_registered_plugins():
+    reg = Registry()
+    reg.load_entrypoints()
+    data = yaml.safe_load((ROOT / "registry.yaml").read_text())
+    from synfer.stages import STAGE_KINDS
+
+    assert set(data["stages"]) == set(STAGE_KINDS)
+    shipped = {(k, n) for k, ns in data["builtin"].items() for n in ns}
+    builtin = {(p.kind, p.name) for p in reg.plugins.values() if p.provider == "synfer"}
+    assert shipped == builtin, f"registry.yaml only: {shipped - builtin}; registered only: {builtin - shipped}"
+    for name, path in data["presets"].items():
+        assert (ROOT / path).exists(), name
+
+
+def test_example_plugin_validates_in_recipe(tmp_path):
+    p = _recipe(tmp_path, {"generator": {"plugin": "dummy"}, "guidance_classifier": {"plugin": "example-smile"},
+                           "experts": [{"plugin": "example-constant", "weight": 0.5, "vote_for": "happy"}]})
+    reg = Registry()
+    reg.load_entrypoints()
+    import dummy_plugins
+
+    reg.add(dummy_plugins)
+    r = load_recipe(p, registry=reg)
+    assert r.experts[0]["vote_for"] == "happy"
