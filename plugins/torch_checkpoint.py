@@ -126,8 +126,8 @@ class TorchCheckpoint(GuidanceClassifier):
             try:
                 return torch.jit.load(str(path), map_location=c.device)
             except RuntimeError as exc:
-                raise RuntimeError(f"torch-checkpoint: {path} is not a TorchScript file ({exc}). For a state dict set "
-                                   f"module: 'pkg.mod:ClassName' (and kwargs) so the model can be built first.") from exc
+                raise RuntimeError(f"torch-checkpoint: {path} is not a TorchScript file ({exc}). A torch.export program must be "
+                                   f"named *.pt2; for a state dict set module: 'pkg.mod:ClassName' (and kwargs).") from exc
         mod_name, cls_name = c.module.split(":")
         try:
             cls = getattr(importlib.import_module(mod_name), cls_name)

@@ -174,7 +174,8 @@ class GuidanceClassifier(Stage):
         import numpy as np
         import torch
 
-        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]))
+        size = images[0].size  # forward() resizes anyway; a common size lets the batch stack
+        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize(size), dtype=np.float32) for im in images]))
         x = x.permute(0, 3, 1, 2) / 127.5 - 1.0
         with torch.no_grad():
             return torch.softmax(self.forward(x), dim=-1).cpu().numpy()

