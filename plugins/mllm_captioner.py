@@ -84,20 +84,32 @@ class MLLMCaptioner(Captioner):
                 tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
         return self._model, self._processor
 
+    @staticmethod
+    def _chat_owner(processor):
+        """The object holding the chat template: the processor, or (as some save it) its tokenizer."""
+        for owner in (processor, getattr(processor, "tokenizer", None)):
+            if owner is not None and getattr(owner, "chat_template", None):
+                return owner
+        return None
+
     def _mode(self, processor) -> str:
         if self.config.mode != "auto":
             return self.config.mode
-        return "chat" if getattr(processor, "chat_template", None) else "prefix"
+        return "chat" if self._chat_owner(processor) is not None else "prefix"
 
     def prompts(self, records, processor) -> list[str]:
         if self._mode(processor) == "prefix":
             return [self.config.prefix] * len(records)
+        owner = self._chat_owner(processor)
+        if owner is None:
+            raise ValueError(f"mllm captioner: mode 'chat' but the processor in {self.config.model} has no chat template; "
+                             "use `mode: prefix` for captioning models such as BLIP")
         texts = []
         for r in records:
             content = [{"type": "image"},
                        {"type": "text", "text": instruction(self.config.role, self.config.examples,
                                                             r.expression if self.config.label_hint else None)}]
-            texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+            texts.append(owner.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False))
         return texts
 
     def caption(self, records):

@@ -114,7 +114,7 @@ class ImageFolderSource(_DatasetSource):
 
     def _stream(self) -> Iterator[FaceRecord]:
         root = self._root()
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: (p.name.lower(), p.name))
         mapped = {f: self._expression(f.name) for f in folders}
         unknown = [f.name for f, e in mapped.items() if e is None]
         if unknown and not self.config.ignore_unknown:

@@ -79,7 +79,7 @@ class SDUpscaler(Upscaler):
                 raise FileNotFoundError(f"sd-upscaler: {str(path)!r} is not a diffusers pipeline folder (no model_index.json); "
                                         "download stabilityai/stable-diffusion-x4-upscaler on a connected machine, copy it here "
                                         "and set `model:` to it, or use `upscaler: {plugin: lanczos}`")
-            pipe = StableDiffusionUpscalePipeline.from_pretrained(path, torch_dtype=getattr(torch, self.config.dtype), local_files_only=True)
+            pipe = StableDiffusionUpscalePipeline.from_pretrained(path, dtype=getattr(torch, self.config.dtype), local_files_only=True)
             pipe.set_progress_bar_config(disable=True)
             self._pipe = pipe.to(self.config.device)
         return self._pipe
