@@ -12,6 +12,10 @@ LAZY_COMMANDS = {
     "fetext": "synfer.fetext:fetext_cli",
     "train": "synfer.training:train_cli",
     "models": "synfer.fetch:models_cli",
+    "eval": "synfer.evaluate:eval_cli",
+    "benchmark": "synfer.benchmark:benchmark_cli",
+    "report": "synfer.report:report_cli",
+    "calibrate": "synfer.calibrate:calibrate_cli",
 }
 
 

@@ -149,8 +149,8 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
             for r, p in zip(batch, stages.prompter.prompt(batch)):
                 r.prompt = p
             samples = stages.generator.generate(batch, guidance=stages.guidance)
-            for ls in label_batch(stages, samples, classes):
-                writer.write(ls.sample.request.index, ls.sample.image, ls.metadata(""))
+            writer.write_many([(ls.sample.request.index, ls.sample.image, ls.metadata(""))
+                               for ls in label_batch(stages, samples, classes)])
             generated += len(batch)
             bar.update(len(batch))
             bar.set_postfix(img_s=f"{generated / max(time.time() - t0, 1e-9):.2f}")

@@ -143,3 +143,18 @@ def test_majority_and_soft_average():
     assert L.LABEL_SPACES["affectnet8"][v.label] == "sad"
     (v, _), = _ens("soft-average", members, prior_weight=3.0)([None], ["happy"])
     assert L.LABEL_SPACES["affectnet8"][v.label] == "happy"
+
+
+def test_calibrate_existing_dataset(tmp_path, registry):
+    from synfer.calibrate import calibrate_dataset
+
+    r = _recipe(tmp_path, registry)  # no experts: labels stay preassigned
+    run_recipe(r, registry=registry, progress=False)
+    assert all(row["label"] == row["preassigned_label"] for row in read_metadata(r.output))
+    r2 = _recipe(tmp_path, registry, experts=[{"plugin": "dummy-expert", "weight": 2.0}])
+    counts = calibrate_dataset(r.output, r2, registry=registry, progress=False)
+    rows = read_metadata(r.output)
+    assert len(rows) == 12
+    assert counts["sad"]["relabelled"] == counts["sad"]["total"] > 0
+    assert all(row["label"] == "neutral" for row in rows if row["preassigned_label"] == "sad")
+    assert set(rows[0]["predictions"]) == {"dummy-expert"}
