@@ -50,6 +50,82 @@ class TemplatePrompter(Prompter):
         return out
 
 
+INSTRUCTION = (
+    "You are an expert in facial expressions and portrait photography. Expand the short request into one detailed "
+    "description of a portrait photo: the person's appearance, the facial muscle movements of the expression, and "
+    "the setting. Reply with the description only.\n"
+    "Example request: a photo of a happy person\n"
+    "Example description: a photo of a young woman with long dark hair, smiling broadly with raised cheeks and pulled "
+    "lip corners, soft daylight, plain background\n"
+)
+
+
+class LLMPrompter(Prompter):
+    """A transformers text-generation model from a local folder enriches the coarse prompt (paper Fig. 2).
+
+    The instruction follows the paper's role/instruction style; greedy decoding by default, so a
+    request always gets the same prompt; with `temperature > 0` sampling is seeded per sample.
+    """
+
+    name = "llm"
+
+    class Config(StageConfig):
+        model: str  # local folder with a causal LM and its tokenizer
+        max_new_tokens: int = 60
+        temperature: float = 0.0  # 0: greedy
+        device: str = "cpu"
+        mention_aus: bool = True
+        fallback: bool = True  # an empty generation falls back to the template prompt
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._model = self._tok = None
+
+    def load(self):
+        if self._model is None:
+            from pathlib import Path
+
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = Path(self.config.model)
+            if not path.is_dir():
+                raise FileNotFoundError(f"prompter.model={path} is not a folder; give a local transformers causal LM folder")
+            self._tok = AutoTokenizer.from_pretrained(str(path))
+            self._model = AutoModelForCausalLM.from_pretrained(str(path)).to(self.config.device).eval()
+        return self._model, self._tok
+
+    def request_text(self, r: SampleRequest) -> str:
+        text = COARSE.format(expression=r.expression)
+        if self.config.mention_aus:
+            moves = describe_aus(r.aus)[:4]
+            if moves:
+                text += " (" + ", ".join(moves) + ")"
+        return text
+
+    def prompt(self, requests: list[SampleRequest]) -> list[str]:
+        import torch
+
+        model, tok = self.load()
+        template = TemplatePrompter(TemplatePrompter.Config(mention_aus=self.config.mention_aus))
+        out = []
+        for r in requests:
+            user = f"Request: {self.request_text(r)}"
+            if getattr(tok, "chat_template", None):
+                ids = tok.apply_chat_template([{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": user}],
+                                              add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+            else:
+                ids = tok(INSTRUCTION + user + "\nDescription:", return_tensors="pt").input_ids
+            ids = ids.to(self.config.device)
+            torch.manual_seed(r.seed)
+            kwargs = dict(do_sample=True, temperature=self.config.temperature) if self.config.temperature > 0 else dict(do_sample=False)
+            with torch.no_grad():
+                gen = model.generate(ids, max_new_tokens=self.config.max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id, **kwargs)
+            text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
+            out.append(text if text or not self.config.fallback else template.prompt([r])[0])
+        return out
+
+
 @hookimpl
 def register_stages(register):
     register(TemplatePrompter)
+    register(LLMPrompter)

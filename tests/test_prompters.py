@@ -1,0 +1,41 @@
+"""Prompters: template is varied and deterministic; llm runs a local causal LM (tiny, random)."""
+import pytest
+
+from synfer import labels as L
+from synfer.stages import SampleRequest
+
+
+def _reqs(n=6):
+    exprs = ["happy", "sad", "fear", "neutral", "anger", "contempt"]
+    return [SampleRequest(index=i, seed=100 + i, expression=exprs[i % 6], aus=L.au_dict(L.sample_aus(exprs[i % 6], i))) for i in range(n)]
+
+
+def test_template_prompter_deterministic_and_descriptive():
+    from synfer_plugins.prompters import TemplatePrompter
+
+    p = TemplatePrompter()
+    a, b = p.prompt(_reqs()), p.prompt(_reqs())
+    assert a == b and len(set(a)) == len(a)
+    assert "happy" in a[0] and "cheek raiser" in a[0]  # emotion words + the AU's muscle movement
+    assert "sad" in a[1] and "neutral" in a[3]
+
+
+def test_llm_prompter_with_tiny_random_model(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from synfer_plugins.prompters import LLMPrompter
+
+    words = "a photo of person happy sad with smiling brows raised lips soft light background request description example".split()
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    fast.save_pretrained(tmp_path)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    p = LLMPrompter(LLMPrompter.Config(model=str(tmp_path), max_new_tokens=8))
+    out = p.prompt(_reqs(3))
+    assert len(out) == 3 and all(isinstance(s, str) and s for s in out)
+    assert p.prompt(_reqs(3)) == out  # greedy: deterministic
+    with pytest.raises(FileNotFoundError, match="local transformers causal LM folder"):
+        LLMPrompter(LLMPrompter.Config(model=str(tmp_path / "nope"))).prompt(_reqs(1))
