@@ -1,0 +1,400 @@
+"""FERAnno: a label calibrator reading the generator's own UNet (paper 4.4, Fig. 4).
+
+The image is noised to t=1 (Eq. 1), the UNet runs once with the sample's text and AU
+conditions, and two things are captured: decoder feature maps (mid block and every up
+block: four resolutions in SD 1.5) and every cross-attention probability map, averaged
+over heads and over the layers of each resolution. A dual-branch encoder fuses them:
+a residual conv block per branch, bi-directional cross-attention between the branches at
+each scale, 1x1 convs carrying the fused state from one scale to the next, then
+concatenation and a linear head. Maps are captured by wrapping attention processors
+(never by editing diffusers code) and freed after each batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from synfer import hookimpl
+from synfer.stages import Calibrator, StageConfig
+
+MODELS = Path(__file__).parent / "models"
+
+
+# ------------------------------------------------------------------ capture
+
+
+class AttentionStore:
+    """Collects cross-attention probabilities (B, H*W, tokens), heads averaged, per layer."""
+
+    def __init__(self):
+        self.maps: list = []
+        self.enabled = False
+
+    def reset(self):
+        self.maps = []
+
+
+def capture_processor(inner, store: AttentionStore):
+    """Wraps an attention processor: on cross-attention it also computes the text
+    attention probabilities (the SDPA processors never materialise them) and stores them."""
+
+    class CrossAttentionCapture:
+        def __init__(self):
+            self.inner = inner
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+            if store.enabled and encoder_hidden_states is not None:
+                text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+                h = hidden_states
+                if h.ndim == 4:
+                    h = h.flatten(2).transpose(1, 2)
+                if attn.norm_cross:
+                    text = attn.norm_encoder_hidden_states(text)
+                q = attn.head_to_batch_dim(attn.to_q(h))
+                k = attn.head_to_batch_dim(attn.to_k(text))
+                probs = attn.get_attention_scores(q, k, None)  # (B*heads, HW, T)
+                store.maps.append(probs.view(h.shape[0], attn.heads, *probs.shape[1:]).mean(1))
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+    return CrossAttentionCapture()
+
+
+class UNetCapture:
+    """Context manager installing the capture on a UNet: decoder features + cross-attention maps."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.store = AttentionStore()
+        self.features: list = []
+        self._hooks = []
+        self._procs = None
+
+    def __enter__(self):
+        self._procs = dict(self.unet.attn_processors)
+        self.unet.set_attn_processor({k: capture_processor(p, self.store) if k.endswith("attn2.processor") else p
+                                      for k, p in self._procs.items()})
+        blocks = [self.unet.mid_block] + list(self.unet.up_blocks)
+        for b in blocks:
+            self._hooks.append(b.register_forward_hook(lambda m, i, o: self.features.append(o[0] if isinstance(o, tuple) else o)))
+        self.store.enabled = True
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self.unet.set_attn_processor(self._procs)
+        self.store.enabled = False
+
+    def collect(self, num_scales: int = 4):
+        """-> (features: list of (B,C,h,w) low->high res, attention: {res: (B,T,res,res)}); frees the store."""
+        import torch
+
+        feats = {}
+        for f in self.features:  # the last map at each resolution is the most refined
+            feats[f.shape[-1]] = f
+        res_sorted = sorted(feats)
+        picked = res_sorted[-num_scales:] if len(res_sorted) >= num_scales else res_sorted
+        features = [feats[r] for r in picked]
+        groups: dict[int, list] = {}
+        for m in self.store.maps:
+            r = int(round(m.shape[1] ** 0.5))
+            groups.setdefault(r, []).append(m.transpose(1, 2).reshape(m.shape[0], m.shape[2], r, r))
+        attention = {r: torch.stack(v).mean(0) for r, v in sorted(groups.items())}
+        self.features, self.store.maps = [], []
+        return features, attention
+
+
+# ------------------------------------------------------------------ encoder
+
+
+def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, num_classes: int, dim: int = 64, heads: int = 4):
+    """The dual-branch encoder of Fig. 4 for the given capture shapes."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class ResBlock(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.body = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
+                                      nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    class BiCrossAttention(nn.Module):
+        """Features attend to attention maps and attention maps attend to features."""
+
+        def __init__(self, c):
+            super().__init__()
+            self.f2a = nn.MultiheadAttention(c, heads, batch_first=True)
+            self.a2f = nn.MultiheadAttention(c, heads, batch_first=True)
+            self.nf, self.na = nn.LayerNorm(c), nn.LayerNorm(c)
+
+        def forward(self, f, a):
+            b, c, h, w = f.shape
+            ft, at = self.nf(f.flatten(2).transpose(1, 2)), self.na(a.flatten(2).transpose(1, 2))
+            f2 = ft + self.f2a(ft, at, at, need_weights=False)[0]
+            a2 = at + self.a2f(at, ft, ft, need_weights=False)[0]
+            return f2.transpose(1, 2).reshape(b, c, h, w), a2.transpose(1, 2).reshape(b, c, h, w)
+
+    class FERAnnoEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.res = list(feat_res)
+            self.feat_in = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in feat_channels)
+            self.att_in = nn.ModuleList(nn.Conv2d(tokens, dim, 1) for _ in feat_channels)
+            self.feat_block = nn.ModuleList(ResBlock(dim) for _ in feat_channels)
+            self.att_block = nn.ModuleList(ResBlock(dim) for _ in feat_channels)
+            self.cross = nn.ModuleList(BiCrossAttention(dim) for _ in feat_channels)
+            # 1x1 convs carrying the fused state of the previous (coarser) scale into the next
+            self.carry_f = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in feat_channels[1:])
+            self.carry_a = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in feat_channels[1:])
+            self.head = nn.Sequential(nn.LayerNorm(2 * dim * len(feat_channels)), nn.Dropout(0.1),
+                                      nn.Linear(2 * dim * len(feat_channels), num_classes))
+            self.max_cross_res = 16  # cross-attention cost grows with (h*w)^2: pool larger scales first
+
+        def _att_for(self, attention: dict, r: int):
+            """The attention maps nearest to resolution r, resized to r."""
+            src = min(attention, key=lambda k: (abs(k - r), -k))
+            a = attention[src]
+            return a if src == r else F.interpolate(a, size=(r, r), mode="bilinear", align_corners=False)
+
+        def forward(self, features, attention):
+            pooled, f_prev, a_prev = [], None, None
+            for i, feat in enumerate(features):
+                r = min(feat.shape[-1], self.max_cross_res)
+                f = self.feat_in[i](F.adaptive_avg_pool2d(feat, r) if feat.shape[-1] != r else feat)
+                a = self.att_in[i](self._att_for(attention, r))
+                if f_prev is not None:
+                    f = f + self.carry_f[i - 1](F.interpolate(f_prev, size=(r, r), mode="nearest"))
+                    a = a + self.carry_a[i - 1](F.interpolate(a_prev, size=(r, r), mode="nearest"))
+                f, a = self.cross[i](self.feat_block[i](f), self.att_block[i](a))
+                f_prev, a_prev = f, a
+                pooled += [f.mean(dim=(2, 3)), a.mean(dim=(2, 3))]
+            return self.head(torch.cat(pooled, dim=1))
+
+    return FERAnnoEncoder()
+
+
+# ------------------------------------------------------------------ extraction
+
+
+def noise_to_t1(sd, images, seeds, t: int = 1):
+    """Eq. 1 at t (paper: t=1): x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, eps from each sample's seed."""
+    import torch
+
+    x0 = sd.encode_image(images.to(device=sd.device, dtype=sd.dtype))
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(x0)
+    ts = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
+    return sd.scheduler.add_noise(x0, eps, ts), ts
+
+
+def extract(sd, images, prompts, aus, seeds, t: int = 1, num_scales: int = 4):
+    """One UNet pass under capture -> (features low->high res, {res: attention maps}). No gradients."""
+    import torch
+
+    with torch.no_grad(), UNetCapture(sd.unet) as cap:
+        x_t, ts = noise_to_t1(sd, images, seeds, t)
+        text = sd.encode_text(prompts)
+        sd.predict_noise(x_t, ts, text, aus if sd.au_adapter is not None else None)
+        return cap.collect(num_scales)
+
+
+def _condition(cfg, prompts, aus, n):
+    """The conditions FERAnno reads with. `generic` (default) uses one expression-free prompt and
+    zero AUs, so the calibrator judges the pixels and cannot echo the preassigned label that the
+    sample's own prompt and AU vector were drawn from; `sample` uses them (as in the paper)."""
+    import torch
+
+    from synfer import labels as L
+
+    if cfg.condition == "sample":
+        return list(prompts), aus
+    return [cfg.generic_prompt] * n, torch.zeros(n, len(L.AU_KEYS))
+
+
+class FERAnnoConfig(StageConfig):
+    weights: str | None = None  # FERAnno folder (encoder + config); None: the shipped `feranno`
+    device: str = "cpu"
+    t: int = 1  # Eq. 1 timestep the image is noised to before the UNet pass
+    condition: str = "generic"  # generic | sample (see _condition)
+    generic_prompt: str = "a photo of a person"
+    batch_size: int = 32
+
+
+class FERAnno(Calibrator):
+    """Diffusion-feature label calibrator (paper 4.4)."""
+
+    name = "feranno"
+    label_space = "affectnet8"
+    Config = FERAnnoConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.gen = None
+        self._enc = None
+        self._cfg = None
+
+    def bind(self, generator) -> None:
+        self.gen = generator
+
+    @property
+    def encoder(self):
+        if self._enc is None:
+            self._enc, self._cfg = load_encoder(self.config.weights or MODELS / "feranno", self.config.device)
+            self.label_space = self._cfg["label_space"]
+        return self._enc
+
+    def predict_tensors(self, images, prompts, aus, seeds):
+        """images (N,3,H,W) in [-1,1] at the generator's size -> probabilities (N, classes)."""
+        import torch
+
+        if self.gen is None:
+            raise RuntimeError("FERAnno needs the generator whose UNet it reads: call bind(generator) first "
+                               "(synfer run does this from the recipe's generator block)")
+        sd = self.gen.load()
+        enc = self.encoder
+        out = []
+        for i in range(0, images.shape[0], self.config.batch_size):
+            sl = slice(i, i + self.config.batch_size)
+            p, a = _condition(self.config, prompts[sl], aus[sl], images[sl].shape[0])
+            feats, att = extract(sd, images[sl], p, a.to(sd.device, sd.dtype), seeds[sl], self.config.t, self._cfg["num_scales"])
+            with torch.no_grad():
+                out.append(torch.softmax(enc([f.float() for f in feats], {k: v.float() for k, v in att.items()}), -1).cpu())
+            del feats, att  # the captured maps are freed after each batch
+        return torch.cat(out).numpy()
+
+    def predict(self, samples):
+        import numpy as np
+        import torch
+
+        from synfer import labels as L
+
+        size = self.gen.size
+        arr = np.stack([np.asarray(s.image.convert("RGB").resize((size, size)), dtype=np.float32) for s in samples])
+        images = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+        aus = torch.from_numpy(np.stack([L.au_vector(s.request.aus) for s in samples]))
+        return self.predict_tensors(images, [s.request.prompt for s in samples], aus, [s.request.seed for s in samples])
+
+    @staticmethod
+    def train(*args, **kwargs):
+        return train_feranno(*args, **kwargs)
+
+
+def save_encoder(enc, folder, config: dict):
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_encoder(folder, device="cpu"):
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} holds no trained FERAnno (config.json + model.safetensors). "
+                                f"Train one with 'synfer train calibrator --data FETEXT --model GENERATOR --out {folder}'.")
+    cfg = json.loads((folder / "config.json").read_text())
+    enc = build_encoder(cfg["feat_channels"], cfg["feat_res"], cfg["tokens"], cfg["num_classes"], cfg["dim"])
+    enc.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return enc.to(device).eval(), cfg
+
+
+def model_key(model_path, data_path) -> str:
+    """Identifies (generator, data) pairs, e.g. for feature caches."""
+    return hashlib.sha1(f"{Path(model_path).resolve()}|{Path(data_path).resolve()}".encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------ training
+
+
+def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                  label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
+                  resume: bool = False, threads: int | None = None):
+    """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from mmengine.model import BaseModel
+
+    from synfer import labels as L
+    from synfer.plugins import get_registry
+    from synfer.training import run_training
+
+    gen_cls = get_registry().get("generator", "sd")
+    gen = gen_cls(gen_cls.Config(model=str(model), device="cpu"))
+    sd = gen.load()
+    for m in (sd.unet, sd.text_encoder):
+        m.requires_grad_(False)
+    tiny = get_registry().get("guidance_classifier", "tiny-cnn")
+    load_arrays = __import__(tiny.__module__, fromlist=["load_arrays"]).load_arrays
+    x, y, aus, rows = load_arrays(data, label_space, size=gen.size, limit=limit)
+    cfg = FERAnnoConfig(condition=condition)
+    probe_p, probe_a = _condition(cfg, [r.get("caption", "") for r in rows[:2]], torch.from_numpy(aus[:2]), 2)
+    imgs = torch.from_numpy(x[:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    feats, att = extract(sd, imgs, probe_p, probe_a, [0, 1])
+    enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats],
+               "tokens": next(iter(att.values())).shape[1], "num_classes": len(L.label_space(label_space)), "dim": dim,
+               "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": 1, "generator": str(model)}
+    enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim)
+    captions = [r.get("caption", "") for r in rows]
+
+    class FERAnnoTrainModel(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, image, target, index, mode="loss"):
+            imgs = image.float() / 127.5 - 1.0
+            p, a = _condition(cfg, [captions[int(i)] for i in index], torch.from_numpy(aus[index.numpy()]), len(index))
+            f, at = extract(sd, imgs, p, a, [int(i) + seed * 1_000_003 for i in index])
+            return {"loss": F.cross_entropy(self.enc(f, at), target, label_smoothing=0.05)}
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return {"image": torch.from_numpy(x[i]).permute(2, 0, 1), "target": int(y[i]), "index": i}
+
+    result = run_training(FERAnnoTrainModel(), Data(), work_dir=Path(out) / "work", max_iters=iters, batch_size=batch_size, lr=lr,
+                          weight_decay=1e-4, warmup_iters=max(1, iters // 20), seed=seed, resume=resume, log_interval=25,
+                          checkpoint_interval=max(50, iters // 4), keep_checkpoints=1, threads=threads, name="feranno")
+    enc.eval()
+    metrics = {}
+    if test is not None:
+        metrics = evaluate_feranno(sd, enc, enc_cfg, test, label_space, gen.size, cfg)
+        enc_cfg["heldout"] = metrics
+    save_encoder(enc, out, enc_cfg)
+    return enc, result.losses, metrics
+
+
+def evaluate_feranno(sd, enc, enc_cfg, test, label_space, size, cfg, batch_size: int = 64) -> dict:
+    import numpy as np
+    import torch
+
+    from synfer.plugins import get_registry
+
+    tiny = get_registry().get("guidance_classifier", "tiny-cnn")
+    load_arrays = __import__(tiny.__module__, fromlist=["load_arrays"]).load_arrays
+    x, y, aus, rows = load_arrays(test, label_space, size=size)
+    preds = []
+    for i in range(0, len(y), batch_size):
+        imgs = torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        p, a = _condition(cfg, [r.get("caption", "") for r in rows[i:i + batch_size]], torch.from_numpy(aus[i:i + batch_size]), len(imgs))
+        f, at = extract(sd, imgs, p, a, list(range(i, i + len(imgs))), num_scales=enc_cfg["num_scales"])
+        with torch.no_grad():
+            preds.append(enc(f, at).argmax(1).numpy())
+    pred = np.concatenate(preds)
+    recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
+    return {"accuracy": float((pred == y).mean()), "uar": float(np.mean(recalls)), "n": int(len(y))}
+
+
+@hookimpl
+def register_stages(register):
+    register(FERAnno)

@@ -1,0 +1,466 @@
+"""The "sd" generator: Stable-Diffusion-architecture sampler with text + AU conditioning (paper 4.2-4.3).
+
+Loads any SD 1.x-format folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+`scheduler/`) with diffusers/transformers `from_pretrained` from local disk, plus an
+optional AU adapter (`au_adapter.safetensors` + `au_adapter.json`, see au_adapter.py).
+A folder without `vae/` is a pixel-space model: the "latents" are the image in [-1, 1].
+
+The shipped default is a tiny pixel-space model (`create_tiny_model`), trained by
+`synfer train generator` on the procedural FEText. Its config comes from measurements on
+a 2-core CPU (shared/MEASURED.md): 32x32 pixels, channels (32, 64, 64), one layer per
+block, attention only at 16x16 and 8x8 (attention at full resolution is ruinous on a
+CPU), 1.7M parameters, 0.64 s per training step of 32; ten minutes of training gave
+recognisable faces with 75.5% oracle expression accuracy, better than the 64x64
+pixel-unshuffle variant (69%, noisier) and cheaper than a latent model that would
+need a VAE trained first. Its text encoder is a 2-layer CLIP text model over a
+WordLevel vocabulary of the FEText captions (a CLIPTokenizer without merges would
+split words into characters).
+
+Sampling is batched, but every sample's starting noise comes from its own
+`torch.Generator().manual_seed(request.seed)`, so an image does not depend on the
+batch it was drawn in. Hooks for the method's other parts:
+- layout initialization (4.3): pass `x_T` (e.g. a DDIM-inverted FEText face) and
+  `start_step` to `denoise`/`sample`; `scheduler`, `unet`, `encode_image` are public;
+- semantic guidance (Eq. 4-6): `denoise(..., on_step=fn)`; `fn(i, t, latents, text_emb)`
+  runs before step i's UNet pass and may return an updated text embedding, used from
+  then on (conditional branch only; the unconditional branch keeps the empty prompt).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+from synfer import hookimpl
+from synfer.labels import AU_KEYS, au_vector
+from synfer.stages import GeneratedSample, Generator, SampleRequest, StageConfig
+
+TINY_MODEL_DIR = Path(__file__).parent / "models" / "tiny-sd"
+MODEL_INFO = "synfer_model.json"  # marks folders made by synfer (kind, pixel space, training notes)
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "<|startoftext|>", "<|endoftext|>")
+
+OnStep = Callable[[int, "object", "object", "object"], "object | None"]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def build_word_tokenizer(captions: Sequence[str], max_length: int = 64, max_vocab: int = 4096):
+    """A WordLevel tokenizer over the caption vocabulary, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    norm = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre = pre_tokenizers.Whitespace()
+    counts: Counter[str] = Counter()
+    for c in captions:
+        counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(c or "")))
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][: max_vocab - len(SPECIAL_TOKENS)]
+    vocab = {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = norm, pre
+    bos, eos = SPECIAL_TOKENS[2], SPECIAL_TOKENS[3]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="[UNK]", pad_token="[PAD]",
+                                   model_max_length=max_length)
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer: CLIP BPE for real SD folders, else the saved fast tokenizer."""
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
+
+    cfg_path = folder / "tokenizer_config.json"
+    cls_name = json.loads(cfg_path.read_text()).get("tokenizer_class", "") if cfg_path.exists() else ""
+    if cls_name.startswith("CLIPTokenizer") or ((folder / "merges.txt").exists() and not (folder / "tokenizer.json").exists()):
+        return CLIPTokenizer.from_pretrained(str(folder))
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class SDModel:
+    """The components of one diffusion model folder, with the few operations every stage needs."""
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, au_adapter=None, info: dict | None = None):
+        self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae = unet, text_encoder, tokenizer, scheduler, vae
+        self.au_adapter = None
+        self.info = dict(info or {})
+        if au_adapter is not None:
+            self.set_au_adapter(au_adapter)
+
+    # ------------------------------------------------------------ files
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=None, load_au_adapter: bool = True) -> "SDModel":
+        import torch
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from synfer_plugins.au_adapter import AUAdapter
+
+        path = Path(path)
+        missing = [d for d in ("unet", "text_encoder", "tokenizer") if not (path / d).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not a diffusion model folder: missing {', '.join(d + '/' for d in missing)} (expected the SD 1.x layout: "
+                "unet/, text_encoder/, tokenizer/, scheduler/, optional vae/). Train one with 'synfer train generator --data FETEXT --out DIR'.")
+        dtype = dtype or torch.float32
+        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(str(path / "vae"), torch_dtype=dtype) if (path / "vae").is_dir() else None
+        scheduler = DDIMScheduler.from_pretrained(str(path / "scheduler")) if (path / "scheduler").is_dir() else DDIMScheduler()
+        info = json.loads((path / MODEL_INFO).read_text()) if (path / MODEL_INFO).exists() else {}
+        adapter = AUAdapter.load(path, dtype=dtype) if load_au_adapter and AUAdapter.exists(path) else None
+        model = cls(unet, text_encoder, load_tokenizer(path / "tokenizer"), scheduler, vae, adapter, info)
+        return model.to(device)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the SD 1.x layout (+ au_adapter files); the UNet is saved without the adapter in it."""
+        from synfer_plugins.au_adapter import AUAdapter
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.au_adapter is not None:
+            AUAdapter.detach(self.unet)
+        try:
+            self.unet.save_pretrained(str(path / "unet"))
+        finally:
+            if self.au_adapter is not None:
+                self.au_adapter.attach(self.unet)
+        self.text_encoder.save_pretrained(str(path / "text_encoder"))
+        self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        self.scheduler.save_pretrained(str(path / "scheduler"))
+        if self.vae is not None:
+            self.vae.save_pretrained(str(path / "vae"))
+        if self.au_adapter is not None:
+            self.au_adapter.save(path)
+        if self.info:
+            (path / MODEL_INFO).write_text(json.dumps(self.info, indent=2) + "\n")
+
+    def to(self, device=None, dtype=None) -> "SDModel":
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for m in (self.unet, self.text_encoder, self.vae, self.au_adapter):
+            if m is not None and kw:
+                m.to(**kw)
+        return self
+
+    # ------------------------------------------------------------ properties
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def pixel_space(self) -> bool:
+        return self.vae is None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        s = self.unet.config.sample_size
+        return (s if isinstance(s, int) else s[0]) * self.vae_scale_factor
+
+    @property
+    def max_length(self) -> int:
+        return min(int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings))
+
+    def set_au_adapter(self, adapter) -> None:
+        from synfer_plugins.au_adapter import AUAdapter
+
+        if self.au_adapter is not None:
+            AUAdapter.detach(self.unet)
+        self.au_adapter = adapter
+        if adapter is not None:
+            adapter.to(device=self.unet.device, dtype=self.unet.dtype)
+            adapter.attach(self.unet)
+
+    def set_au_scale(self, scale: float) -> None:
+        if self.au_adapter is not None:
+            self.au_adapter.set_scale(scale)
+
+    # ------------------------------------------------------------ operations
+    def tokenize(self, prompts: Sequence[str]):
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt").input_ids
+
+    def encode_text(self, prompts: Sequence[str] | None = None, input_ids=None):
+        """(B, L, D) CLIP hidden states, the UNet's cross-attention context (SD: no attention mask)."""
+        if input_ids is None:
+            input_ids = self.tokenize(prompts)
+        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+
+    def encode_image(self, images, sample_generator=None):
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents; identity in pixel space. Differentiable."""
+        if self.vae is None:
+            return images
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        z = dist.sample(sample_generator) if sample_generator is not None else dist.mean
+        return z * self.vae.config.scaling_factor
+
+    def decode(self, latents):
+        """Scaled latents -> images in [-1, 1] (not clamped); identity in pixel space. Differentiable."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+
+    def au_tensor(self, aus: Sequence[dict[str, float] | None]):
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.stack([au_vector(a) for a in aus])).to(device=self.device, dtype=self.dtype)
+
+    def predict_noise(self, latents, t, text_emb, aus=None, **unet_kwargs):
+        """One conditional UNet pass. With an AU adapter, `aus` (B, 16) in [0, 1] (None: all zero)."""
+        import torch
+
+        added = None
+        if self.au_adapter is not None:
+            if aus is None:
+                aus = torch.zeros(latents.shape[0], len(AU_KEYS), device=latents.device, dtype=text_emb.dtype)
+            added = self.au_adapter.added_cond_kwargs(aus.to(text_emb.dtype))
+        return self.unet(latents, t, encoder_hidden_states=text_emb, added_cond_kwargs=added, **unet_kwargs).sample
+
+
+# ---------------------------------------------------------------- the tiny default
+
+
+def create_tiny_model(captions: Sequence[str], *, size: int = 32, max_length: int = 64, seed: int = 0,
+                      block_out_channels: tuple[int, ...] = (32, 64, 64), text_dim: int = 64) -> SDModel:
+    """A fresh pixel-space model (random weights) with a vocabulary built from `captions`.
+
+    Defaults as measured in MEASURED.md: 32x32, (32, 64, 64), attention at 16x16 and 8x8 only,
+    1.7M UNet parameters; cosine noise schedule (better than SD's scaled-linear at low resolution).
+    """
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(captions, max_length=max_length)
+    n = len(block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=size, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=text_dim, attention_head_dim=4, norm_num_groups=8)  # attention_head_dim = number of heads
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=max_length, projection_dim=text_dim, pad_token_id=vocab["[PAD]"],
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"]))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type="epsilon", timestep_spacing="leading")
+    info = {"kind": "synfer-tiny-sd", "pixel_space": True, "size": size, "train_text_encoder": True}
+    return SDModel(unet, text_encoder, tokenizer, scheduler, vae=None, info=info)
+
+
+# ---------------------------------------------------------------- the generator stage
+
+
+class SDGenerator(Generator):
+    """Text + AU conditioned DDIM sampler with classifier-free guidance on a diffusers model folder."""
+
+    name = "sd"
+
+    class Config(StageConfig):
+        model: str | None = None  # diffusers SD 1.x folder; None: the shipped tiny model (synfer_plugins/models/tiny-sd)
+        steps: int = 25  # DDIM steps
+        guidance_scale: float = 4.0  # classifier-free guidance; uncond = empty prompt + all-zero AUs; 1 turns it off
+        au_scale: float = 1.0  # weight of the AU cross-attention (0: text only); ignored without an AU adapter
+        eta: float = 0.0  # DDIM eta (0: deterministic); its noise is per sample too
+        batch_size: int = 16
+        device: str = "auto"  # "auto": cuda if available, else cpu
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+        size: int | None = None  # output side in pixels; None: the model's native size
+
+    def __init__(self, config: StageConfig | None = None):
+        super().__init__(config)
+        self.model: SDModel | None = None
+
+    # ------------------------------------------------------------ loading (lazy: validating never loads weights)
+    @property
+    def model_path(self) -> Path:
+        return Path(self.config.model) if self.config.model else TINY_MODEL_DIR
+
+    def load(self) -> SDModel:
+        if self.model is None:
+            import torch
+
+            path = self.model_path
+            if not path.exists():
+                hint = (f"the tiny default model is not built yet: run 'synfer train generator --data FETEXT_DIR --out {TINY_MODEL_DIR}'"
+                        if not self.config.model else
+                        "check generator.model in the recipe, or train one with 'synfer train generator --data FETEXT_DIR --out DIR'")
+                raise FileNotFoundError(f"no diffusion model at {path}; {hint}")
+            device = self.config.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = SDModel.from_pretrained(path, device=device, dtype=getattr(torch, self.config.dtype))
+            self.model.unet.eval()
+            self.model.text_encoder.eval()
+            if self.model.vae is not None:
+                self.model.vae.eval()
+            self.model.set_au_scale(self.config.au_scale)
+        return self.model
+
+    # Attributes a calibrator or guidance needs (FERAnno runs the UNet; Eq. 4 needs the scheduler).
+    unet = property(lambda self: self.load().unet)
+    scheduler = property(lambda self: self.load().scheduler)
+    text_encoder = property(lambda self: self.load().text_encoder)
+    tokenizer = property(lambda self: self.load().tokenizer)
+    vae = property(lambda self: self.load().vae)
+    au_adapter = property(lambda self: self.load().au_adapter)
+
+    def encode_text(self, prompts: Sequence[str]):
+        return self.load().encode_text(prompts)
+
+    def encode_image(self, images):
+        return self.load().encode_image(images)
+
+    def decode(self, latents):
+        return self.load().decode(latents)
+
+    def predict_noise(self, latents, t, text_emb, aus=None, **unet_kwargs):
+        return self.load().predict_noise(latents, t, text_emb, aus, **unet_kwargs)
+
+    # ------------------------------------------------------------ sampling
+    @property
+    def size(self) -> int:
+        m = self.load()
+        size = self.config.size or m.native_size
+        factor = m.vae_scale_factor * 2 ** (len(m.unet.config.block_out_channels) - 1)
+        if size % factor:
+            raise ValueError(f"generator.size={size} must be a multiple of {factor} for this model (native size {m.native_size})")
+        return size
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        m = self.load()
+        side = self.size // m.vae_scale_factor
+        return (m.unet.config.in_channels, side, side)
+
+    def initial_latents(self, requests: Sequence[SampleRequest]):
+        """x_T for each request from its own seed: independent of batch composition."""
+        import torch
+
+        m = self.load()
+        shape = self.latent_shape()
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(r.seed))) for r in requests]
+        return torch.stack(noise).to(device=m.device, dtype=m.dtype) * self.scheduler.init_noise_sigma
+
+    def timesteps(self, steps: int | None = None):
+        m = self.load()
+        m.scheduler.set_timesteps(steps or self.config.steps, device=m.device)
+        return m.scheduler.timesteps
+
+    def conditions(self, requests: Sequence[SampleRequest]):
+        """(text embeddings, AU tensor) of a batch of requests."""
+        import torch
+
+        m = self.load()
+        with torch.no_grad():
+            text_emb = m.encode_text([r.prompt or r.expression for r in requests])
+        return text_emb, m.au_tensor([r.aus for r in requests])
+
+    def denoise(self, latents, text_emb, aus=None, start_step: int = 0, on_step: OnStep | None = None,
+                guidance_scale: float | None = None, steps: int | None = None, seeds: Sequence[int] | None = None):
+        """DDIM from `timesteps[start_step]` down to x_0 with classifier-free guidance.
+
+        `on_step(i, t, latents, text_emb)` may return a new conditional text embedding (Eq. 6);
+        it runs with gradients enabled, the UNet passes here run without. `seeds` give the
+        per-sample variance noise when eta > 0.
+        """
+        import torch
+
+        m = self.load()
+        cfg = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        timesteps = self.timesteps(steps)
+        b = latents.shape[0]
+        uncond_emb = uncond_aus = None
+        if cfg != 1.0:
+            with torch.no_grad():
+                uncond_emb = m.encode_text([""]).expand(b, -1, -1)
+            uncond_aus = torch.zeros_like(aus) if aus is not None else None
+        gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds] if (self.config.eta > 0 and seeds is not None) else None
+        for i, t in enumerate(timesteps):
+            if i < start_step:
+                continue
+            if on_step is not None:
+                new_emb = on_step(i, t, latents, text_emb)
+                if new_emb is not None:
+                    text_emb = new_emb.detach()
+            with torch.no_grad():
+                x_in = m.scheduler.scale_model_input(latents, t)
+                if uncond_emb is None:
+                    eps = m.predict_noise(x_in, t, text_emb, aus)
+                else:
+                    both_aus = torch.cat([uncond_aus, aus]) if aus is not None else None
+                    eps_u, eps_c = m.predict_noise(torch.cat([x_in, x_in]), t, torch.cat([uncond_emb, text_emb.to(uncond_emb.dtype)]), both_aus).chunk(2)
+                    eps = eps_u + cfg * (eps_c - eps_u)
+                extra = {}
+                if gens is not None:
+                    extra = {"eta": self.config.eta, "variance_noise": torch.stack(
+                        [torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents.device, latents.dtype)}
+                latents = m.scheduler.step(eps, t, latents, **extra).prev_sample
+        return latents
+
+    def sample(self, requests: Sequence[SampleRequest], x_T=None, start_step: int = 0, on_step: OnStep | None = None):
+        """One batch: conditions -> denoise (from `x_T` if given) -> images in [-1, 1], (B, 3, H, W)."""
+        import torch
+
+        text_emb, aus = self.conditions(requests)
+        latents = self.initial_latents(requests) if x_T is None else x_T
+        latents = self.denoise(latents, text_emb, aus if self.load().au_adapter is not None else None, start_step=start_step,
+                               on_step=on_step, seeds=[r.seed for r in requests])
+        with torch.no_grad():
+            return self.load().decode(latents)
+
+    @staticmethod
+    def to_pil(images) -> list:
+        from PIL import Image
+
+        arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to("cpu").permute(0, 2, 3, 1).numpy().astype("uint8")
+        return [Image.fromarray(a) for a in arr]
+
+    def step_callback(self, requests: Sequence[SampleRequest], guidance) -> OnStep | None:
+        """Semantic guidance hook (Eq. 4-6): the per-step callback for this batch; none here yet."""
+        return None
+
+    def generate(self, requests: list[SampleRequest], guidance=None) -> list[GeneratedSample]:
+        out: list[GeneratedSample] = []
+        bs = max(1, int(self.config.batch_size))
+        for start in range(0, len(requests), bs):
+            batch = requests[start:start + bs]
+            images = self.sample(batch, on_step=self.step_callback(batch, guidance))
+            out.extend(GeneratedSample(request=r, image=im) for r, im in zip(batch, self.to_pil(images)))
+        return out
+
+    # ------------------------------------------------------------ training (called by `synfer train`)
+    @classmethod
+    def train_generator(cls, opts, **kwargs):
+        from synfer_plugins.sd_training import train_generator
+
+        return train_generator(opts, **kwargs)
+
+    @classmethod
+    def train_au_adapter(cls, opts, **kwargs):
+        from synfer_plugins.sd_training import train_au_adapter
+
+        return train_au_adapter(opts, **kwargs)
+
+    @classmethod
+    def train_vae(cls, opts, **kwargs):
+        from synfer_plugins.sd_training import train_vae
+
+        return train_vae(opts, **kwargs)
+
+
+@hookimpl
+def register_stages(register):
+    register(SDGenerator)

@@ -1,0 +1,347 @@
+"""The project's own small FER classifier (`tiny-cnn`) and AU detector (`au-cnn`).
+
+Trained on procedural FEText by `synfer train classifier` / `synfer train au-detector`.
+One trunk serves three roles: the guidance classifier of semantic guidance (Eq. 5,
+differentiable from image to logits), a voting expert, and, trained separately on other
+identities with another seed, the independent oracle that judges generated images and
+the feature extractor of the offline FID. Weights: `model.safetensors` + `config.json`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from synfer import hookimpl
+from synfer import labels as L
+from synfer.stages import AUDetector, GuidanceClassifier, StageConfig
+
+MODELS = Path(__file__).parent / "models"
+
+
+def build_net(num_outputs: int, width: int = 32, size: int = 64):
+    """A small VGG-style CNN; `features()` gives the penultimate (pooled) features."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    def block(cin, cout, stride=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    class TinyFERNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.size = size
+            w = width
+            self.trunk = nn.Sequential(
+                block(3, w // 2, 2),                       # 32
+                block(w // 2, w), nn.MaxPool2d(2),         # 16
+                block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),  # 8
+                block(2 * w, 4 * w), block(4 * w, 4 * w),  # 8
+            )
+            self.drop = nn.Dropout(0.2)
+            self.head = nn.Linear(4 * w, num_outputs)
+
+        def prepare(self, x):
+            """RGB in [-1, 1], any size -> the net's input size (differentiable)."""
+            if x.shape[-1] != self.size or x.shape[-2] != self.size:
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > self.size)
+            return x
+
+        def features(self, x):
+            return self.trunk(self.prepare(x)).mean(dim=(2, 3))
+
+        def forward(self, x):
+            return self.head(self.drop(self.features(x)))
+
+    return TinyFERNet()
+
+
+def save_net(net, folder: str | Path, config: dict) -> Path:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def load_net(folder: str | Path, device: str = "cpu"):
+    """-> (net in eval mode, config dict). Clear error when the folder is not a trained model."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
+        raise FileNotFoundError(f"{folder} holds no trained tiny CNN (expected config.json and model.safetensors). "
+                                f"Train one with 'synfer train classifier --data FETEXT --out {folder}'.")
+    cfg = json.loads((folder / "config.json").read_text())
+    net = build_net(cfg["num_outputs"], cfg.get("width", 32), cfg.get("size", 64))
+    net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return net.to(device).eval(), cfg
+
+
+class TinyCNN(GuidanceClassifier):
+    """Guidance classifier / expert on the project's small CNN (label space from its config)."""
+
+    name = "tiny-cnn"
+    label_space = "affectnet8"
+
+    class Config(StageConfig):
+        weights: str | None = None  # model folder; None = the shipped `tiny-cnn`
+        device: str = "cpu"
+
+    default_folder = "tiny-cnn"
+
+    @staticmethod
+    def train_from_folder(*args, **kwargs):
+        """`synfer train classifier` / `au-detector` (see the module-level function)."""
+        return train_from_folder(*args, **kwargs)
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._net = None
+
+    @property
+    def net(self):
+        if self._net is None:
+            self._net, cfg = load_net(self.config.weights or MODELS / self.default_folder, self.config.device)
+            self.label_space = cfg["label_space"]
+            for p in self._net.parameters():  # guidance moves the text embedding, never these weights
+                p.requires_grad_(False)
+        return self._net
+
+    def forward(self, images):
+        net = self.net
+        return net(images.to(self.config.device))
+
+    def features(self, images):
+        return self.net.features(images.to(self.config.device))
+
+
+class OracleCNN(TinyCNN):
+    """The independent judge of the procedural world: same architecture, other identities and seed."""
+
+    name = "oracle-cnn"
+    default_folder = "oracle-cnn"
+
+
+class AUCNN(AUDetector):
+    """Multi-label AU intensity regressor (sigmoid outputs, intensities in [0, 1])."""
+
+    name = "au-cnn"
+
+    class Config(StageConfig):
+        weights: str | None = None  # model folder; None = the shipped `au-cnn`
+        device: str = "cpu"
+        batch_size: int = 256
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._net = None
+
+    @property
+    def net(self):
+        if self._net is None:
+            self._net, _ = load_net(self.config.weights or MODELS / "au-cnn", self.config.device)
+        return self._net
+
+    def predict_images(self, images) -> "np.ndarray":
+        """PIL images -> (N, len(AU_KEYS)) intensities."""
+        import numpy as np
+        import torch
+
+        out = []
+        for i in range(0, len(images), self.config.batch_size):
+            x = images_to_tensor(images[i:i + self.config.batch_size]).to(self.config.device)
+            with torch.no_grad():
+                out.append(torch.sigmoid(self.net(x)).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(L.AU_KEYS)), np.float32)
+
+    def detect(self, records):
+        return [L.au_dict(v) for v in self.predict_images([r.image for r in records])]
+
+
+def images_to_tensor(images):
+    """PIL images (same size) -> float tensor (N, 3, H, W) in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def augment(x, gen):
+    """Train-time jitter: small shifts, brightness/contrast, and half the batch seen at 32x32 and
+    back, so the classifier also judges the blurrier images of a 32x32 generator."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    shift = torch.randint(-3, 4, (2,), generator=gen).tolist()
+    x = torch.roll(x, shifts=shift, dims=(2, 3))
+    gain = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    bias = 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
+    x = (x * gain + bias).clamp(-1, 1)
+    low = torch.rand(n, generator=gen) < 0.5
+    if low.any() and x.shape[-1] > 32:
+        small = F.interpolate(x[low], size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        x[low] = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return x
+
+
+def _wrapper(net, task: str):
+    """The net as an mmengine BaseModel: forward(image, target, mode='loss') -> {'loss': ...}."""
+    import torch
+    import torch.nn.functional as F
+    from mmengine.model import BaseModel
+
+    class FERTrainModel(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.gen = torch.Generator().manual_seed(0)
+
+        def forward(self, image, target, mode="loss"):
+            x = augment(image.float() / 127.5 - 1.0, self.gen)
+            out = self.net(x)
+            if task == "classify":
+                return {"loss": F.cross_entropy(out, target, label_smoothing=0.05)}
+            return {"loss": F.binary_cross_entropy_with_logits(out, target.float())}
+
+    return FERTrainModel()
+
+
+class ArrayDataset:
+    """uint8 images (N,H,W,3) + targets as a torch map-style dataset of dicts."""
+
+    def __init__(self, images, targets):
+        import numpy as np
+        import torch
+
+        self.x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.t = torch.as_tensor(np.asarray(targets))
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "target": self.t[i]}
+
+
+def fit(net, images, targets, task: str = "classify", iters: int = 1500, batch_size: int = 64, lr: float = 2e-3,
+        seed: int = 0, work_dir=None, resume: bool = False, log_interval: int = 100, checkpoint_interval: int | None = None,
+        threads: int | None = None):
+    """Train `net` in place on uint8 images (N,H,W,3) through synfer.training.run_training (mmengine Runner).
+    task: 'classify' (int targets, cross-entropy) or 'au' (intensities in [0,1], BCE). Returns [(iter, loss)]."""
+    import tempfile
+
+    from synfer.training import run_training
+
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="synfer-fit-")
+        work_dir = tmp.name
+    try:
+        result = run_training(_wrapper(net, task), ArrayDataset(images, targets), work_dir=work_dir, max_iters=iters,
+                              batch_size=batch_size, lr=lr, weight_decay=1e-4, warmup_iters=max(1, iters // 20),
+                              seed=seed, resume=resume, log_interval=log_interval,
+                              checkpoint_interval=checkpoint_interval or iters, keep_checkpoints=1, threads=threads,
+                              name=f"tiny-cnn-{task}")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    net.eval()
+    return result.losses
+
+
+def train_from_folder(data, out, task: str = "classify", label_space: str = "affectnet8", iters: int = 2000,
+                      batch_size: int = 64, lr: float = 2e-3, seed: int = 0, width: int = 32, size: int = 64,
+                      work_dir=None, resume: bool = False, limit: int | None = None, test=None):
+    """Train a tiny CNN on a FEText folder and save it; with `test`, report held-out numbers."""
+    import numpy as np
+
+    x, y, aus, _ = load_arrays(data, label_space, size=size, limit=limit)
+    outputs = len(L.label_space(label_space)) if task == "classify" else len(L.AU_KEYS)
+    net = build_net(outputs, width=width, size=size)
+    losses = fit(net, x, y if task == "classify" else aus, task, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
+                 work_dir=work_dir or Path(out) / "work", resume=resume)
+    cfg = {"num_outputs": outputs, "width": width, "size": size, "task": task, "label_space": label_space,
+           "trained_on": str(data), "iters": iters, "seed": seed, "train_images": int(len(x))}
+    metrics = {}
+    if test is not None:
+        metrics = evaluate_net(net, test, task, label_space, size)
+        cfg["heldout"] = metrics
+    save_net(net, out, cfg)
+    return net, losses, metrics
+
+
+def evaluate_net(net, test, task: str, label_space: str = "affectnet8", size: int = 64) -> dict:
+    """Held-out numbers: accuracy + UAR for a classifier, per-AU F1 (binarised at AU_ON_THRESHOLD) for AUs."""
+    import numpy as np
+
+    x, y, aus, _ = load_arrays(test, label_space, size=size)
+    logits = predict_logits(net, x)
+    if task == "classify":
+        pred = logits.argmax(1)
+        recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
+        return {"accuracy": float((pred == y).mean()), "uar": float(np.mean(recalls)), "n": int(len(y))}
+    prob = 1 / (1 + np.exp(-logits))
+    f1 = {}
+    for j, k in enumerate(L.AU_KEYS):
+        t, p = aus[:, j] >= L.AU_ON_THRESHOLD, prob[:, j] >= L.AU_ON_THRESHOLD
+        tp, fp, fn = int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum())
+        f1[k] = 2 * tp / max(2 * tp + fp + fn, 1)
+    return {"au_f1_mean": float(np.mean(list(f1.values()))), "au_f1": f1, "n": int(len(aus))}
+
+
+def predict_logits(net, images, batch_size: int = 256):
+    """uint8 images (N,H,W,3) -> logits (N, outputs) as numpy, no grad."""
+    import numpy as np
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            out.append(net(x).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def load_arrays(root: str | Path, label_space: str = "affectnet8", size: int | None = None, kept_only: bool = True,
+                label_key: str | None = None, limit: int | None = None):
+    """A dataset folder -> (uint8 images (N,H,W,3), class indices (N,), AU intensities (N,16), rows).
+
+    FEText folders carry `expression`; generated ones carry the final `label` (and `kept`).
+    `size` resizes (bicubic) when the images differ from it.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from synfer.dataset import read_metadata
+
+    root = Path(root)
+    rows = read_metadata(root)
+    if kept_only:
+        rows = [r for r in rows if r.get("kept", True)]
+    # FEText rows name the class in `expression` (their `label` is an index); generated rows in `label`.
+    key = label_key or ("expression" if rows and "expression" in rows[0] else "label")
+    classes = L.label_space(label_space)
+    rows = [r for r in rows if r.get(key) and L.canonical(r[key]) in classes][:limit]
+    imgs = []
+    for r in rows:
+        with Image.open(root / r["file_name"]) as im:
+            im = im.convert("RGB")
+            if size and im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            imgs.append(np.asarray(im))
+    x = np.stack(imgs) if imgs else np.zeros((0, size or 64, size or 64, 3), np.uint8)
+    y = np.array([classes.index(L.canonical(r[key])) for r in rows], dtype=np.int64)
+    aus = np.stack([L.au_vector(r.get("aus")) for r in rows]) if rows else np.zeros((0, len(L.AU_KEYS)), np.float32)
+    return x, y, aus, rows
+
+
+@hookimpl
+def register_stages(register):
+    register(TinyCNN)
+    register(OracleCNN)
+    register(AUCNN)

@@ -1,0 +1,73 @@
+"""FERAnno on tiny random components: capture counts/shapes, encoder, a short training, predict."""
+import numpy as np
+import pytest
+import torch
+
+from synfer import labels as L
+from synfer.dataset import DatasetWriter
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from synfer_plugins.sd_generator import create_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-sd")
+    sd = create_tiny_model(["a photo of a happy person", "a sad person", "a photo of a person"], size=16,
+                           block_out_channels=(8, 16, 16), text_dim=16)
+    sd.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fetext(tmp_path_factory):
+    from synfer_plugins.procedural import ProceduralSource
+
+    root = tmp_path_factory.mktemp("fetext")
+    src = ProceduralSource(ProceduralSource.Config(num_images=48, size=32, seed=0, expressions=["happy", "sad"]))
+    w = DatasetWriter(root)
+    for i, r in enumerate(src.records()):
+        w.write(i, r.image, {"expression": r.expression, "aus": r.aus, "caption": f"a photo of a {r.expression} person"})
+    return root
+
+
+def test_capture_counts_and_shapes(tiny_model):
+    from synfer_plugins.feranno import UNetCapture, noise_to_t1
+    from synfer_plugins.sd_generator import SDModel
+
+    sd = SDModel.from_pretrained(tiny_model)
+    n_cross = sum(1 for k in sd.unet.attn_processors if k.endswith("attn2.processor"))
+    before = dict(sd.unet.attn_processors)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad(), UNetCapture(sd.unet) as cap:
+        x_t, ts = noise_to_t1(sd, images, [1, 2])
+        ref = sd.predict_noise(x_t, ts, sd.encode_text(["a happy person", "a sad person"]))
+        assert len(cap.store.maps) == n_cross > 0
+        feats, att = cap.collect(4)
+    assert cap.store.maps == [] and cap.features == []  # freed after the batch
+    tokens = sd.max_length
+    assert sorted(att) == [4, 8]  # cross-attention at the two lower resolutions of a 16x16 model
+    for r, a in att.items():
+        assert a.shape == (2, tokens, r, r)
+        assert torch.allclose(a.sum(1), torch.ones(2, r, r), atol=1e-4)  # probabilities over tokens
+    assert [f.shape[-1] for f in feats] == [4, 8, 16]
+    assert dict(sd.unet.attn_processors).keys() == before.keys()
+    with torch.no_grad():  # the capture does not change the UNet's output
+        assert torch.allclose(sd.predict_noise(x_t, ts, sd.encode_text(["a happy person", "a sad person"])), ref, atol=1e-5)
+
+
+def test_train_and_predict(tiny_model, fetext, tmp_path):
+    from synfer_plugins.feranno import FERAnno, train_feranno
+    from synfer_plugins.sd_generator import SDGenerator
+    from synfer.stages import GeneratedSample, SampleRequest
+    from PIL import Image
+
+    enc, losses, metrics = train_feranno(fetext, tiny_model, tmp_path / "fa", test=fetext, iters=30, batch_size=16, lr=3e-3, dim=16)
+    assert np.mean([l for _, l in losses[-5:]]) < np.mean([l for _, l in losses[:5]])
+    assert 0 <= metrics["accuracy"] <= 1
+    cal = FERAnno(FERAnno.Config(weights=str(tmp_path / "fa")))
+    cal.bind(SDGenerator(SDGenerator.Config(model=str(tiny_model))))
+    reqs = [SampleRequest(index=i, seed=i, expression="happy", aus=L.au_dict(L.sample_aus("happy", i)), prompt="a happy person") for i in range(3)]
+    samples = [GeneratedSample(r, Image.new("RGB", (16, 16), (i * 40, 90, 90))) for i, r in enumerate(reqs)]
+    p = cal.predict(samples)
+    assert p.shape == (3, 8) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert np.allclose(cal.predict(samples), p)  # deterministic (noise from each sample's seed)
