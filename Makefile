@@ -13,8 +13,13 @@ venv:
 	$(PIP) install -e ".[dev]"
 	$(PIP) install -e examples/synfer-example-plugin
 
+SYNFER := $(VENV)/bin/synfer
+
 demo: venv
-	$(VENV)/bin/synfer run recipes/quickstart.yaml
+	# small FEText sets: train identities for layout initialization, held-out ones as the FID reference
+	$(SYNFER) fetext build recipes/fetext-procedural.yaml output=out/fetext-quick sources.0.num_images=1024
+	$(SYNFER) fetext build recipes/fetext-procedural.yaml output=out/fetext-quick-test sources.0.split=test sources.0.num_images=512 sources.0.seed=1
+	$(SYNFER) run recipes/quickstart.yaml
 
 test: venv
 	$(VENV)/bin/pytest -q -x --durations=15

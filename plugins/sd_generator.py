@@ -35,6 +35,7 @@ from typing import Callable, Literal, Sequence
 from synfer import hookimpl
 from synfer.labels import AU_KEYS, au_vector
 from synfer.stages import GeneratedSample, Generator, SampleRequest, StageConfig
+from synfer_plugins.sampling import GuidanceConfig, LayoutConfig, LayoutInit, SemanticGuidance
 
 TINY_MODEL_DIR = Path(__file__).parent / "models" / "tiny-sd"
 MODEL_INFO = "synfer_model.json"  # marks folders made by synfer (kind, pixel space, training notes)
@@ -279,6 +280,10 @@ class SDGenerator(Generator):
         device: str = "auto"  # "auto": cuda if available, else cpu
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
         size: int | None = None  # output side in pixels; None: the model's native size
+        exact_batching: bool = True  # denoise each sample on its own: files identical whatever batch_size (CPU
+        # batched kernels round differently); false batches the UNet for GPU throughput
+        layout: LayoutConfig = LayoutConfig()  # layout initialization (paper 4.3)
+        semantic_guidance: GuidanceConfig = GuidanceConfig()  # Eq. 4-6, active when the recipe names a guidance_classifier
 
     def __init__(self, config: StageConfig | None = None):
         super().__init__(config)
@@ -429,17 +434,39 @@ class SDGenerator(Generator):
         return [Image.fromarray(a) for a in arr]
 
     def step_callback(self, requests: Sequence[SampleRequest], guidance) -> OnStep | None:
-        """Semantic guidance hook (Eq. 4-6): the per-step callback for this batch; none here yet."""
-        return None
+        """Semantic guidance (Eq. 4-6) for this batch, or None when no classifier is given."""
+        if guidance is None or not self.config.semantic_guidance.enabled:
+            return None
+        m = self.load()
+        aus = m.au_tensor([r.aus for r in requests]) if m.au_adapter is not None else None
+        return SemanticGuidance(self, guidance, requests, aus, self.config.semantic_guidance)
+
+    def settings(self, guidance) -> dict:
+        """What each record keeps of how it was sampled."""
+        sg = self.config.semantic_guidance
+        lay = self.config.layout
+        return {"generator": {"model": str(self.model_path), "steps": self.config.steps, "guidance_scale": self.config.guidance_scale,
+                              "au_scale": self.config.au_scale if self.load().au_adapter is not None else None},
+                "semantic_guidance": ({"classifier": guidance.name, "start": sg.start, "lambda_g": sg.lambda_g, "updates": sg.updates}
+                                      if guidance is not None and sg.enabled else None),
+                "layout_init": {"depth": lay.depth, "source": lay.source} if lay.enabled else None}
 
     def generate(self, requests: list[SampleRequest], guidance=None) -> list[GeneratedSample]:
         out: list[GeneratedSample] = []
-        bs = max(1, int(self.config.batch_size))
+        bs = 1 if self.config.exact_batching else max(1, int(self.config.batch_size))
+        layout = self._layout() if self.config.layout.enabled else None
+        extra = self.settings(guidance)
         for start in range(0, len(requests), bs):
             batch = requests[start:start + bs]
-            images = self.sample(batch, on_step=self.step_callback(batch, guidance))
-            out.extend(GeneratedSample(request=r, image=im) for r, im in zip(batch, self.to_pil(images)))
+            x_T, start_step = layout(batch) if layout is not None else (None, 0)
+            images = self.sample(batch, x_T=x_T, start_step=start_step, on_step=self.step_callback(batch, guidance))
+            out.extend(GeneratedSample(request=r, image=im, extra=extra) for r, im in zip(batch, self.to_pil(images)))
         return out
+
+    def _layout(self) -> LayoutInit:
+        if getattr(self, "_layout_init", None) is None:
+            self._layout_init = LayoutInit(self, self.config.layout)
+        return self._layout_init
 
     # ------------------------------------------------------------ training (called by `synfer train`)
     @classmethod

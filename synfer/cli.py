@@ -16,6 +16,7 @@ LAZY_COMMANDS = {
     "benchmark": "synfer.benchmark:benchmark_cli",
     "report": "synfer.report:report_cli",
     "calibrate": "synfer.calibrate:calibrate_cli",
+    "bootstrap": "synfer.bootstrap:bootstrap_cli",
 }
 
 

@@ -144,3 +144,6 @@ def sample_aus(expression: str, seed: int, prior: AUPrior | None = None) -> np.n
 def sample_seed(recipe_seed: int, index: int) -> int:
     """Per-sample seed from (recipe seed, sample index): independent of batch size and workers."""
     return int(np.random.SeedSequence([int(recipe_seed), int(index)]).generate_state(1, dtype=np.uint32)[0])
+
+# AU occurrence = intensity at or above this (AU F1 binarises explicitly with it).
+AU_ON_THRESHOLD = 0.25

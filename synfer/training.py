@@ -464,3 +464,33 @@ train_cli.command("classifier", help="Train the tiny-cnn FER classifier (guidanc
     _small_cnn_command("classify", "plugins/models/tiny-cnn"))
 train_cli.command("au-detector", help="Train the au-cnn AU detector on FEText; reports per-AU F1 on --test.")(
     _small_cnn_command("au", "plugins/models/au-cnn"))
+
+
+@train_cli.command("calibrator")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="FEText folder (train identities).")
+@click.option("--model", required=True, help="The generator folder whose UNet FERAnno reads (frozen).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="FERAnno folder, e.g. plugins/models/feranno.")
+@click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Held-out FEText: report accuracy and UAR.")
+@click.option("--iters", type=int, default=800, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--dim", type=int, default=64, show_default=True, help="Channels of the dual-branch encoder.")
+@click.option("--condition", type=click.Choice(["generic", "sample"]), default="generic", show_default=True,
+              help="Conditions of the UNet pass: one expression-free prompt with zero AUs, or each sample's own.")
+@click.option("--limit", type=int, default=None)
+@click.option("--label-space", default="affectnet8", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True)
+@click.option("--threads", type=int, default=None)
+def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, limit, label_space, seed, resume, threads):
+    """Train FERAnno (paper 4.4) on FEText with the generator's UNet frozen."""
+    import json
+
+    from synfer.plugins import get_registry
+
+    trainer = get_registry().get("calibrator", "feranno")
+    _, _, metrics = trainer.train(data, model, out, test=test, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
+                                  label_space=label_space, dim=dim, condition=condition, limit=limit, resume=resume, threads=threads)
+    click.echo(f"written to {out}")
+    if metrics:
+        click.echo(json.dumps(metrics, indent=2))

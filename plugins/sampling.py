@@ -1,0 +1,145 @@
+"""Layout initialization (paper 4.3) and semantic guidance (Eq. 4-6) for the `sd` generator.
+
+Both act on one batch through the generator's public hooks: `LayoutInit` produces x_t and
+the step to start denoising from; `SemanticGuidance` is the per-step callback that moves
+the text embedding. Gradients flow to the text embedding only, never to model weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synfer import labels as L
+
+
+class LayoutConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    source: str | None = None  # FEText folder (synfer dataset format) to draw layout faces from
+    depth: float = Field(0.6, gt=0, le=1)  # fraction of the DDIM steps inverted (1.0: all the way to x_T)
+    expressions: list[str] | None = ["neutral"]  # draw only faces of these classes (None: any)
+    prompt: str = "a photo of a person"  # inversion runs with this prompt, zero AUs and CFG 1 (drift-free)
+
+
+class GuidanceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True  # on whenever the recipe names a guidance_classifier
+    start: float = Field(0.3, ge=0, le=1)  # fraction of the steps after which guidance runs
+    lambda_g: float = Field(1.0, ge=0)  # Eq. 6 step size on the (per-sample normalised) gradient
+    updates: int = Field(1, ge=1)  # gradient steps on the embedding per denoising step
+
+
+class LayoutInit:
+    """Invert a random FEText face to x_t with DDIM inversion and start denoising there (4.3)."""
+
+    def __init__(self, generator, config: LayoutConfig):
+        from synfer.dataset import read_metadata
+
+        if not config.source:
+            raise ValueError("generator.layout.enabled is true but generator.layout.source is empty: "
+                             "give a FEText folder, e.g. generator.layout.source=out/fetext")
+        self.gen, self.cfg = generator, config
+        self.root = Path(config.source)
+        rows = read_metadata(self.root)
+        if config.expressions:
+            wanted = {L.canonical(e) for e in config.expressions}
+            rows = [r for r in rows if r.get("expression") and L.canonical(r["expression"]) in wanted] or rows
+        if not rows:
+            raise ValueError(f"layout source {self.root} holds no images")
+        self.files = [r["file_name"] for r in rows]
+
+    def pick(self, request) -> str:
+        import numpy as np
+
+        return self.files[int(np.random.default_rng([request.seed, 11]).integers(len(self.files)))]
+
+    def load_images(self, files, size: int):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        arrs = []
+        for f in files:
+            with Image.open(self.root / f) as im:
+                arrs.append(np.asarray(im.convert("RGB").resize((size, size), Image.LANCZOS), dtype=np.float32))
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+    def num_inverted(self, steps: int) -> int:
+        return max(1, min(steps, int(round(self.cfg.depth * steps))))
+
+    def __call__(self, requests):
+        """-> (x_t for the batch, start_step). Sets each request's `layout_source`."""
+        for r in requests:
+            r.layout_source = self.pick(r)
+        x0 = self.load_images([r.layout_source for r in requests], self.gen.size)
+        return invert(self.gen, x0, [self.cfg.prompt] * len(requests), None, self.num_inverted(self.gen.config.steps))
+
+
+def invert(generator, images, prompts, aus, num_steps: int, steps: int | None = None):
+    """DDIM inversion (diffusers' DDIMInverseScheduler) of images for `num_steps` of the
+    sampler's `steps`; guidance 1 (no CFG), which keeps inversion from drifting.
+    -> (x_t, start_step) such that generator.denoise(x_t, ..., start_step=start_step) continues."""
+    import torch
+    from diffusers import DDIMInverseScheduler
+
+    m = generator.load()
+    steps = steps or generator.config.steps
+    inverse = DDIMInverseScheduler.from_config(m.scheduler.config)
+    inverse.set_timesteps(steps, device=m.device)
+    with torch.no_grad():
+        latents = m.encode_image(images.to(device=m.device, dtype=m.dtype))
+        text = m.encode_text(prompts)
+        au_t = aus if aus is not None or m.au_adapter is None else torch.zeros(len(prompts), len(L.AU_KEYS), dtype=m.dtype)
+        for t in inverse.timesteps[:num_steps]:
+            eps = m.predict_noise(inverse.scale_model_input(latents, t), t, text, au_t)
+            latents = inverse.step(eps, t, latents).prev_sample
+    return latents, steps - num_steps
+
+
+class SemanticGuidance:
+    """Eq. 4-6 as a denoising-step callback for one batch.
+
+    From step `start` on: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) (Eq. 4), decode, classify,
+    L_g = CE(f(x0), y) (Eq. 5), c <- c - lambda_g * grad / ||grad|| per sample (Eq. 6, the
+    direction that lowers L_g). Samples whose class the classifier cannot see are left alone.
+    """
+
+    def __init__(self, generator, classifier, requests, aus, config: GuidanceConfig):
+        import torch
+
+        self.gen, self.clf, self.cfg = generator, classifier, config
+        space = L.label_space(classifier.label_space)
+        targets, mask = [], []
+        for r in requests:
+            c = L.canonical(r.expression)
+            targets.append(space.index(c) if c in space else 0)
+            mask.append(c in space)
+        self.targets = torch.tensor(targets)
+        self.mask = torch.tensor(mask, dtype=torch.float32)
+        self.aus = aus
+        self.start_step = int(round(config.start * generator.config.steps))
+
+    def __call__(self, i, t, latents, text_emb):
+        import torch
+        import torch.nn.functional as F
+
+        if i < self.start_step or not bool(self.mask.any()):
+            return None
+        m = self.gen.load()
+        a_t = m.scheduler.alphas_cumprod[int(t)].to(latents.device, latents.dtype)
+        c = text_emb.detach()
+        mask = self.mask.to(c.device, c.dtype).view(-1, 1, 1)
+        for _ in range(self.cfg.updates):
+            c = c.clone().requires_grad_(True)
+            with torch.enable_grad():
+                eps = m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, self.aus)
+                x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Eq. 4
+                image = m.decode(x0).clamp(-1, 1)
+                logits = self.clf.forward(image.float())
+                # Eq. 5, summed so that each sample's gradient is its own (batch-size independent)
+                loss = F.cross_entropy(logits, self.targets.to(logits.device), reduction="none").mul(self.mask.to(logits.device)).sum()
+                (grad,) = torch.autograd.grad(loss, c)
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+            c = (c - self.cfg.lambda_g * mask * grad / norm).detach()  # Eq. 6
+        return c
