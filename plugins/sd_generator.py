@@ -32,6 +32,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from pydantic import Field
+
 from synfer import hookimpl
 from synfer.labels import AU_KEYS, au_vector
 from synfer.stages import GeneratedSample, Generator, SampleRequest, StageConfig
@@ -272,11 +274,11 @@ class SDGenerator(Generator):
 
     class Config(StageConfig):
         model: str | None = None  # diffusers SD 1.x folder; None: the shipped tiny model (synfer_plugins/models/tiny-sd)
-        steps: int = 25  # DDIM steps
-        guidance_scale: float = 4.0  # classifier-free guidance; uncond = empty prompt + all-zero AUs; 1 turns it off
-        au_scale: float = 1.0  # weight of the AU cross-attention (0: text only); ignored without an AU adapter
+        steps: int = Field(25, gt=0, le=1000)  # DDIM steps
+        guidance_scale: float = Field(4.0, ge=0)  # classifier-free guidance; uncond = empty prompt + all-zero AUs; 1 turns it off
+        au_scale: float = Field(1.0, ge=0)  # weight of the AU cross-attention (0: text only); ignored without an AU adapter
         eta: float = 0.0  # DDIM eta (0: deterministic); its noise is per sample too
-        batch_size: int = 16
+        batch_size: int = Field(16, gt=0)
         device: str = "auto"  # "auto": cuda if available, else cpu
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
         size: int | None = None  # output side in pixels; None: the model's native size

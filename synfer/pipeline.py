@@ -161,7 +161,13 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
     for ev in stages.evaluators:
         summary.metrics.update(ev.evaluate(out))
     if summary.metrics:
-        (out / "metrics.json").write_text(json.dumps(summary.metrics, indent=2))
+        from synfer.evaluate import merge_metrics
+
+        merge_metrics(out, summary.metrics)  # keeps keys an earlier `synfer eval` wrote
+    if recipe.report and writer.rows:
+        from synfer.report import write_report
+
+        write_report(out)
     summary.seconds = time.time() - t0
     return summary
 

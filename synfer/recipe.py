@@ -63,7 +63,8 @@ class Recipe(_Strict):
     experts: list[dict[str, Any]] = []  # each {plugin, weight, ...config}
     vote: VoteConfig = VoteConfig()
     evaluators: list[dict[str, Any]] = []
-    grid: bool = True  # write grid.png next to the dataset
+    grid: bool = True  # write <output>-grid.png next to the dataset
+    report: bool = True  # write <output>/report.html (synfer report)
 
     @field_validator("label_space")
     @classmethod
@@ -133,7 +134,6 @@ def stage_problems(kind: str, block: Any, path: str, registry) -> list[str]:
         return [f"{path}: expected a mapping with a 'plugin' key, got {block!r}"]
     block = dict(block)
     name = block.pop("plugin")
-    block.pop("weight", None) if kind == "expert" else None
     try:
         cls = registry.get(kind, name)
     except PluginError as exc:
@@ -169,7 +169,8 @@ def validate_data(data: dict, registry=None, source: str = "recipe") -> Recipe:
         if isinstance(block, dict) and "plugin" in block:
             if not isinstance(block.get("weight", 1.0), (int, float)) or block.get("weight", 1.0) < 0:
                 problems.append(f"experts.{i}.weight: must be a number >= 0, got {block.get('weight')!r}")
-            problems += stage_problems(expert_kind(registry, block["plugin"]), block, f"experts.{i}", registry)
+            member = {k: v for k, v in block.items() if k != "weight"}  # the vote weight is the ensemble's, not the plugin's
+            problems += stage_problems(expert_kind(registry, block["plugin"]), member, f"experts.{i}", registry)
         else:
             problems.append(f"experts.{i}: expected a mapping with a 'plugin' key, got {block!r}")
     for i, block in enumerate(data.get("evaluators") or []):

@@ -1,0 +1,404 @@
+"""Evaluators of a generated dataset (paper 5.1): FID, FER accuracy, AU F1, diversity, label quality.
+
+Each evaluator prints and returns named numbers. The scoring itself lives in small pure
+functions (`frechet_distance`, `fer_accuracy_scores`, `au_f1_scores`, `mean_pairwise_distance`,
+`label_quality_scores`) so that they are tested on hand-made inputs.
+
+Judges are plugins: the FER judge is any guidance_classifier or expert (default `oracle-cnn`,
+the independent judge of the procedural world), the AU judge any AU detector (default
+`au-cnn`). A judge block is a plugin name or a mapping `{plugin: name, ...its config}`.
+
+Features for FID and diversity come from a pluggable extractor: by default the penultimate
+features of `oracle-cnn` (offline; an FID on them is NOT comparable to a published
+Inception FID, and the printed line says so), `inception` with a local TorchScript
+Inception-v3 file, or `pixels`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from synfer import hookimpl
+from synfer import labels as L
+from synfer.stages import Evaluator, StageConfig
+
+JudgeBlock = str | dict[str, Any]
+
+
+# ---------------------------------------------------------------- pure scoring
+
+
+def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
+    """Eq. of FID: ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), sqrtm from scipy."""
+    import numpy as np
+    from scipy import linalg
+
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"FID needs at least 2 images per set, got {len(a)} and {len(b)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():  # singular product (few images): offset the diagonals, as pytorch-fid does
+        off = np.eye(s_a.shape[0]) * eps
+        covmean = linalg.sqrtm((s_a + off) @ (s_b + off))
+    covmean = covmean.real
+    diff = mu_a - mu_b
+    return float(max(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean), 0.0))
+
+
+def fer_accuracy_scores(labels: list[str], predicted: list[str | None]) -> dict[str, float]:
+    """Share of images whose judged class equals their label; per class too.
+    `None` predictions (label outside the judge's classes) are left out and counted."""
+    scored = [(t, p) for t, p in zip(labels, predicted) if p is not None]
+    out: dict[str, float] = {"fer_accuracy": sum(t == p for t, p in scored) / len(scored) if scored else 0.0,
+                             "fer_accuracy_n": float(len(scored))}
+    if len(scored) < len(labels):
+        out["fer_accuracy_unscored"] = float(len(labels) - len(scored))
+    for c in sorted({t for t, _ in scored}):
+        hits = [t == p for t, p in scored if t == c]
+        out[f"fer_accuracy_{c}"] = sum(hits) / len(hits)
+    return out
+
+
+def au_f1_scores(target, predicted, threshold: float = L.AU_ON_THRESHOLD) -> dict[str, float]:
+    """Per-AU F1 of (N, len(AU_KEYS)) intensities in [0, 1], both binarised at `threshold` (AU on
+    when intensity >= threshold). An AU that is never on in either is undefined and left out of
+    the mean `au_f1`. `au_accuracy` is the share of all (image, AU) occurrences judged right."""
+    import numpy as np
+
+    t = np.asarray(target, np.float64) >= threshold
+    p = np.asarray(predicted, np.float64) >= threshold
+    out: dict[str, float] = {}
+    f1s = []
+    for j, key in enumerate(L.AU_KEYS):
+        tp = int((t[:, j] & p[:, j]).sum())
+        fp = int((~t[:, j] & p[:, j]).sum())
+        fn = int((t[:, j] & ~p[:, j]).sum())
+        if tp + fp + fn == 0:
+            continue
+        out[f"au_f1_{key}"] = 2 * tp / (2 * tp + fp + fn)
+        f1s.append(out[f"au_f1_{key}"])
+    return {"au_f1": float(np.mean(f1s)) if f1s else 0.0, "au_accuracy": float((t == p).mean()) if t.size else 0.0, **out}
+
+
+def mean_pairwise_distance(feats, metric: str = "cosine") -> float:
+    """Mean distance over all pairs of rows (0 for identical rows)."""
+    import numpy as np
+    from scipy.spatial.distance import pdist
+
+    feats = np.asarray(feats, np.float64)
+    if len(feats) < 2:
+        return 0.0
+    if metric == "cosine":  # 1 - cos = |a - b|^2 / 2 on unit vectors (zero vectors stay zero, not NaN)
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+        unit = np.where(norms > 0, feats / np.maximum(norms, 1e-12), 0.0)
+        return float((pdist(unit, "sqeuclidean") / 2).mean())
+    return float(pdist(feats, metric).mean())
+
+
+def label_quality_scores(rows: list[dict], verdicts: list[str | None]) -> dict[str, float]:
+    """The judge's verdict as ground truth: how often the preassigned label and the final
+    (calibrated) label agree with it, over kept samples and over all samples; plus how often a
+    relabelling moved a sample to the judge's class (`..._relabelled_fixed`)."""
+    def acc(pairs):
+        pairs = [(a, v) for a, v in pairs if v is not None]
+        return sum(a == v for a, v in pairs) / len(pairs) if pairs else 0.0
+
+    kept = [(r, v) for r, v in zip(rows, verdicts) if r.get("kept", True)]
+    relab = [(r, v) for r, v in kept if r["label"] != r["preassigned_label"]]
+    out = {
+        "label_quality_preassigned": acc([(r["preassigned_label"], v) for r, v in kept]),
+        "label_quality_final": acc([(r["label"], v) for r, v in kept]),
+        "label_quality_preassigned_all": acc([(r["preassigned_label"], v) for r, v in zip(rows, verdicts)]),
+        "label_quality_final_all": acc([(r["label"], v) for r, v in zip(rows, verdicts)]),
+        "label_quality_kept_share": len(kept) / len(rows) if rows else 0.0,
+        "label_quality_relabelled": float(len(relab)),
+    }
+    if relab:
+        out["label_quality_relabelled_fixed"] = acc([(r["label"], v) for r, v in relab])
+    out["label_quality"] = out["label_quality_final"]
+    out["label_quality_gain"] = out["label_quality_final"] - out["label_quality_preassigned"]
+    return out
+
+
+# ---------------------------------------------------------------- data and judges
+
+
+def dataset_rows(root: str | Path, kept_only: bool = True, max_images: int | None = None) -> list[dict]:
+    """Rows of a synfer dataset, or of a bare image folder (rows with only `file_name`)."""
+    from synfer.dataset import METADATA, read_metadata
+
+    root = Path(root)
+    if (root / METADATA).exists():
+        rows = read_metadata(root)
+        rows = [r for r in rows if r.get("kept", True)] if kept_only else rows
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        rows = [{"file_name": str(p.relative_to(root))} for p in files]
+    else:
+        raise FileNotFoundError(f"{root} is neither a synfer dataset (images/ + metadata.jsonl) nor an image folder")
+    return rows[:max_images] if max_images else rows
+
+
+def load_images(root: str | Path, rows: list[dict]):
+    from PIL import Image
+
+    out = []
+    for r in rows:
+        with Image.open(Path(root) / r["file_name"]) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+def row_label(row: dict) -> str | None:
+    """Final label of a generated row, `expression` of a real/FEText row, canonical."""
+    name = row.get("label") or row.get("expression")
+    return L.canonical(name) if name else None
+
+
+def build_plugin(block: JudgeBlock, kinds: tuple[str, ...], device: str | None):
+    """A plugin named by `block` among `kinds`; `device` fills in the plugin's own `device` field."""
+    from synfer.plugins import get_registry
+
+    reg = get_registry()
+    block = {"plugin": block} if isinstance(block, str) else dict(block)
+    kind = next((k for k in kinds if (k, block["plugin"]) in reg.plugins), kinds[0])
+    cls = reg.get(kind, block["plugin"])  # teaching error naming what is installed
+    if device and "device" in cls.Config.model_fields and "device" not in block:
+        block["device"] = device
+    return reg.build(kind, block)
+
+
+def judge_labels(judge, images, batch_size: int = 256) -> list[str]:
+    """Class names the judge picks (argmax), canonical."""
+    import numpy as np
+
+    probs = np.concatenate([judge.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    classes = L.label_space(judge.label_space)  # read after predict: tiny-cnn learns its space when it loads
+    return [classes[i] for i in probs.argmax(1)]
+
+
+def resize_clean(images, size: int):
+    """PIL images -> float32 (N, size, size, 3) in [0, 255], resized per channel in float with
+    bicubic filtering (clean-fid's rule: no uint8 quantisation after resizing)."""
+    import numpy as np
+    from PIL import Image
+
+    out = np.empty((len(images), size, size, 3), np.float32)
+    for n, im in enumerate(images):
+        arr = np.asarray(im.convert("RGB"), np.float32)
+        if im.size == (size, size):
+            out[n] = arr
+            continue
+        for c in range(3):
+            ch = Image.fromarray(arr[..., c], mode="F").resize((size, size), Image.BICUBIC)
+            out[n, ..., c] = np.asarray(ch)
+    return out
+
+
+class FeatureExtractor:
+    """Images -> (N, D) features: `oracle` (a plugin's `.features()`, default oracle-cnn),
+    `inception` (a local TorchScript Inception-v3), or `pixels`."""
+
+    def __init__(self, kind: str, judge: JudgeBlock, path: str | None, size: int, device: str, batch_size: int = 128):
+        self.kind, self.judge_block, self.path, self.size, self.device, self.batch_size = kind, judge, path, size, device, batch_size
+        self._model = None
+
+    @property
+    def description(self) -> str:
+        if self.kind == "oracle":
+            name = self.judge_block if isinstance(self.judge_block, str) else self.judge_block["plugin"]
+            return f"penultimate features of {name} (offline stand-in, not comparable with Inception FID)"
+        if self.kind == "inception":
+            return f"Inception-v3 TorchScript {self.path}"
+        return f"raw pixels at {self.size}x{self.size}"
+
+    def __call__(self, images):
+        import numpy as np
+        import torch
+
+        if self.kind == "pixels":
+            return resize_clean(images, self.size).reshape(len(images), -1) / 255.0
+        if self._model is None:
+            if self.kind == "oracle":
+                self._model = build_plugin(self.judge_block, ("guidance_classifier", "expert"), self.device)
+                if not hasattr(self._model, "features"):
+                    raise TypeError(f"{type(self._model).__name__} has no features() method; pick a judge with one (oracle-cnn, tiny-cnn)")
+            else:
+                if not self.path or not Path(self.path).exists():
+                    raise FileNotFoundError(f"extractor 'inception' needs a local TorchScript (.pt) or torch.export (.pt2) file "
+                                            f"mapping (N, 3, S, S) RGB in [0, 255] to (N, D) features: extractor_path={self.path!r}")
+                if self.path.endswith(".pt2"):
+                    self._model = torch.export.load(self.path).module().to(self.device)
+                else:
+                    self._model = torch.jit.load(self.path, map_location=self.device).eval()
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i:i + self.batch_size]
+            with torch.no_grad():
+                if self.kind == "oracle":  # the plugin resizes itself; its input is RGB in [-1, 1]
+                    x = torch.from_numpy(resize_clean(chunk, chunk[0].size[0])).permute(0, 3, 1, 2) / 127.5 - 1.0
+                    f = self._model.features(x.to(self.device))
+                else:  # TorchScript Inception (clean-fid / StyleGAN convention): float RGB in [0, 255] at 299x299
+                    x = torch.from_numpy(resize_clean(chunk, self.size)).permute(0, 3, 1, 2).to(self.device)
+                    f = self._model(x)
+            out.append(f.reshape(len(chunk), -1).float().cpu().numpy())
+        return np.concatenate(out)
+
+
+class _FeatureConfig(StageConfig):
+    extractor: Literal["oracle", "inception", "pixels"] = "oracle"
+    judge: JudgeBlock = "oracle-cnn"  # the plugin whose .features() the `oracle` extractor uses
+    extractor_path: str | None = None  # `inception`: local TorchScript (.pt) / torch.export (.pt2) Inception-v3 -> (N, 2048)
+    extractor_size: int = Field(299, gt=0)  # input size of `inception` / `pixels`
+    max_images: int | None = Field(2000, gt=1)  # first N images of each set (None = all)
+    kept_only: bool = True  # generated sets: only the samples calibration kept
+    device: str = "cpu"
+
+    def make_extractor(self) -> FeatureExtractor:
+        return FeatureExtractor(self.extractor, self.judge, self.extractor_path, self.extractor_size, self.device)
+
+
+def _print(name: str, scores: dict[str, float], note: str = "") -> None:
+    """One line per evaluator: the headline number first, then the rest."""
+    keys = sorted(scores, key=lambda k: (k != name, k))
+    print(f"[{name}] " + ", ".join(f"{k}={scores[k]:.4g}" for k in keys) + (f"  ({note})" if note else ""))
+
+
+# ---------------------------------------------------------------- evaluators
+
+
+class FID(Evaluator):
+    """Fréchet distance between generated and reference images (paper 5.1, Tab. 1)."""
+
+    name = "fid"
+
+    class Config(_FeatureConfig):
+        reference: str | None = None  # a real dataset folder (or image folder); the CLI's --reference wins
+
+    def evaluate(self, dataset, reference=None):
+        ref = reference or self.config.reference
+        if ref is None:
+            raise ValueError("fid needs a reference set: pass --reference REAL_DATASET or set reference: in the evaluator block")
+        ext = self.config.make_extractor()
+        gen_rows = dataset_rows(dataset, self.config.kept_only, self.config.max_images)
+        ref_rows = dataset_rows(ref, True, self.config.max_images)
+        fa = ext(load_images(dataset, gen_rows))
+        fb = ext(load_images(ref, ref_rows))
+        out = {"fid": frechet_distance(fa, fb), "fid_images": float(len(fa)), "fid_reference_images": float(len(fb))}
+        _print("fid", out, f"features: {ext.description}")
+        return out
+
+
+class FERAccuracy(Evaluator):
+    """An independent judge scores kept images against their final labels (Tab. 1 'FER Acc.')."""
+
+    name = "fer-accuracy"
+
+    class Config(StageConfig):
+        judge: JudgeBlock = "oracle-cnn"  # any guidance_classifier or expert plugin
+        max_images: int | None = Field(None, gt=0)
+        device: str = "cpu"
+
+    def evaluate(self, dataset, reference=None):
+        rows = [r for r in dataset_rows(dataset, True, self.config.max_images) if row_label(r)]
+        judge = build_plugin(self.config.judge, ("guidance_classifier", "expert"), self.config.device)
+        verdicts = judge_labels(judge, load_images(dataset, rows)) if rows else []
+        space = set(L.label_space(judge.label_space)) if rows else set()
+        labels = [row_label(r) for r in rows]
+        out = fer_accuracy_scores(labels, [v if t in space else None for t, v in zip(labels, verdicts)])
+        _print("fer_accuracy", out, f"judge: {judge.name}")
+        return out
+
+
+class AUAccuracy(Evaluator):
+    """AU F1 of an AU detector against the AUs each image was asked for (Tab. 1 'FAU Acc.')."""
+
+    name = "au-accuracy"
+
+    class Config(StageConfig):
+        judge: JudgeBlock = "au-cnn"  # an au_detector plugin
+        threshold: float = Field(L.AU_ON_THRESHOLD, gt=0, lt=1)  # intensity (0-1 scale) at which an AU counts as on
+        kept_only: bool = True
+        max_images: int | None = Field(None, gt=0)
+        device: str = "cpu"
+
+    def evaluate(self, dataset, reference=None):
+        import numpy as np
+
+        rows = [r for r in dataset_rows(dataset, self.config.kept_only, self.config.max_images) if r.get("aus")]
+        detector = build_plugin(self.config.judge, ("au_detector",), self.config.device)
+        images = load_images(dataset, rows)
+        if hasattr(detector, "predict_images"):
+            pred = detector.predict_images(images) if rows else np.zeros((0, len(L.AU_KEYS)))
+        else:
+            from synfer.stages import FaceRecord
+
+            pred = np.stack([L.au_vector(d) for d in detector.detect([FaceRecord(image=im, expression=None) for im in images])])
+        target = np.stack([L.au_vector(r["aus"]) for r in rows]) if rows else np.zeros((0, len(L.AU_KEYS)))
+        out = au_f1_scores(target, pred, self.config.threshold)
+        out["au_images"] = float(len(rows))
+        _print("au_f1", out, f"judge: {detector.name}, on at intensity >= {self.config.threshold}")
+        return out
+
+
+class Diversity(Evaluator):
+    """Mean pairwise feature distance within each final class, averaged over classes."""
+
+    name = "diversity"
+
+    class Config(_FeatureConfig):
+        metric: Literal["cosine", "euclidean"] = "cosine"
+        max_per_class: int = Field(200, gt=1)  # pairs grow quadratically
+
+    def evaluate(self, dataset, reference=None):
+        import numpy as np
+
+        rows = dataset_rows(dataset, self.config.kept_only, None)
+        by: dict[str, list[dict]] = {}
+        for r in rows:
+            if row_label(r):
+                by.setdefault(row_label(r), []).append(r)
+        ext = self.config.make_extractor()
+        out = {}
+        for c, rs in sorted(by.items()):
+            rs = rs[:self.config.max_per_class]
+            if len(rs) >= 2:
+                out[f"diversity_{c}"] = mean_pairwise_distance(ext(load_images(dataset, rs)), self.config.metric)
+        out = {"diversity": float(np.mean(list(out.values()))) if out else 0.0, **out}
+        _print("diversity", out, f"{self.config.metric} distance on {ext.description}")
+        return out
+
+
+class LabelQuality(Evaluator):
+    """Procedural world: the oracle's verdict as ground truth for preassigned vs calibrated labels."""
+
+    name = "label-quality"
+
+    class Config(StageConfig):
+        judge: JudgeBlock = "oracle-cnn"
+        max_images: int | None = Field(None, gt=0)
+        device: str = "cpu"
+
+    def evaluate(self, dataset, reference=None):
+        rows = [r for r in dataset_rows(dataset, False, self.config.max_images) if "preassigned_label" in r and r.get("label")]
+        if not rows:
+            print(f"[label_quality] {dataset} has no preassigned/final labels (not a generated set): skipped")
+            return {}
+        judge = build_plugin(self.config.judge, ("guidance_classifier", "expert"), self.config.device)
+        verdicts = judge_labels(judge, load_images(dataset, rows))
+        out = label_quality_scores(rows, verdicts)
+        _print("label_quality", out, f"judge: {judge.name}; kept samples (suffix _all: every sample)")
+        return out
+
+
+EVALUATORS = (FID, FERAccuracy, AUAccuracy, Diversity, LabelQuality)
+
+
+@hookimpl
+def register_stages(register):
+    for cls in EVALUATORS:
+        register(cls)

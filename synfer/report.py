@@ -1,0 +1,259 @@
+"""`synfer report DATASET`: one self-contained `report.html` in the dataset folder.
+
+Sections: samples per expression (kept images per final label), the calibration summary
+(calibration.json, or recomputed from metadata), a confusion matrix of preassigned vs final
+labels, the metrics (metrics.json) and the downstream benchmark (downstream.png/json) when
+present. Images are embedded as base64 PNG, so the file can be mailed or archived alone.
+`write_report()` is what `synfer run` calls at the end of a run.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from synfer import labels as L
+
+REPORT = "report.html"
+
+# What each headline metric means (synfer_plugins.evaluators); shown next to the numbers.
+METRIC_NOTES = {
+    "fid": "Fréchet distance to the reference set (default features: oracle-cnn penultimate layer, offline; "
+           "not comparable with published Inception FID). Lower is closer.",
+    "fer_accuracy": "share of kept images whose independent judge (oracle-cnn by default) agrees with the final label",
+    "au_f1": f"mean per-AU F1 of the AU judge vs the requested AUs, binarised at intensity >= {L.AU_ON_THRESHOLD}",
+    "au_accuracy": "share of (image, AU) occurrences the AU judge got right",
+    "diversity": "mean pairwise feature distance within each final class, averaged over classes",
+    "label_quality": "judge agreement with the final (calibrated) labels of kept samples",
+    "label_quality_preassigned": "judge agreement with the preassigned labels of kept samples",
+    "label_quality_gain": "label_quality_final - label_quality_preassigned",
+}
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4} td.l,th.l{text-align:left} .muted{color:#777;font-size:12px}
+.row{display:flex;align-items:center;gap:4px;margin:3px 0} .row .name{width:90px;font-weight:600;font-size:13px}
+.row img{width:80px;height:80px;image-rendering:pixelated;border:1px solid #ccc}
+img.plot{max-width:100%;border:1px solid #eee}
+"""
+
+
+def _png_b64(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _image_b64(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+    return _png_b64(buf.getvalue())
+
+
+def _fig_b64(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return _png_b64(buf.getvalue())
+
+
+def _label(row: dict) -> str | None:
+    name = row.get("label") or row.get("expression")
+    return L.canonical(name) if name else None
+
+
+def _ordered(names) -> list[str]:
+    names = set(names)
+    return [c for c in L.EXPRESSIONS if c in names] + sorted(n for n in names if n not in L.EXPRESSIONS)
+
+
+def _table(header: list[str], rows: list[list], left=(0,)) -> str:
+    """An HTML table; columns in `left` are text (left-aligned), the others numbers."""
+    cls = lambda i: "l" if i in left else ""  # noqa: E731
+    th = "".join(f"<th class='{cls(i)}'>{html.escape(str(h))}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td class='{cls(i)}'>{html.escape(str(v))}</td>" for i, v in enumerate(r)) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+# ---------------------------------------------------------------- sections
+
+
+def grid_section(root: Path, rows: list[dict], per_class: int) -> str:
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("kept", True) and _label(r):
+            by.setdefault(_label(r), []).append(r)
+    lines = []
+    for c in _ordered(by):
+        imgs = "".join(f"<img src='{_image_b64(root / r['file_name'])}' title='{html.escape(r['file_name'])}'>" for r in by[c][:per_class])
+        lines.append(f"<div class='row'><span class='name'>{html.escape(c)}</span>{imgs}"
+                     f"<span class='muted'>{len(by[c])} kept</span></div>")
+    body = "".join(lines) or "<p class='muted'>no kept images</p>"
+    return f"<section id='grid'><h2>Samples per expression (final label, kept)</h2>{body}</section>"
+
+
+def calibration_counts(root: Path, rows: list[dict]) -> tuple[dict[str, dict], str]:
+    path = root / "calibration.json"
+    if path.exists():
+        return json.loads(path.read_text()), "calibration.json"
+    if rows and all("preassigned_label" in r for r in rows):
+        from synfer.pipeline import calibration_counts as recount
+
+        return {k: dict(v) for k, v in recount(rows).items()}, "recomputed from metadata.jsonl"
+    counts = Counter(_label(r) for r in rows if _label(r))
+    return {c: {"total": n, "kept": n} for c, n in counts.items()}, "no calibration: a labelled (real/FEText) set"
+
+
+def calibration_section(root: Path, rows: list[dict]) -> str:
+    counts, source = calibration_counts(root, rows)
+    cols = ["total", "kept", "relabelled", "dropped"]
+    body, tot = [], Counter()
+    for c in _ordered(counts):
+        k = counts[c]
+        tot.update({x: int(k.get(x, 0)) for x in cols})
+        body.append([c] + [int(k.get(x, 0)) for x in cols])
+    body.append(["all"] + [tot[x] for x in cols])
+    return (f"<section id='calibration'><h2>Calibration summary</h2><p class='muted'>per preassigned class; source: {html.escape(source)}</p>"
+            f"{_table(['class'] + cols, body)}</section>")
+
+
+def confusion_section(rows: list[dict]) -> str:
+    """Preassigned (rows) vs final label (columns); dropped samples get their own column."""
+    gen = [r for r in rows if "preassigned_label" in r and r.get("label")]
+    if not gen:
+        return "<section id='confusion'><h2>Preassigned vs final labels</h2><p class='muted'>not a generated set: no preassigned labels</p></section>"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    classes = _ordered({L.canonical(r["preassigned_label"]) for r in gen} | {L.canonical(r["label"]) for r in gen})
+    cols = classes + ["dropped"]
+    m = np.zeros((len(classes), len(cols)), int)
+    for r in gen:
+        j = cols.index(L.canonical(r["label"])) if r.get("kept", True) else len(classes)
+        m[classes.index(L.canonical(r["preassigned_label"])), j] += 1
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(cols), 0.8 + 0.5 * len(classes)), constrained_layout=True)
+    ax.imshow(m / np.maximum(m.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j]:
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8, color="white" if m[i, j] > 0.6 * m[i].sum() else "black")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("final label (kept) / dropped")
+    ax.set_ylabel("preassigned label")
+    agree = sum(m[i, i] for i in range(len(classes)))
+    kept = int(m[:, :-1].sum())
+    note = f"{agree} of {kept} kept samples keep their preassigned label; {int(m[:, -1].sum())} dropped"
+    return (f"<section id='confusion'><h2>Preassigned vs final labels</h2><p class='muted'>{note}</p>"
+            f"<img class='plot' src='{_fig_b64(fig)}'></section>")
+
+
+def metrics_section(root: Path) -> str:
+    path = root / "metrics.json"
+    if not path.exists():
+        return ("<section id='metrics'><h2>Metrics</h2><p class='muted'>no metrics.json yet: run "
+                f"<code>synfer eval {html.escape(str(root))} --reference REAL_SET</code></p></section>")
+    metrics = json.loads(path.read_text())
+    heads = [k for k in metrics if k in METRIC_NOTES]
+    rest = sorted(k for k in metrics if k not in METRIC_NOTES)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
+    main = _table(["metric", "value", "meaning"], [[k, fmt(metrics[k]), METRIC_NOTES[k]] for k in heads], left=(0, 2)) if heads else ""
+    more = _table(["metric", "value"], [[k, fmt(metrics[k])] for k in rest]) if rest else ""
+    return (f"<section id='metrics'><h2>Metrics</h2>{main}"
+            f"<details><summary class='muted'>all {len(metrics)} numbers</summary>{more}</details></section>")
+
+
+def find_downstream(root: Path, downstream: str | Path | None) -> tuple[Path | None, Path | None]:
+    """(downstream.json, downstream.png) from a file or folder option, else the dataset folder."""
+    base = Path(downstream) if downstream else root
+    if base.is_file():
+        base = base.parent if base.suffix in (".json", ".png") else base
+    js, png = base / "downstream.json", base / "downstream.png"
+    if downstream and Path(downstream).is_file():
+        p = Path(downstream)
+        js, png = (p, p.with_suffix(".png")) if p.suffix == ".json" else (p.with_suffix(".json"), p)
+    return (js if js.exists() else None), (png if png.exists() else None)
+
+
+def downstream_section(root: Path, downstream) -> str:
+    js, png = find_downstream(root, downstream)
+    if js is None and png is None:
+        return ("<section id='downstream'><h2>Downstream benchmark</h2><p class='muted'>not run: "
+                "<code>synfer benchmark downstream recipes/downstream.yaml synthetic=DATASET</code></p></section>")
+    result = json.loads(js.read_text()) if js else None
+    if png:
+        img = _image_b64(png)
+    else:
+        from synfer.benchmark import plot_downstream
+
+        buf = io.BytesIO()
+        plot_downstream(result, buf)
+        img = _png_b64(buf.getvalue())
+    tab = ""
+    if result:
+        rows = [[r["setting"], "-" if r["setting"] == "real" else f"{r['scale']:g}x", r["train_images"],
+                 f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}", f"{r['uar_mean']:.3f} ± {r['uar_std']:.3f}"]
+                for r in result["summary"]]
+        tab = _table(["setting", "synthetic scale", "train images", "accuracy", "UAR"], rows)
+    return f"<section id='downstream'><h2>Downstream benchmark</h2><img class='plot' src='{img}'>{tab}</section>"
+
+
+# ---------------------------------------------------------------- the page
+
+
+def write_report(dataset_dir: str | Path, downstream: str | Path | None = None, per_class: int = 6,
+                 output: str | Path | None = None) -> Path:
+    """Write `<dataset_dir>/report.html` (or `output`) and return its path."""
+    from synfer.dataset import read_metadata
+
+    root = Path(dataset_dir)
+    rows = read_metadata(root)
+    kept = sum(bool(r.get("kept", True)) for r in rows)
+    title = f"synfer report: {root.name}"
+    parts = [
+        f"<section id='summary'><h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(root.resolve()))}: "
+        f"{len(rows)} images, {kept} kept</p></section>",
+        grid_section(root, rows, per_class),
+        calibration_section(root, rows),
+        confusion_section(rows),
+        metrics_section(root),
+        downstream_section(root, downstream),
+    ]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+    path = Path(output) if output else root / REPORT
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+@click.command("report")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--downstream", type=click.Path(exists=True), default=None,
+              help="downstream.json/png (or their folder); default: the dataset folder.")
+@click.option("--per-class", type=int, default=6, show_default=True, help="Images shown per expression.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Where to write (default: DATASET/report.html).")
+def report_cli(dataset, downstream, per_class, output):
+    """Write a self-contained report.html for DATASET (samples, calibration, confusion, metrics, downstream)."""
+    from synfer.dataset import DatasetError
+
+    try:
+        path = write_report(dataset, downstream, per_class, output)
+    except DatasetError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"-> {path}")
