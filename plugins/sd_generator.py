@@ -28,6 +28,7 @@ batch it was drawn in. Hooks for the method's other parts:
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -307,8 +308,8 @@ class SDGenerator(Generator):
                         "check generator.model in the recipe, or train one with 'synfer train generator --data FETEXT_DIR --out DIR'")
                 raise FileNotFoundError(f"no diffusion model at {path}; {hint}")
             device = self.config.device
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device == "auto":  # under torchrun each rank takes its own GPU
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
             self.model = SDModel.from_pretrained(path, device=device, dtype=getattr(torch, self.config.dtype))
             self.model.unet.eval()
             self.model.text_encoder.eval()

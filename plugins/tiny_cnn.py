@@ -189,7 +189,7 @@ def augment(x, gen):
     return x
 
 
-def _wrapper(net, task: str):
+def _wrapper(net, task: str, pos_weight=None):
     """The net as an mmengine BaseModel: forward(image, target, mode='loss') -> {'loss': ...}."""
     import torch
     import torch.nn.functional as F
@@ -206,7 +206,7 @@ def _wrapper(net, task: str):
             out = self.net(x)
             if task == "classify":
                 return {"loss": F.cross_entropy(out, target, label_smoothing=0.05)}
-            return {"loss": F.binary_cross_entropy_with_logits(out, target.float())}
+            return {"loss": F.binary_cross_entropy_with_logits(out, target.float(), pos_weight=pos_weight)}
 
     return FERTrainModel()
 
@@ -237,12 +237,19 @@ def fit(net, images, targets, task: str = "classify", iters: int = 1500, batch_s
 
     from synfer.training import run_training
 
+    import numpy as np
+    import torch
+
+    pos_weight = None
+    if task == "au":  # rare AUs (e.g. AU25, only ever a distractor) would otherwise never fire
+        on = (np.asarray(targets) >= L.AU_ON_THRESHOLD).mean(0)
+        pos_weight = torch.from_numpy(np.clip((1 - on) / np.maximum(on, 1e-3), 1.0, 20.0)).float()
     tmp = None
     if work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="synfer-fit-")
         work_dir = tmp.name
     try:
-        result = run_training(_wrapper(net, task), ArrayDataset(images, targets), work_dir=work_dir, max_iters=iters,
+        result = run_training(_wrapper(net, task, pos_weight), ArrayDataset(images, targets), work_dir=work_dir, max_iters=iters,
                               batch_size=batch_size, lr=lr, weight_decay=1e-4, warmup_iters=max(1, iters // 20),
                               seed=seed, resume=resume, log_interval=log_interval,
                               checkpoint_interval=checkpoint_interval or iters, keep_checkpoints=1, threads=threads,

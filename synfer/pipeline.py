@@ -115,7 +115,10 @@ class Stages:
             weight = float(block.pop("weight", 1.0))
             expert = reg.build(expert_kind(reg, block["plugin"]), block)
             space = getattr(expert, "label_space")
-            members.append(Member(expert.name, weight, space, lambda samples, e=expert: e.predict([s.image for s in samples])))
+            name = expert.name
+            while any(m.name == name for m in members):  # the same plugin twice (e.g. two checkpoints)
+                name = f"{expert.name}#{sum(m.name.split('#')[0] == expert.name for m in members) + 1}"
+            members.append(Member(name, weight, space, lambda samples, e=expert: e.predict([s.image for s in samples])))
         self.ensemble = ExpertEnsemble(members, recipe.label_space, recipe.vote)
         self.evaluators = [(reg.build("evaluator", b)) for b in recipe.evaluators]
 
@@ -155,6 +158,9 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
             bar.update(len(batch))
             bar.set_postfix(img_s=f"{generated / max(time.time() - t0, 1e-9):.2f}")
     summary = RunSummary(str(out), len(full), generated, len(full) - len(todo), 0.0, calibration_counts(writer.rows))
+    if world > 1:  # sharded run: each rank wrote its samples; rerun once without torchrun (or `synfer eval`/`report`)
+        summary.seconds = time.time() - t0  # for the summary files over the whole set
+        return summary
     (out / "calibration.json").write_text(json.dumps({k: dict(v) for k, v in summary.per_class.items()}, indent=2))
     if recipe.grid and writer.rows:
         write_grid(out, writer.rows, classes)

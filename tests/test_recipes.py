@@ -1,0 +1,49 @@
+"""Every shipped recipe validates; the full-scale one also runs a few samples on tiny models built here."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from synfer.dataset import DatasetWriter, read_metadata
+from synfer.recipe import load_recipe
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml"])
+def test_shipped_recipes_validate(name):
+    r = load_recipe(ROOT / "recipes" / name)
+    assert r.num_images > 0
+
+
+def test_sd15_recipe_on_tiny_models(tmp_path):
+    from PIL import Image
+
+    from synfer.pipeline import run_recipe
+    from synfer_plugins.feranno import train_feranno
+    from synfer_plugins.sd_generator import create_tiny_model
+
+    torch.set_num_threads(1)
+    sd = create_tiny_model(["a photo of a happy person", "a photo of a person"], size=16, block_out_channels=(8, 16), text_dim=16)
+    sd.save_pretrained(tmp_path / "sd15")
+    w = DatasetWriter(tmp_path / "fetext")
+    for i, e in enumerate(["neutral", "happy", "sad", "anger"] * 4):
+        w.write(i, Image.new("RGB", (16, 16), (20 * i, 100, 60)), {"expression": e, "caption": f"a {e} person"})
+    train_feranno(tmp_path / "fetext", tmp_path / "sd15", tmp_path / "feranno", iters=2, batch_size=4, dim=16)
+
+    class Clf(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) @ torch.ones(3, 8) * torch.arange(8.0)
+
+    torch.jit.save(torch.jit.script(Clf()), str(tmp_path / "clf.ts"))
+    clf = {"plugin": "torch-checkpoint", "path": str(tmp_path / "clf.ts"), "label_space": "affectnet8", "size": 16}
+    overrides = [f"output={tmp_path / 'out'}", "num_images=3", f"generator.model={tmp_path / 'sd15'}", "generator.dtype=float32",
+                 "generator.device=cpu", "generator.steps=3", "generator.batch_size=2", f"generator.layout.source={tmp_path / 'fetext'}",
+                 f"guidance_classifier={clf}", f"calibrator.weights={tmp_path / 'feranno'}",
+                 f"experts=[{clf}, {dict(clf, weight=2.0)}]", "evaluators=[]"]
+    recipe = load_recipe(ROOT / "recipes" / "sd15-affectnet8.yaml", overrides)
+    summary = run_recipe(recipe, progress=False)
+    rows = read_metadata(tmp_path / "out")
+    assert summary.generated == 3 and len(rows) == 3
+    assert set(rows[0]["predictions"]) == {"feranno", "torch-checkpoint", "torch-checkpoint#2"}
+    assert rows[0]["semantic_guidance"]["lambda_g"] == 0.1 and rows[0]["layout_init"]["depth"] == 0.7
