@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-BASE = ["generator.exact_batching=false", "calibrator=null", "experts=[]", "vote.threshold=0",
+BASE = ["generator.exact_batching=false", "generator.layout.source=out/fetext-procedural", "calibrator=null", "experts=[]", "vote.threshold=0",
         "evaluators=[{plugin: fer-accuracy}, {plugin: au-accuracy}, {plugin: diversity}]"]
 NO_LAYOUT = ["generator.layout.enabled=false"]
 NO_GUIDANCE = ["guidance_classifier=null"]
@@ -51,7 +52,7 @@ def main():
         cmd = [sys.executable, "-m", "synfer.cli", "run", "recipes/quickstart.yaml", f"num_images={args.n}", f"output={target}",
                f"generator.steps={args.steps}", "grid=true", *BASE, *overrides]
         print("$", " ".join(cmd[2:]), flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
         results[name] = json.loads((target / "metrics.json").read_text())
     lines = ["| run | FER accuracy (oracle) | AU F1 (au-cnn) | diversity | label quality pre -> final |", "|---|---|---|---|---|"]
     for name, m in results.items():

@@ -27,15 +27,25 @@ def describe_aus(aus: dict[str, float], threshold: float = 0.3) -> list[str]:
 
 
 class TemplatePrompter(Prompter):
-    """Deterministic per sample seed: appearance + muscle movements + context around the emotion."""
+    """Deterministic per sample seed: appearance + muscle movements + emotion, in the FEText caption
+    language (the template captioner's), which is what the generator was fine-tuned on.
+
+    `style: fetext` draws an appearance from the procedural world's identity sampler and writes the
+    prompt with the template captioner; `style: short` is a compact SD-style prompt for real models.
+    """
 
     name = "template"
 
     class Config(StageConfig):
+        style: str = "fetext"  # fetext | short
         mention_aus: bool = True  # describe the sample's AU vector in FACS words
         max_aus: int = 4
 
     def prompt(self, requests: list[SampleRequest]) -> list[str]:
+        if self.config.style == "fetext":
+            return [self._fetext(r) for r in requests]
+        if self.config.style != "short":
+            raise ValueError(f"prompter.style={self.config.style!r}; expected 'fetext' or 'short'")
         out = []
         for r in requests:
             rng = np.random.default_rng([r.seed, 7])
@@ -48,6 +58,17 @@ class TemplatePrompter(Prompter):
             parts.append(CONTEXT[rng.integers(len(CONTEXT))])
             out.append(", ".join(parts))
         return out
+
+    def _fetext(self, r: SampleRequest) -> str:
+        from dataclasses import asdict
+
+        from synfer.stages import FaceRecord
+        from synfer_plugins.captioners import template_caption
+        from synfer_plugins.procedural import sample_identity
+
+        attrs = asdict(sample_identity(int(np.random.default_rng([r.seed, 7]).integers(2**30))))
+        record = FaceRecord(image=None, expression=r.expression, aus=r.aus if self.config.mention_aus else None, attributes=attrs)
+        return template_caption(record, seed=r.seed, max_movements=self.config.max_aus)
 
 
 INSTRUCTION = (
@@ -106,7 +127,7 @@ class LLMPrompter(Prompter):
         import torch
 
         model, tok = self.load()
-        template = TemplatePrompter(TemplatePrompter.Config(mention_aus=self.config.mention_aus))
+        template = TemplatePrompter(TemplatePrompter.Config(style="short", mention_aus=self.config.mention_aus))
         out = []
         for r in requests:
             user = f"Request: {self.request_text(r)}"

@@ -158,3 +158,15 @@ def test_calibrate_existing_dataset(tmp_path, registry):
     assert counts["sad"]["relabelled"] == counts["sad"]["total"] > 0
     assert all(row["label"] == "neutral" for row in rows if row["preassigned_label"] == "sad")
     assert set(rows[0]["predictions"]) == {"dummy-expert"}
+
+
+def test_third_party_expert_votes_without_core_change(tmp_path, registry):
+    """The example package's 7-class expert (no contempt) votes in an 8-class recipe."""
+    r = _recipe(tmp_path, registry, experts=[{"plugin": "example-constant", "vote_for": "happy", "confidence": 0.9, "weight": 1.0}])
+    run_recipe(r, registry=registry, progress=False)
+    rows = read_metadata(r.output)
+    assert all(set(row["predictions"]) == {"example-constant"} for row in rows)
+    for row in rows:
+        if row["preassigned_label"] == "contempt":  # it cannot see contempt: its vote moves the label to happy
+            assert row["predictions"]["example-constant"][L.LABEL_SPACES["affectnet8"].index("contempt")] == 0
+        assert row["label"] == "happy"

@@ -16,8 +16,10 @@ def test_template_prompter_deterministic_and_descriptive():
     p = TemplatePrompter()
     a, b = p.prompt(_reqs()), p.prompt(_reqs())
     assert a == b and len(set(a)) == len(a)
-    assert "happy" in a[0] and "cheek raiser" in a[0]  # emotion words + the AU's muscle movement
+    assert "happy" in a[0] and "cheeks are" in a[0]  # emotion word + the AU's muscle movement, FEText caption style
     assert "sad" in a[1] and "neutral" in a[3]
+    short = TemplatePrompter(TemplatePrompter.Config(style="short")).prompt(_reqs())
+    assert "cheek raiser" in short[0] and "happy" in short[0]
 
 
 def test_llm_prompter_with_tiny_random_model(tmp_path):
