@@ -178,14 +178,14 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
     return summary
 
 
-def write_grid(out: Path, rows: list[dict], classes, per_class: int = 8, name: str = "grid.png") -> Path:
+def write_grid(out: Path, rows: list[dict], classes, per_class: int = 8, name: str = "grid.png", path: Path | None = None) -> Path:
     """A grid PNG: one row per expression (final label), up to `per_class` images each."""
     from PIL import Image, ImageDraw
 
     by = {c: [r for r in rows if r.get("label") == c and r.get("kept", True)][:per_class] for c in classes}
     by = {c: v for c, v in by.items() if v}
     with Image.open(out / rows[0]["file_name"]) as im:
-        size = im.size[0]
+        size = max(im.size[0], 64)  # small (32 px) samples are shown enlarged, pixels kept sharp
     label_w = 64
     grid = Image.new("RGB", (label_w + per_class * size, max(1, len(by)) * size), "white")
     draw = ImageDraw.Draw(grid)
@@ -193,7 +193,7 @@ def write_grid(out: Path, rows: list[dict], classes, per_class: int = 8, name: s
         draw.text((2, y * size + size // 2 - 5), c, fill="black")
         for x, r in enumerate(rs):
             with Image.open(out / r["file_name"]) as im:
-                grid.paste(im.convert("RGB"), (label_w + x * size, y * size))
-    path = out.parent / f"{out.name}-{name}" if name else out / "grid.png"
+                grid.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (label_w + x * size, y * size))
+    path = path or out.parent / f"{out.name}-{name}"  # beside the folder: imagefolder loaders see only the samples
     grid.save(path)
     return path
