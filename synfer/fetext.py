@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import click
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synfer import labels as L
-from synfer.recipe import RecipeError, apply_overrides, pydantic_problems, stage_problems
+from synfer.recipe import RecipeError, pydantic_problems, stage_problems
 
 SUMMARY_FILE = "fetext_summary.json"
 STAGE_BLOCKS = {"upscaler": "upscaler", "captioner": "captioner", "au_detector": "au_detector"}
@@ -73,14 +72,9 @@ def validate_fetext(data: dict, registry=None, source: str = "recipe") -> FEText
 
 
 def load_fetext_recipe(path: str | Path, overrides=(), registry=None) -> FETextRecipe:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError([f"not valid YAML: {exc}"], str(path))
-    if not isinstance(data, dict):
-        raise RecipeError([f"expected a mapping at the top level, got {type(data).__name__}"], str(path))
-    return validate_fetext(apply_overrides(data, overrides), registry, str(path))
+    from synfer.recipe import read_yaml
+
+    return validate_fetext(read_yaml(path, overrides), registry, str(path))
 
 
 def build_stage(registry, kind: str, block: dict, seed: int):

@@ -188,7 +188,8 @@ def validate_data(data: dict, registry=None, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides=(), registry=None) -> Recipe:
+def read_yaml(path: str | Path, overrides=()) -> dict:
+    """A recipe file as a mapping, with key=value overrides applied; clear errors otherwise."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -196,5 +197,8 @@ def load_recipe(path: str | Path, overrides=(), registry=None) -> Recipe:
         raise RecipeError([f"not valid YAML: {exc}"], str(path))
     if not isinstance(data, dict):
         raise RecipeError([f"expected a mapping at the top level, got {type(data).__name__}"], str(path))
-    data = apply_overrides(data, overrides)
-    return validate_data(data, registry, str(path))
+    return apply_overrides(data, overrides)
+
+
+def load_recipe(path: str | Path, overrides=(), registry=None) -> Recipe:
+    return validate_data(read_yaml(path, overrides), registry, str(path))
