@@ -47,3 +47,14 @@ def test_sd15_recipe_on_tiny_models(tmp_path):
     assert summary.generated == 3 and len(rows) == 3
     assert set(rows[0]["predictions"]) == {"feranno", "torch-checkpoint", "torch-checkpoint#2"}
     assert rows[0]["semantic_guidance"]["lambda_g"] == 0.1 and rows[0]["layout_init"]["depth"] == 0.7
+
+
+def test_bootstrap_recipe_lists_every_training_step():
+    from click.testing import CliRunner
+
+    from synfer.bootstrap import bootstrap_cli
+
+    result = CliRunner().invoke(bootstrap_cli, [str(ROOT / "recipes/bootstrap.yaml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    for step in ("fetext", "generator", "au-adapter", "classifier", "oracle", "au-detector", "calibrator"):
+        assert f"] {step}:" in result.output
