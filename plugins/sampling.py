@@ -18,7 +18,8 @@ class LayoutConfig(BaseModel):
     enabled: bool = False
     source: str | None = None  # FEText folder (synfer dataset format) to draw layout faces from
     depth: float = Field(0.6, gt=0, le=1)  # fraction of the DDIM steps inverted (1.0: all the way to x_T)
-    expressions: list[str] | None = ["neutral"]  # draw only faces of these classes (None: any)
+    expressions: list[str] | str | None = ["neutral"]  # draw only faces of these classes (None: any;
+    # "match": a face of the sample's own preassigned class)
     prompt: str = "a photo of a person"  # inversion runs with this prompt, zero AUs and CFG 1 (drift-free)
 
 
@@ -42,7 +43,14 @@ class LayoutInit:
         self.gen, self.cfg = generator, config
         self.root = Path(config.source)
         rows = read_metadata(self.root)
-        if config.expressions:
+        self.by_class: dict[str, list[str]] = {}
+        if config.expressions == "match":
+            for r in rows:
+                if r.get("expression"):
+                    self.by_class.setdefault(L.canonical(r["expression"]), []).append(r["file_name"])
+        elif isinstance(config.expressions, str):
+            raise ValueError(f"generator.layout.expressions={config.expressions!r}: expected a list of classes, null or 'match'")
+        elif config.expressions:
             wanted = {L.canonical(e) for e in config.expressions}
             rows = [r for r in rows if r.get("expression") and L.canonical(r["expression"]) in wanted] or rows
         if not rows:
@@ -52,7 +60,8 @@ class LayoutInit:
     def pick(self, request) -> str:
         import numpy as np
 
-        return self.files[int(np.random.default_rng([request.seed, 11]).integers(len(self.files)))]
+        files = self.by_class.get(L.canonical(request.expression)) or self.files
+        return files[int(np.random.default_rng([request.seed, 11]).integers(len(files)))]
 
     def load_images(self, files, size: int):
         import numpy as np

@@ -61,6 +61,10 @@ def test_layout_init_uses_fetext_faces(model_dir, tmp_path):
     out = g.generate(reqs)
     assert all(r.layout_source in ("images/00000000.png", "images/00000002.png") for r in reqs)  # neutral faces only
     assert out[0].extra["layout_init"]["depth"] == 0.5
+    g2 = generator(model_dir, layout=dict(enabled=True, source=str(tmp_path / "fetext"), depth=0.5, expressions="match"))
+    happy = [r for r in requests(4) if r.expression == "happy"]
+    g2.generate(happy)
+    assert all(r.layout_source == "images/00000001.png" for r in happy)  # the one happy face
     with pytest.raises(ValueError, match="layout.source"):
         generator(model_dir, layout=dict(enabled=True)).generate(requests(1))
 
