@@ -20,6 +20,7 @@ BASE = ["generator.exact_batching=false", "generator.layout.source=out/fetext-pr
         "evaluators=[{plugin: fer-accuracy}, {plugin: au-accuracy}, {plugin: diversity}]"]
 NO_LAYOUT = ["generator.layout.enabled=false"]
 NO_GUIDANCE = ["guidance_classifier=null"]
+NEUTRAL_06 = ["generator.layout.depth=0.6", "generator.layout.expressions=[neutral]"]  # the paper-like variant
 
 RUNS = {
     # Table 5 analogue: what fine-tuning and the AU adapter each add (no guidance, no layout init)
@@ -28,10 +29,11 @@ RUNS = {
     "text+au": (NO_LAYOUT + NO_GUIDANCE, "table5"),
     # sampling: semantic guidance and layout initialization (paper 4.3, Tab. 6 style)
     "guidance": (NO_LAYOUT, "guidance"),
-    "layout": (NO_GUIDANCE, "guidance"),
-    "guidance+layout": ([], "guidance"),
+    "layout": (NEUTRAL_06 + NO_GUIDANCE, "guidance"),
+    "guidance+layout": (NEUTRAL_06, "guidance"),
+    "guidance+layout-match": (["generator.layout.depth=0.85", "generator.layout.expressions=match"], "guidance"),
     # calibration (paper 4.4): FERAnno + tiny-cnn vote on the full method's samples
-    "calibrated": (["calibrator={plugin: feranno}", "experts=[{plugin: tiny-cnn, weight: 1.0}]", "vote.threshold=0.5",
+    "calibrated": (NEUTRAL_06 + ["calibrator={plugin: feranno}", "experts=[{plugin: tiny-cnn, weight: 1.0}]", "vote.threshold=0.5",
                     "evaluators=[{plugin: fer-accuracy}, {plugin: label-quality}]"], "calibration"),
 }
 
