@@ -80,6 +80,15 @@ def load_net(folder: str | Path, device: str = "cpu"):
     return net.to(device).eval(), cfg
 
 
+def _cached_net(stage):
+    """Load a stage's net on first use (validating a recipe never reads weights), frozen:
+    guidance moves the text embedding and judges only predict, so no weight needs a gradient."""
+    if getattr(stage, "_net", None) is None:
+        stage._net, stage._net_cfg = load_net(stage.config.weights or MODELS / stage.default_folder, stage.config.device)
+        stage._net.requires_grad_(False)
+    return stage._net, stage._net_cfg
+
+
 class TinyCNN(GuidanceClassifier):
     """Guidance classifier / expert on the project's small CNN (label space from its config)."""
 
@@ -97,18 +106,11 @@ class TinyCNN(GuidanceClassifier):
         """`synfer train classifier` / `au-detector` (see the module-level function)."""
         return train_from_folder(*args, **kwargs)
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        self._net = None
-
     @property
     def net(self):
-        if self._net is None:
-            self._net, cfg = load_net(self.config.weights or MODELS / self.default_folder, self.config.device)
-            self.label_space = cfg["label_space"]
-            for p in self._net.parameters():  # guidance moves the text embedding, never these weights
-                p.requires_grad_(False)
-        return self._net
+        net, cfg = _cached_net(self)
+        self.label_space = cfg["label_space"]
+        return net
 
     def forward(self, images):
         net = self.net
@@ -135,15 +137,11 @@ class AUCNN(AUDetector):
         device: str = "cpu"
         batch_size: int = 256
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        self._net = None
+    default_folder = "au-cnn"
 
     @property
     def net(self):
-        if self._net is None:
-            self._net, _ = load_net(self.config.weights or MODELS / "au-cnn", self.config.device)
-        return self._net
+        return _cached_net(self)[0]
 
     def predict_images(self, images) -> "np.ndarray":
         """PIL images -> (N, len(AU_KEYS)) intensities."""

@@ -21,6 +21,17 @@ def registry():
     return reg
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: the machine is shared, and single-thread results are the most reproducible."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def make_dist(tmp: Path, name: str, entry_points: dict[str, str]) -> Path:
     """A fake installed distribution (dist-info on a PYTHONPATH entry) declaring synfer entry points."""
     info = tmp / f"{name.replace('-', '_')}-0.0.1.dist-info"

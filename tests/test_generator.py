@@ -13,12 +13,7 @@ CAPTIONS = [f"a photo of a {e} face, the person looks {e}" for e in ("happy", "s
 EXPRESSIONS = ("happy", "sad", "surprise", "neutral")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; single-thread results are also the most reproducible
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0, adapter=True) -> SDModel:

@@ -10,12 +10,7 @@ from synfer_plugins.sampling import GuidanceConfig, LayoutConfig, SemanticGuidan
 from test_generator import generator, requests, tiny  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from synfer.training import TrainResult, latest_checkpoint, run_training, train_
 EXPRESSIONS = ("happy", "sad", "surprise", "neutral")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_fetext(root: Path, n: int = 24, size: int = 48) -> Path:
