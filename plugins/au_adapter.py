@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from synfer.checkpoints import load_state
 from synfer.labels import AU_KEYS, AU_SCALE
 
 WEIGHTS_NAME = "au_adapter.safetensors"
@@ -149,7 +150,6 @@ class AUAdapter(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, device="cpu", dtype=None) -> "AUAdapter":
-        from safetensors.torch import load_file
 
         folder = Path(folder)
         cfg = json.loads((folder / CONFIG_NAME).read_text())
@@ -158,7 +158,8 @@ class AUAdapter(nn.Module):
             raise ValueError(f"{folder / CONFIG_NAME} was trained on AUs {list(keys)} ({cfg.get('au_scale')}); this synfer uses "
                              f"{list(AU_KEYS)} ({AU_SCALE}). Retrain it with 'synfer train au-adapter' or convert the AU schema.")
         adapter = cls({n: tuple(s) for n, s in cfg["layers"].items()}, cfg["cross_attention_dim"], cfg["num_tokens"], cfg["hidden_dim"], keys)
-        adapter.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        load_state(adapter, folder / WEIGHTS_NAME, folder / WEIGHTS_NAME,
+                   "The adapter belongs to another UNet: retrain it with 'synfer train au-adapter --model THIS_MODEL'.")
         return adapter.to(device=device, dtype=dtype)
 
     @staticmethod

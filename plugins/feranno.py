@@ -15,8 +15,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from synfer.checkpoints import load_state
 from synfer import hookimpl
-from synfer.stages import Calibrator, StageConfig
+from synfer.stages import Calibrator, StageConfig, missing_path
 
 MODELS = Path(__file__).parent / "models"
 
@@ -237,6 +238,11 @@ class FERAnno(Calibrator):
         self._enc = None
         self._cfg = None
 
+    @classmethod
+    def problems(cls, config):
+        return missing_path(config, "weights", "a FERAnno folder (config.json + model.safetensors)",
+                            "Train one with 'synfer train calibrator --data FETEXT --model GENERATOR --out FOLDER'.")
+
     def bind(self, generator) -> None:
         self.gen = generator
 
@@ -293,7 +299,6 @@ def save_encoder(enc, folder, config: dict):
 
 
 def load_encoder(folder, device="cpu"):
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / "config.json").exists():
@@ -301,7 +306,8 @@ def load_encoder(folder, device="cpu"):
                                 f"Train one with 'synfer train calibrator --data FETEXT --model GENERATOR --out {folder}'.")
     cfg = json.loads((folder / "config.json").read_text())
     enc = build_encoder(cfg["feat_channels"], cfg["feat_res"], cfg["tokens"], cfg["num_classes"], cfg["dim"])
-    enc.load_state_dict(load_file(str(folder / "model.safetensors")))
+    load_state(enc, folder / "model.safetensors", folder / "model.safetensors",
+               "FERAnno is tied to the UNet it was trained on: retrain it with 'synfer train calibrator --model GENERATOR'.")
     return enc.to(device).eval(), cfg
 
 

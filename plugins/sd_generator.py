@@ -28,6 +28,7 @@ batch it was drawn in. Hooks for the method's other parts:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -36,9 +37,11 @@ from typing import Callable, Literal, Sequence
 from pydantic import Field
 
 from synfer import hookimpl
-from synfer.labels import AU_KEYS, au_vector
-from synfer.stages import GeneratedSample, Generator, SampleRequest, StageConfig
+from synfer.labels import AU_KEYS, au_vector, sample_seed
+from synfer.stages import GeneratedSample, Generator, SampleRequest, StageConfig, missing_path
 from synfer_plugins.sampling import GuidanceConfig, LayoutConfig, LayoutInit, SemanticGuidance
+
+log = logging.getLogger(__name__)
 
 TINY_MODEL_DIR = Path(__file__).parent / "models" / "tiny-sd"
 MODEL_INFO = "synfer_model.json"  # marks folders made by synfer (kind, pixel space, training notes)
@@ -50,7 +53,7 @@ OnStep = Callable[[int, "object", "object", "object"], "object | None"]
 # ---------------------------------------------------------------- tokenizer
 
 
-def build_word_tokenizer(captions: Sequence[str], max_length: int = 64, max_vocab: int = 4096):
+def build_word_tokenizer(captions: Sequence[str], max_length: int = 77, max_vocab: int = 4096):
     """A WordLevel tokenizer over the caption vocabulary, as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -235,7 +238,7 @@ class SDModel:
 # ---------------------------------------------------------------- the tiny default
 
 
-def create_tiny_model(captions: Sequence[str], *, size: int = 32, max_length: int = 64, seed: int = 0,
+def create_tiny_model(captions: Sequence[str], *, size: int = 32, max_length: int = 77, seed: int = 0,
                       block_out_channels: tuple[int, ...] = (32, 64, 64), text_dim: int = 64) -> SDModel:
     """A fresh pixel-space model (random weights) with a vocabulary built from `captions`.
 
@@ -283,6 +286,7 @@ class SDGenerator(Generator):
         device: str = "auto"  # "auto": cuda if available, else cpu
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
         size: int | None = None  # output side in pixels; None: the model's native size
+        nan_retries: int = Field(2, ge=0)  # a non-finite sample is redrawn from derived seeds this often, then dropped
         exact_batching: bool = True  # denoise each sample on its own: files identical whatever batch_size (CPU
         # batched kernels round differently); false batches the UNet for GPU throughput
         layout: LayoutConfig = LayoutConfig()  # layout initialization (paper 4.3)
@@ -291,6 +295,12 @@ class SDGenerator(Generator):
     def __init__(self, config: StageConfig | None = None):
         super().__init__(config)
         self.model: SDModel | None = None
+
+    @classmethod
+    def problems(cls, config):
+        return missing_path(config, "model", "a diffusers SD 1.x folder (unet/, text_encoder/, tokenizer/, scheduler/[, vae/])",
+                            "Fix generator.model, leave it null for the shipped tiny model, or train one with "
+                            "'synfer train generator --data FETEXT --out FOLDER'.")
 
     # ------------------------------------------------------------ loading (lazy: validating never loads weights)
     @property
@@ -457,14 +467,37 @@ class SDGenerator(Generator):
     def generate(self, requests: list[SampleRequest], guidance=None) -> list[GeneratedSample]:
         out: list[GeneratedSample] = []
         bs = 1 if self.config.exact_batching else max(1, int(self.config.batch_size))
-        layout = self._layout() if self.config.layout.enabled else None
         extra = self.settings(guidance)
         for start in range(0, len(requests), bs):
             batch = requests[start:start + bs]
-            x_T, start_step = layout(batch) if layout is not None else (None, 0)
-            images = self.sample(batch, x_T=x_T, start_step=start_step, on_step=self.step_callback(batch, guidance))
-            out.extend(GeneratedSample(request=r, image=im, extra=extra) for r, im in zip(batch, self.to_pil(images)))
+            images = self._sample_with_layout(batch, guidance)
+            finite = images.flatten(1).isfinite().all(1).tolist()
+            pils = self.to_pil(images.nan_to_num())
+            for r, im, ok in zip(batch, pils, finite):
+                if ok:
+                    out.append(GeneratedSample(request=r, image=im, extra=extra))
+                elif (fixed := self._retry(r, guidance, extra)) is not None:
+                    out.append(fixed)
         return out
+
+    def _sample_with_layout(self, batch, guidance):
+        layout = self._layout() if self.config.layout.enabled else None
+        x_T, start_step = layout(batch) if layout is not None else (None, 0)
+        return self.sample(batch, x_T=x_T, start_step=start_step, on_step=self.step_callback(batch, guidance))
+
+    def _retry(self, request: SampleRequest, guidance, extra: dict) -> GeneratedSample | None:
+        """A sample came out non-finite (NaN/inf, e.g. from a guidance gradient): sample it again from
+        seeds derived from its own, `nan_retries` times; None (dropped, logged) if all fail."""
+        from dataclasses import replace
+
+        for attempt in range(1, self.config.nan_retries + 1):
+            again = replace(request, seed=sample_seed(request.seed, attempt))
+            images = self._sample_with_layout([again], guidance)
+            if bool(images.isfinite().all()):
+                log.warning("sample %d was non-finite; retry %d with derived seed %d succeeded", request.index, attempt, again.seed)
+                return GeneratedSample(request=again, image=self.to_pil(images)[0], extra={**extra, "retry": attempt})
+        log.warning("sample %d stays non-finite after %d retries: dropped (not written)", request.index, self.config.nan_retries)
+        return None
 
     def _layout(self) -> LayoutInit:
         if getattr(self, "_layout_init", None) is None:

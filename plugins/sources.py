@@ -25,16 +25,25 @@ from synfer.stages import FaceRecord, Source, StageConfig
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def load_image(path: Path):
-    """RGB PIL image, or None when the file is missing, truncated or not an image."""
+def load_image(path: Path, max_pixels: int | None = None):
+    """(RGB PIL image, None), or (None, why) when the file is missing, truncated, not an image or
+    larger than `max_pixels` (checked from the header, before any pixel is decoded). Grey,
+    palette, CMYK and alpha images come back as RGB."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                return None, f"too large: {w}x{h} > max_pixels {max_pixels}"
             im.load()  # decode now: a truncated file fails here, not later in the upscaler
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+            return im.convert("RGB"), None
+    except FileNotFoundError:
+        return None, "missing"
+    except Image.DecompressionBombError as exc:
+        return None, f"too large ({exc})"
+    except (OSError, ValueError, SyntaxError) as exc:
+        return None, f"unreadable: {exc}"
 
 
 class DatasetSourceConfig(StageConfig):
@@ -42,6 +51,7 @@ class DatasetSourceConfig(StageConfig):
     label_space: str = "affectnet8"  # keep only classes of this space (synfer.labels.LABEL_SPACES)
     limit: int | None = Field(None, gt=0)  # stop after this many records
     tag: str | None = None  # `source` written into the metadata; default: the plugin name
+    max_pixels: int = Field(40_000_000, gt=0)  # bigger images are skipped unread (a 40 MP face crop is already absurd)
 
     @field_validator("label_space")
     @classmethod
@@ -57,7 +67,7 @@ class _DatasetSource(Source):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.skipped: list[str] = []  # files that could not be read
+        self.skipped: list[str] = []  # "path (why)" of files that could not be read
         self.filtered: Counter[str] = Counter()  # reason -> rows left out on purpose
         self._space = L.label_space(self.config.label_space)
 
@@ -70,6 +80,13 @@ class _DatasetSource(Source):
         if not root.exists():
             raise FileNotFoundError(f"{self.name} source: root {str(root)!r} does not exist; set `root:` to the dataset folder")
         return root
+
+    def _load(self, path: Path):
+        """The RGB image at `path`, or None with "path (why)" added to `skipped`."""
+        image, why = load_image(path, self.config.max_pixels)
+        if image is None:
+            self.skipped.append(f"{path} ({why})")
+        return image
 
     def _keep(self, expression: str) -> bool:
         if expression not in self._space:
@@ -128,9 +145,8 @@ class ImageFolderSource(_DatasetSource):
             for path in files:
                 if not self._keep(expression):
                     continue
-                image = load_image(path)
+                image = self._load(path)
                 if image is None:
-                    self.skipped.append(str(path))
                     continue
                 yield FaceRecord(image=image, expression=expression, source=self.tag,
                                  attributes={"file": str(path.relative_to(root))})
@@ -174,9 +190,8 @@ class AffectNetSource(_DatasetSource):
                 if not self._keep(expression):
                     continue
                 path = images / row["subDirectory_filePath"]
-                image = load_image(path)
+                image = self._load(path)
                 if image is None:
-                    self.skipped.append(str(path))
                     continue
                 if self.config.crop_face:
                     image = self._crop(image, row)
@@ -245,9 +260,8 @@ class RafDBSource(_DatasetSource):
             stem, ext = name.rsplit(".", 1)
             path = (root / "Image" / "aligned" / f"{stem}_aligned.{ext}" if self.config.aligned
                     else root / "Image" / "original" / name)
-            image = load_image(path)
+            image = self._load(path)
             if image is None:
-                self.skipped.append(str(path))
                 continue
             yield FaceRecord(image=image, expression=expression, source=self.tag, attributes={"file": name})
 

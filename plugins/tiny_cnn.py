@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from synfer.checkpoints import load_state
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.stages import AUDetector, GuidanceClassifier, StageConfig
+from synfer.stages import AUDetector, GuidanceClassifier, StageConfig, missing_path
 
 MODELS = Path(__file__).parent / "models"
 
@@ -68,7 +69,6 @@ def save_net(net, folder: str | Path, config: dict) -> Path:
 
 def load_net(folder: str | Path, device: str = "cpu"):
     """-> (net in eval mode, config dict). Clear error when the folder is not a trained model."""
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
@@ -76,7 +76,8 @@ def load_net(folder: str | Path, device: str = "cpu"):
                                 f"Train one with 'synfer train classifier --data FETEXT --out {folder}'.")
     cfg = json.loads((folder / "config.json").read_text())
     net = build_net(cfg["num_outputs"], cfg.get("width", 32), cfg.get("size", 64))
-    net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    load_state(net, folder / "model.safetensors", folder / "model.safetensors",
+               f"Its config.json says {cfg}; retrain with 'synfer train classifier' (or 'au-detector') or point to the right folder.")
     return net.to(device).eval(), cfg
 
 
@@ -100,6 +101,12 @@ class TinyCNN(GuidanceClassifier):
         device: str = "cpu"
 
     default_folder = "tiny-cnn"
+    train_command = "classifier"
+
+    @classmethod
+    def problems(cls, config):
+        return missing_path(config, "weights", "a folder with config.json and model.safetensors",
+                            f"Train one with 'synfer train {cls.train_command} --data FETEXT --out FOLDER', or leave it unset for the shipped model.")
 
     @staticmethod
     def train_from_folder(*args, **kwargs):
@@ -138,6 +145,12 @@ class AUCNN(AUDetector):
         batch_size: int = 256
 
     default_folder = "au-cnn"
+    train_command = "au-detector"
+
+    @classmethod
+    def problems(cls, config):
+        return missing_path(config, "weights", "a folder with config.json and model.safetensors",
+                            f"Train one with 'synfer train {cls.train_command} --data FETEXT --out FOLDER', or leave it unset for the shipped model.")
 
     @property
     def net(self):

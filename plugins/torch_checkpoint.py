@@ -18,9 +18,10 @@ from typing import Any
 
 from pydantic import field_validator, model_validator
 
+from synfer.checkpoints import load_state
 from synfer import hookimpl
 from synfer.labels import LABEL_SPACES, canonical
-from synfer.stages import GuidanceClassifier, StageConfig
+from synfer.stages import GuidanceClassifier, StageConfig, missing_path
 
 
 class TorchCheckpoint(GuidanceClassifier):
@@ -93,6 +94,11 @@ class TorchCheckpoint(GuidanceClassifier):
                 raise ValueError(f"{self.path} holds only weights: set module: 'pkg.mod:ClassName' (and kwargs) to build the model")
             return self
 
+    @classmethod
+    def problems(cls, config):
+        return missing_path(config, "path", "a TorchScript/.pt2 file or a state dict (.safetensors/.pt)",
+                            "Point guidance_classifier.path (or the expert's path) at a local checkpoint; nothing is downloaded.")
+
     def __init__(self, config: StageConfig | None = None):
         if config is None:
             raise ValueError("torch-checkpoint needs a config: at least `path` and `label_space`")
@@ -145,7 +151,8 @@ class TorchCheckpoint(GuidanceClassifier):
                 keys = ", ".join(map(str, list(state)[:10])) if isinstance(state, dict) else type(state).__name__
                 raise KeyError(f"torch-checkpoint: {path} has no entry {c.key!r} (it has: {keys})")
             state = state[c.key]
-        model.load_state_dict(state, strict=c.strict)
+        load_state(model, state, path, f"Check that module={c.module!r} with kwargs={c.kwargs} is the class this checkpoint was "
+                   "saved from (or set key: to the entry holding its state dict).", strict=c.strict)
         return model.to(c.device)
 
     # ------------------------------------------------------------ forward

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 
 import click
@@ -62,7 +63,22 @@ def run(recipe, overrides, limit):
     from synfer.pipeline import run_recipe
 
     summary = run_recipe(r, limit=limit)
-    click.echo(summary.table())
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 has the merged summary
+        click.echo(summary.table())
+
+
+@main.command("merge")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+def merge_cmd(dataset):
+    """Fold the per-rank metadata parts of a torchrun DATASET into metadata.jsonl.
+
+    `synfer run` under torchrun does this itself on rank 0; use this when ranks died, or to
+    inspect a dataset while a distributed run is still going (rerunning the run also merges).
+    """
+    from synfer.dataset import merge
+
+    rows = merge(dataset)
+    click.echo(f"{dataset}: {len(rows)} samples in metadata.jsonl")
 
 
 @main.command()

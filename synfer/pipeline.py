@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from synfer import labels as L
-from synfer.dataset import DatasetWriter
+from synfer.dataset import DatasetWriter, merge, part_name
 from synfer.ensemble import ExpertEnsemble, Member
+from synfer.faults import crash_point
 from synfer.recipe import Recipe, expert_kind
 from synfer.stages import LabelledSample, SampleRequest
 
@@ -65,9 +66,12 @@ class RunSummary:
     seconds: float
     per_class: dict[str, Counter] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    failed: int = 0  # samples the generator could not produce (non-finite output after retries)
 
     def table(self) -> str:
         lines = [f"{self.output}: {self.planned} planned, {self.generated} generated now, {self.resumed} already on disk, {self.seconds:.1f} s"]
+        if self.failed:
+            lines.append(f"{self.failed} sample(s) failed (non-finite output after retries) and were not written; see the log")
         if self.per_class:
             lines.append(f"{'class':<10}{'total':>7}{'kept':>7}{'relabelled':>12}{'dropped':>9}")
             tot = Counter()
@@ -125,6 +129,7 @@ class Stages:
 
 def label_batch(stages: Stages, samples, classes) -> list[LabelledSample]:
     votes = stages.ensemble(samples, [s.request.expression for s in samples])
+    crash_point("calibrate")
     out = []
     for s, (v, preds) in zip(samples, votes):
         out.append(LabelledSample(sample=s, preassigned_label=s.request.expression, label=classes[v.label],
@@ -133,49 +138,90 @@ def label_batch(stages: Stages, samples, classes) -> list[LabelledSample]:
     return out
 
 
+def _distributed(world: int):
+    """torch.distributed for a torchrun launch (gloo on CPU, nccl on GPUs); None for one process.
+    The barrier at the end waits as long as the slowest rank needs (a week at most)."""
+    if world <= 1:
+        return None
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(days=7))
+    return dist
+
+
 def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress: bool = True) -> RunSummary:
+    """Generate, label and write every planned sample not yet on disk, then merge, summarise, evaluate.
+
+    Under torchrun each rank takes the indices `index % world == rank` and appends to its own
+    metadata part; rank 0 merges after a barrier and runs the summary steps alone. Every step
+    after generation rewrites its file whole (atomically), so a rerun after a crash ends with the
+    same files as an uninterrupted run.
+    """
     from tqdm.auto import tqdm
 
     t0 = time.time()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dist = _distributed(world)
     out = Path(recipe.output)
-    writer = DatasetWriter(out)
+    writer = DatasetWriter(out, part=part_name(rank) if world > 1 else None)
     full = plan(recipe, limit)
-    todo = [r for r in shard(full, rank, world) if r.index not in writer.done]
+    mine = shard(full, rank, world)
+    todo = [r for r in mine if r.index not in writer.done]
     stages = Stages(recipe, registry)
     classes = L.label_space(recipe.label_space)
     batch_size = int(getattr(stages.generator.config, "batch_size", 8) or 8)
-    generated = 0
-    with tqdm(total=len(todo), desc="generate", unit="img", disable=not progress) as bar:
+    generated = failed = 0
+    with tqdm(total=len(todo), desc=f"generate (rank {rank}/{world})" if world > 1 else "generate", unit="img",
+              disable=not progress or rank != 0 and world > 1) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             for r, p in zip(batch, stages.prompter.prompt(batch)):
                 r.prompt = p
             samples = stages.generator.generate(batch, guidance=stages.guidance)
-            writer.write_many([(ls.sample.request.index, ls.sample.image, ls.metadata(""))
-                               for ls in label_batch(stages, samples, classes)])
-            generated += len(batch)
+            failed += len(batch) - len(samples)  # dropped by the generator (non-finite even after retries)
+            crash_point("generate")
+            if samples:
+                writer.write_many([(ls.sample.request.index, ls.sample.image, ls.metadata(""))
+                                   for ls in label_batch(stages, samples, classes)])
+            generated += len(samples)
             bar.update(len(batch))
-            bar.set_postfix(img_s=f"{generated / max(time.time() - t0, 1e-9):.2f}")
-    summary = RunSummary(str(out), len(full), generated, len(full) - len(todo), 0.0, calibration_counts(writer.rows))
-    if world > 1:  # sharded run: each rank wrote its samples; rerun once without torchrun (or `synfer eval`/`report`)
-        summary.seconds = time.time() - t0  # for the summary files over the whole set
-        return summary
-    (out / "calibration.json").write_text(json.dumps({k: dict(v) for k, v in summary.per_class.items()}, indent=2))
-    if recipe.grid and writer.rows:
-        write_grid(out, writer.rows, classes)
+            bar.set_postfix(img_s=f"{generated / max(time.time() - t0, 1e-9):.2f}", **({"failed": failed} if failed else {}))
+    resumed = len(mine) - len(todo)
+    if dist is not None:  # totals over ranks; rank 0 merges and summarises once everyone is done
+        import torch
+
+        counts = torch.tensor([generated, resumed, failed], dtype=torch.long)
+        dist.all_reduce(counts)  # also the barrier
+        generated, resumed, failed = counts.tolist()
+        if rank != 0:
+            return RunSummary(str(out), len(full), generated, resumed, time.time() - t0, failed=failed)
+    rows = merge(out)
+    summary = RunSummary(str(out), len(full), generated, resumed, 0.0, calibration_counts(rows), failed=failed)
+    _write_json(out / "calibration.json", {k: dict(v) for k, v in summary.per_class.items()})
+    if recipe.grid and rows:
+        write_grid(out, rows, classes)
     for ev in stages.evaluators:
         summary.metrics.update(ev.evaluate(out))
     if summary.metrics:
         from synfer.evaluate import merge_metrics
 
         merge_metrics(out, summary.metrics)  # keeps keys an earlier `synfer eval` wrote
-    if recipe.report and writer.rows:
+    if recipe.report and rows:
         from synfer.report import write_report
 
         write_report(out)
     summary.seconds = time.time() - t0
     return summary
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def write_grid(out: Path, rows: list[dict], classes, per_class: int = 8, name: str = "grid.png", path: Path | None = None) -> Path:
@@ -195,5 +241,7 @@ def write_grid(out: Path, rows: list[dict], classes, per_class: int = 8, name: s
             with Image.open(out / r["file_name"]) as im:
                 grid.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (label_w + x * size, y * size))
     path = path or out.parent / f"{out.name}-{name}"  # beside the folder: imagefolder loaders see only the samples
-    grid.save(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the old grid, never half a PNG
     return path

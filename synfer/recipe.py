@@ -139,10 +139,10 @@ def stage_problems(kind: str, block: Any, path: str, registry) -> list[str]:
     except PluginError as exc:
         return [f"{path}.plugin: {exc}"]
     try:
-        cls.Config(**block)
+        config = cls.Config(**block)
     except ValidationError as exc:
         return pydantic_problems(exc, path)
-    return []
+    return [f"{path}.{line}" for line in cls.problems(config)]
 
 
 def expert_kind(registry, name: str) -> str:

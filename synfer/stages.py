@@ -104,6 +104,22 @@ class Stage(abc.ABC):
     def __init__(self, config: StageConfig | None = None):
         self.config = config if config is not None else self.Config()
 
+    @classmethod
+    def problems(cls, config: StageConfig) -> list[str]:
+        """Cheap checks `synfer validate` runs on a valid config (files exist, ...), as
+        "field: what is wrong; what to do" lines. No weights are loaded, torch is not imported."""
+        return []
+
+
+def missing_path(config: StageConfig, field: str, expected: str, hint: str) -> list[str]:
+    """A problem line when `config.<field>` names a path that does not exist (None is fine: a default)."""
+    import os
+
+    value = getattr(config, field)
+    if value is None or os.path.exists(value):
+        return []
+    return [f"{field}: {value!r} does not exist; expected {expected}. {hint}"]
+
 
 class Source(Stage):
     """Where FEText faces come from (procedural world, ImageFolder, AffectNet CSV, ...)."""

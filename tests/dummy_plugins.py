@@ -8,7 +8,7 @@ from PIL import Image
 
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.stages import Evaluator, Expert, GeneratedSample, Generator, StageConfig
+from synfer.stages import Evaluator, Expert, GeneratedSample, Generator, GuidanceClassifier, StageConfig
 
 
 class DummyGenerator(Generator):
@@ -67,8 +67,33 @@ class CountEvaluator(Evaluator):
         return {"count": float(len(read_metadata(dataset)))}
 
 
+class NaNGuidance(GuidanceClassifier):
+    """A broken guidance classifier: its first `poison_calls` forward passes (all, if negative)
+    return NaN logits, as a diverging classifier would."""
+
+    name = "dummy-nan"
+    label_space = "affectnet8"
+
+    class Config(StageConfig):
+        poison_calls: int = 1
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.calls = 0
+
+    def forward(self, images):
+        import torch
+
+        self.calls += 1
+        logits = images.mean(dim=(2, 3))[:, :1].repeat(1, 8) * torch.arange(8.0)
+        if self.config.poison_calls < 0 or self.calls <= self.config.poison_calls:
+            logits = logits * float("nan")
+        return logits
+
+
 @hookimpl
 def register_stages(register):
+    register(NaNGuidance)
     register(DummyGenerator)
     register(BrightnessExpert)
     register(CountEvaluator)

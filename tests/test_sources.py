@@ -57,7 +57,7 @@ def test_imagefolder_maps_folder_names_and_skips_corrupt(tmp_path):
     assert [r.expression for r in recs] == ["anger", "contempt", "happy", "happy", "happy"]
     assert all(r.image.mode == "RGB" and r.image.size == (40, 30) for r in recs)
     assert all(r.source == "imagefolder" for r in recs)
-    assert len(src.skipped) == 1 and src.skipped[0].endswith("broken.png")
+    assert len(src.skipped) == 1 and "broken.png (unreadable" in src.skipped[0]
     # a smaller label space drops contempt, counted as filtered
     src = build("imagefolder", root=str(tmp_path / "d"), label_space="affectnet7", limit=3, tag="mine")
     recs = list(src.records())
@@ -117,7 +117,7 @@ def test_affectnet_csv(tmp_path):
     assert [r.expression for r in recs] == ["happy", "anger", "contempt"]
     assert recs[0].image.size == (50, 40)  # cropped to the face box
     assert recs[0].attributes["valence"] == pytest.approx(0.8) and recs[0].attributes["arousal"] == pytest.approx(0.3)
-    assert len(src.skipped) == 2 and src.skipped[0].endswith("bad.jpg") and src.skipped[1].endswith("missing.jpg")
+    assert len(src.skipped) == 2 and "bad.jpg (unreadable" in src.skipped[0] and src.skipped[1].endswith("missing.jpg (missing)")
     assert src.filtered == {"none": 1, "non-face": 1}
     src = build("affectnet-csv", root=str(tmp_path), label_space="affectnet7", crop_face=False)
     recs = list(src.records())
