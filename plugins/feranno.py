@@ -109,8 +109,12 @@ class UNetCapture:
 # ------------------------------------------------------------------ encoder
 
 
-def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, num_classes: int, dim: int = 64, heads: int = 4):
-    """The dual-branch encoder of Fig. 4 for the given capture shapes."""
+def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, num_classes: int, dim: int = 64, heads: int = 4,
+                  pool: int = 1):
+    """The dual-branch encoder of Fig. 4 for the given capture shapes.
+
+    Each scale's fused maps are average-pooled to a `pool` x `pool` grid before the head: 1 is
+    a global average; 4 keeps where on the face a feature fires (mouth corners vs brows)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -152,8 +156,8 @@ def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, nu
             # 1x1 convs carrying the fused state of the previous (coarser) scale into the next
             self.carry_f = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in feat_channels[1:])
             self.carry_a = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in feat_channels[1:])
-            self.head = nn.Sequential(nn.LayerNorm(2 * dim * len(feat_channels)), nn.Dropout(0.1),
-                                      nn.Linear(2 * dim * len(feat_channels), num_classes))
+            width = 2 * dim * len(feat_channels) * pool * pool
+            self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(0.1), nn.Linear(width, num_classes))
             self.max_cross_res = 16  # cross-attention cost grows with (h*w)^2: pool larger scales first
 
         def _att_for(self, attention: dict, r: int):
@@ -173,7 +177,7 @@ def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, nu
                     a = a + self.carry_a[i - 1](F.interpolate(a_prev, size=(r, r), mode="nearest"))
                 f, a = self.cross[i](self.feat_block[i](f), self.att_block[i](a))
                 f_prev, a_prev = f, a
-                pooled += [f.mean(dim=(2, 3)), a.mean(dim=(2, 3))]
+                pooled += [F.adaptive_avg_pool2d(f, pool).flatten(1), F.adaptive_avg_pool2d(a, pool).flatten(1)]
             return self.head(torch.cat(pooled, dim=1))
 
     return FERAnnoEncoder()
@@ -305,7 +309,7 @@ def load_encoder(folder, device="cpu"):
         raise FileNotFoundError(f"{folder} holds no trained FERAnno (config.json + model.safetensors). "
                                 f"Train one with 'synfer train calibrator --data FETEXT --model GENERATOR --out {folder}'.")
     cfg = json.loads((folder / "config.json").read_text())
-    enc = build_encoder(cfg["feat_channels"], cfg["feat_res"], cfg["tokens"], cfg["num_classes"], cfg["dim"])
+    enc = build_encoder(cfg["feat_channels"], cfg["feat_res"], cfg["tokens"], cfg["num_classes"], cfg["dim"], pool=cfg.get("pool", 1))
     load_state(enc, folder / "model.safetensors", folder / "model.safetensors",
                "FERAnno is tied to the UNet it was trained on: retrain it with 'synfer train calibrator --model GENERATOR'.")
     return enc.to(device).eval(), cfg
@@ -319,11 +323,56 @@ def model_key(model_path, data_path) -> str:
 # ------------------------------------------------------------------ training
 
 
+def extract_dataset(sd, x, aus, captions, cfg, seeds, batch_size: int = 128, max_res: int = 16, progress: bool = True):
+    """Features and attention maps of a whole image array, pooled to at most `max_res` (what the
+    encoder sees) and stored in fp16: (list of (N,C,r,r), {res: (N,T,res,res)})."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    feats, att = None, None
+    for i in tqdm(range(0, len(x), batch_size), desc="FERAnno features", disable=not progress):
+        imgs = torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        p, a = _condition(cfg, captions[i:i + batch_size], torch.from_numpy(aus[i:i + batch_size]), len(imgs))
+        f, at = extract(sd, imgs, p, a, seeds[i:i + batch_size], cfg.t)
+        f = [v if v.shape[-1] <= max_res else F.adaptive_avg_pool2d(v, max_res) for v in f]
+        if feats is None:
+            feats, att = [[] for _ in f], {k: [] for k in at}
+        for j, v in enumerate(f):
+            feats[j].append(v.half())
+        for k, v in at.items():
+            att[k].append(v.half())
+    return [torch.cat(v) for v in feats], {k: torch.cat(v) for k, v in att.items()}
+
+
+def cached_features(cache_dir, key: str, compute):
+    """`compute()` once per key, kept as a safetensors file in `cache_dir` (None: not cached)."""
+    if cache_dir is None:
+        return compute()
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir) / f"features-{key}.safetensors"
+    if path.exists():
+        d = load_file(str(path))
+        feats = [d[k] for k in sorted((k for k in d if k.startswith("f")), key=lambda k: int(k[1:]))]
+        return feats, {int(k[1:]): d[k] for k in d if k.startswith("a")}
+    feats, att = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({**{f"f{i}": v.contiguous() for i, v in enumerate(feats)}, **{f"a{k}": v.contiguous() for k, v in att.items()}}, str(tmp))
+    tmp.replace(path)
+    return feats, att
+
+
 def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                   label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
-                  resume: bool = False, threads: int | None = None):
-    """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner)."""
-    import numpy as np
+                  resume: bool = False, threads: int | None = None, pool: int = 4, cache: bool = True):
+    """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner).
+
+    The UNet is frozen and the noise of Eq. 1 is fixed per image, so each image's capture is
+    extracted once (OUT/work/features-<model,data,condition,t>.safetensors, fp16) and the
+    encoder trains on it for many epochs: 18x fewer UNet passes than extracting per step.
+    """
     import torch
     import torch.nn.functional as F
     from mmengine.model import BaseModel
@@ -332,6 +381,8 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     from synfer.plugins import get_registry
     from synfer.training import run_training
 
+    if threads:
+        torch.set_num_threads(threads)
     gen_cls = get_registry().get("generator", "sd")
     gen = gen_cls(gen_cls.Config(model=str(model), device="cpu"))
     sd = gen.load()
@@ -341,35 +392,35 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     load_arrays = __import__(tiny.__module__, fromlist=["load_arrays"]).load_arrays
     x, y, aus, rows = load_arrays(data, label_space, size=gen.size, limit=limit)
     cfg = FERAnnoConfig(condition=condition)
-    probe_p, probe_a = _condition(cfg, [r.get("caption", "") for r in rows[:2]], torch.from_numpy(aus[:2]), 2)
-    imgs = torch.from_numpy(x[:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    feats, att = extract(sd, imgs, probe_p, probe_a, [0, 1])
-    enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats],
-               "tokens": next(iter(att.values())).shape[1], "num_classes": len(L.label_space(label_space)), "dim": dim,
-               "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": 1, "generator": str(model)}
-    enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim)
     captions = [r.get("caption", "") for r in rows]
+    key = f"{model_key(model, data)}-{condition}-t{cfg.t}-n{len(y)}-s{seed}"
+    feats, att = cached_features(Path(out) / "work" if cache else None, key, lambda: extract_dataset(
+        sd, x, aus, captions, cfg, [i + seed * 1_000_003 for i in range(len(y))]))
+    enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats],
+               "tokens": next(iter(att.values())).shape[1], "num_classes": len(L.label_space(label_space)), "dim": dim, "pool": pool,
+               "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
+    enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool)
+    targets = torch.from_numpy(y).long()
 
     class FERAnnoTrainModel(BaseModel):
         def __init__(self):
             super().__init__()
             self.enc = enc
 
-        def forward(self, image, target, index, mode="loss"):
-            imgs = image.float() / 127.5 - 1.0
-            p, a = _condition(cfg, [captions[int(i)] for i in index], torch.from_numpy(aus[index.numpy()]), len(index))
-            f, at = extract(sd, imgs, p, a, [int(i) + seed * 1_000_003 for i in index])
-            return {"loss": F.cross_entropy(self.enc(f, at), target, label_smoothing=0.05)}
+        def forward(self, index, mode="loss"):
+            f = [v[index].float() for v in feats]
+            a = {k: v[index].float() for k, v in att.items()}
+            return {"loss": F.cross_entropy(self.enc(f, a), targets[index], label_smoothing=0.05)}
 
-    class Data(torch.utils.data.Dataset):
+    class Indices(torch.utils.data.Dataset):
         def __len__(self):
             return len(y)
 
         def __getitem__(self, i):
-            return {"image": torch.from_numpy(x[i]).permute(2, 0, 1), "target": int(y[i]), "index": i}
+            return {"index": i}
 
-    result = run_training(FERAnnoTrainModel(), Data(), work_dir=Path(out) / "work", max_iters=iters, batch_size=batch_size, lr=lr,
-                          weight_decay=1e-4, warmup_iters=max(1, iters // 20), seed=seed, resume=resume, log_interval=25,
+    result = run_training(FERAnnoTrainModel(), Indices(), work_dir=Path(out) / "work", max_iters=iters, batch_size=batch_size, lr=lr,
+                          weight_decay=1e-4, warmup_iters=max(1, iters // 20), seed=seed, resume=resume, log_interval=50,
                           checkpoint_interval=max(50, iters // 4), keep_checkpoints=1, threads=threads, name="feranno")
     enc.eval()
     metrics = {}

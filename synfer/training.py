@@ -387,11 +387,14 @@ def train_cli():
 @train_cli.command("generator")
 @_common_options
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True, help="Share of empty captions (for classifier-free guidance).")
+@click.option("--first-sentence", type=float, default=0.0, show_default=True,
+              help="Share of captions cut to their first sentence (FEText's emotion sentence): a short, expression-only condition.")
 @click.option("--train-text-encoder/--freeze-text-encoder", default=None, help="Default: trained for the tiny model, frozen for real SD.")
 @click.option("--size", type=int, default=None, help="Tiny model resolution (default 32).")
-def train_generator_cmd(caption_dropout, train_text_encoder, size, **kw):
+def train_generator_cmd(caption_dropout, first_sentence, train_text_encoder, size, **kw):
     """Fine-tune the diffusion model on FEText with the noise-prediction loss (paper Eq. 3)."""
-    plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, train_text_encoder=train_text_encoder, size=size))
+    plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, first_sentence=first_sentence, train_text_encoder=train_text_encoder,
+                                       size=size))
     if opts.data is None:
         raise click.UsageError("--data FETEXT_DIR is required")
     result = _trainer(plugin, "train_generator")(opts)
@@ -477,12 +480,15 @@ train_cli.command("au-detector", help="Train the au-cnn AU detector on FEText; r
 @click.option("--dim", type=int, default=64, show_default=True, help="Channels of the dual-branch encoder.")
 @click.option("--condition", type=click.Choice(["generic", "sample"]), default="generic", show_default=True,
               help="Conditions of the UNet pass: one expression-free prompt with zero AUs, or each sample's own.")
+@click.option("--pool", type=int, default=4, show_default=True, help="Grid each scale is pooled to before the head (1: global average).")
+@click.option("--no-cache", is_flag=True, help="Do not keep the extracted UNet features in OUT/work (they are extracted once either way).")
 @click.option("--limit", type=int, default=None)
 @click.option("--label-space", default="affectnet8", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True)
 @click.option("--threads", type=int, default=None)
-def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, limit, label_space, seed, resume, threads):
+def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, pool, no_cache, limit, label_space, seed, resume,
+                         threads):
     """Train FERAnno (paper 4.4) on FEText with the generator's UNet frozen."""
     import json
 
@@ -490,7 +496,8 @@ def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, con
 
     trainer = get_registry().get("calibrator", "feranno")
     _, _, metrics = trainer.train(data, model, out, test=test, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
-                                  label_space=label_space, dim=dim, condition=condition, limit=limit, resume=resume, threads=threads)
+                                  label_space=label_space, dim=dim, condition=condition, limit=limit, resume=resume, threads=threads,
+                                  pool=pool, cache=not no_cache)
     click.echo(f"written to {out}")
     if metrics:
         click.echo(json.dumps(metrics, indent=2))
