@@ -114,12 +114,9 @@ MAX_WORDS = 60
 
 
 def template_caption(record: FaceRecord, seed: int, au_threshold: float = 0.3, max_movements: int = 4) -> str:
-    """The emotion, appearance, then muscle movements of the active AUs (paper 4.2.1 caption content).
+    """Appearance, muscle movements of the active AUs, then the emotion (paper 4.2.1 caption style).
 
-    The emotion leads: a small causal text encoder (the tiny model's) spreads a first word over
-    every later token, and a cut at the tokenizer's length can never lose it. Trained with the
-    emotion last, the shipped tiny model ignored it (oracle accuracy at chance with held-out
-    captions, issue 4). Movements are dropped from the weakest up until the caption fits MAX_WORDS.
+    Movements are dropped from the weakest up until the caption fits MAX_WORDS.
     """
     rng = np.random.default_rng(seed)
     head = appearance(record.attributes, rng) + "."
@@ -140,7 +137,7 @@ def template_caption(record: FaceRecord, seed: int, au_threshold: float = 0.3, m
             tail += f" Expression: {canon}."
     while True:
         middle = (lead + _join(moves) + ".") if moves else ""
-        text = " ".join(p[0].upper() + p[1:] for p in (tail, head, middle) if p)
+        text = " ".join(p[0].upper() + p[1:] for p in (head, middle, tail) if p)
         if len(text.split()) <= MAX_WORDS or not moves:
             return text
         moves = moves[:-1]

@@ -110,11 +110,12 @@ class UNetCapture:
 
 
 def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, num_classes: int, dim: int = 64, heads: int = 4,
-                  pool: int = 1):
+                  pool: int = 1, max_res: int = 16):
     """The dual-branch encoder of Fig. 4 for the given capture shapes.
 
     Each scale's fused maps are average-pooled to a `pool` x `pool` grid before the head: 1 is
-    a global average; 4 keeps where on the face a feature fires (mouth corners vs brows)."""
+    a global average; 4 keeps where on the face a feature fires (mouth corners vs brows).
+    Scales finer than `max_res` are average-pooled to it first (the cross-attention costs (h*w)^2)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -158,7 +159,7 @@ def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, nu
             self.carry_a = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in feat_channels[1:])
             width = 2 * dim * len(feat_channels) * pool * pool
             self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(0.1), nn.Linear(width, num_classes))
-            self.max_cross_res = 16  # cross-attention cost grows with (h*w)^2: pool larger scales first
+            self.max_cross_res = max_res
 
         def _att_for(self, attention: dict, r: int):
             """The attention maps nearest to resolution r, resized to r."""
@@ -309,7 +310,8 @@ def load_encoder(folder, device="cpu"):
         raise FileNotFoundError(f"{folder} holds no trained FERAnno (config.json + model.safetensors). "
                                 f"Train one with 'synfer train calibrator --data FETEXT --model GENERATOR --out {folder}'.")
     cfg = json.loads((folder / "config.json").read_text())
-    enc = build_encoder(cfg["feat_channels"], cfg["feat_res"], cfg["tokens"], cfg["num_classes"], cfg["dim"], pool=cfg.get("pool", 1))
+    enc = build_encoder(cfg["feat_channels"], cfg["feat_res"], cfg["tokens"], cfg["num_classes"], cfg["dim"], pool=cfg.get("pool", 1),
+                        max_res=cfg.get("max_res", 16))
     load_state(enc, folder / "model.safetensors", folder / "model.safetensors",
                "FERAnno is tied to the UNet it was trained on: retrain it with 'synfer train calibrator --model GENERATOR'.")
     return enc.to(device).eval(), cfg
@@ -366,7 +368,7 @@ def cached_features(cache_dir, key: str, compute):
 
 def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                   label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
-                  resume: bool = False, threads: int | None = None, pool: int = 4, cache: bool = True):
+                  resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int = 8, cache: bool = True):
     """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner).
 
     The UNet is frozen and the noise of Eq. 1 is fixed per image, so each image's capture is
@@ -393,13 +395,14 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     x, y, aus, rows = load_arrays(data, label_space, size=gen.size, limit=limit)
     cfg = FERAnnoConfig(condition=condition)
     captions = [r.get("caption", "") for r in rows]
-    key = f"{model_key(model, data)}-{condition}-t{cfg.t}-n{len(y)}-s{seed}"
+    key = f"{model_key(model, data)}-{condition}-t{cfg.t}-r{max_res}-n{len(y)}-s{seed}"
     feats, att = cached_features(Path(out) / "work" if cache else None, key, lambda: extract_dataset(
-        sd, x, aus, captions, cfg, [i + seed * 1_000_003 for i in range(len(y))]))
+        sd, x, aus, captions, cfg, [i + seed * 1_000_003 for i in range(len(y))], max_res=max_res))
     enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats],
                "tokens": next(iter(att.values())).shape[1], "num_classes": len(L.label_space(label_space)), "dim": dim, "pool": pool,
-               "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
-    enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool)
+               "max_res": max_res, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
+    enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool,
+                        max_res=max_res)
     targets = torch.from_numpy(y).long()
 
     class FERAnnoTrainModel(BaseModel):

@@ -53,7 +53,7 @@ OnStep = Callable[[int, "object", "object", "object"], "object | None"]
 # ---------------------------------------------------------------- tokenizer
 
 
-def build_word_tokenizer(captions: Sequence[str], max_length: int = 77, max_vocab: int = 4096):
+def build_word_tokenizer(captions: Sequence[str], max_length: int = 64, max_vocab: int = 4096):
     """A WordLevel tokenizer over the caption vocabulary, as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -238,7 +238,7 @@ class SDModel:
 # ---------------------------------------------------------------- the tiny default
 
 
-def create_tiny_model(captions: Sequence[str], *, size: int = 32, max_length: int = 77, seed: int = 0,
+def create_tiny_model(captions: Sequence[str], *, size: int = 32, max_length: int = 64, seed: int = 0,
                       block_out_channels: tuple[int, ...] = (32, 64, 64), text_dim: int = 64) -> SDModel:
     """A fresh pixel-space model (random weights) with a vocabulary built from `captions`.
 

@@ -26,12 +26,6 @@ from synfer.labels import au_vector
 log = logging.getLogger(__name__)
 
 
-def first_sentence_of(caption: str) -> str:
-    """FEText captions lead with the emotion sentence ("The person looks happy. A young ...")."""
-    head, dot, _ = caption.partition(". ")
-    return head + "." if dot else caption
-
-
 class FETextDataset(torch.utils.data.Dataset):
     """FEText rows -> {"pixel_values": (3, S, S) in [-1, 1], "input_ids": (L,), "aus": (16,)}.
 
@@ -39,7 +33,7 @@ class FETextDataset(torch.utils.data.Dataset):
     cached (FEText for the tiny model is small). No flips: contempt is one-sided.
     """
 
-    def __init__(self, root, size: int, tokenize=None, rows: list[dict] | None = None, first_sentence: bool = False):
+    def __init__(self, root, size: int, tokenize=None, rows: list[dict] | None = None):
         self.root = Path(root)
         self.rows = rows if rows is not None else read_metadata(self.root)
         if not self.rows:
@@ -47,7 +41,6 @@ class FETextDataset(torch.utils.data.Dataset):
         self.size = size
         self.captions = [r.get("caption") or r.get("prompt") or r.get("expression") or "" for r in self.rows]
         self.input_ids = tokenize(self.captions) if tokenize is not None else None
-        self.short_ids = tokenize([first_sentence_of(c) for c in self.captions]) if tokenize is not None and first_sentence else None
         self.aus = torch.from_numpy(__import__("numpy").stack([au_vector(r.get("aus")) for r in self.rows]))
         self._cache: dict[int, torch.Tensor] = {}
 
@@ -71,8 +64,6 @@ class FETextDataset(torch.utils.data.Dataset):
         item = {"pixel_values": self.image(i), "aus": self.aus[i]}
         if self.input_ids is not None:
             item["input_ids"] = self.input_ids[i]
-        if self.short_ids is not None:
-            item["short_ids"] = self.short_ids[i]
         return item
 
 
@@ -94,7 +85,7 @@ class DiffusionTrainModel(BaseModel):
     """
 
     def __init__(self, sd, train_unet: bool, train_text_encoder: bool, train_adapter: bool,
-                 caption_dropout: float = 0.0, drop_rate: float = 0.0, first_sentence: float = 0.0):
+                 caption_dropout: float = 0.0, drop_rate: float = 0.0):
         super().__init__()
         self.sd = _Frozen(model=sd)
         self.trained = nn.ModuleDict()
@@ -114,7 +105,7 @@ class DiffusionTrainModel(BaseModel):
             module.requires_grad_(True)
             module.train()
         self.frozen = _Frozen(**frozen)
-        self.caption_dropout, self.drop_rate, self.first_sentence = caption_dropout, drop_rate, first_sentence
+        self.caption_dropout, self.drop_rate = caption_dropout, drop_rate
         self.register_buffer("uncond_ids", sd.tokenize([""])[0], persistent=False)
 
     def init_weights(self):
@@ -137,13 +128,10 @@ class DiffusionTrainModel(BaseModel):
             if module.device != device:
                 module.to(device)
 
-    def forward(self, pixel_values, aus, input_ids=None, short_ids=None, mode: str = "loss", data_samples=None):
+    def forward(self, pixel_values, aus, input_ids=None, mode: str = "loss", data_samples=None):
         sd = self.sd.model
         self._follow_device(pixel_values.device)
         b = pixel_values.shape[0]
-        if self.training and short_ids is not None and self.first_sentence:  # before dropout: dropped stays dropped
-            cut = torch.rand(b, device=pixel_values.device) < self.first_sentence
-            input_ids = torch.where(cut[:, None], short_ids.to(input_ids.device), input_ids)
         if self.training and (self.caption_dropout or self.drop_rate):
             r = torch.rand(b, device=pixel_values.device)
             p_text = self.caption_dropout if sd.au_adapter is None else self.drop_rate
@@ -227,10 +215,9 @@ def train_generator(opts, **overrides) -> Path:
     train_te = tiny if train_te is None else train_te
     lr = opts.lr or (1e-3 if tiny else 1e-5)
     ema = tiny if opts.ema is None else opts.ema  # EMA helps the tiny model (MEASURED.md)
-    first = float(extra.get("first_sentence") or 0.0)
-    dataset = FETextDataset(opts.data, sd.native_size, sd.tokenize, rows, first_sentence=first > 0)
+    dataset = FETextDataset(opts.data, sd.native_size, sd.tokenize, rows)
     model = DiffusionTrainModel(sd, train_unet=True, train_text_encoder=train_te, train_adapter=False,
-                                caption_dropout=extra.get("caption_dropout", 0.1), first_sentence=first)
+                                caption_dropout=extra.get("caption_dropout", 0.1))
     result = _train(opts, model, dataset, lr=lr, ema=ema, name="generator")
     if result.is_main:
         sd.info.update({"trained_iters": result.iters, "train_text_encoder": train_te, "fetext": str(opts.data)})

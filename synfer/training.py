@@ -387,14 +387,11 @@ def train_cli():
 @train_cli.command("generator")
 @_common_options
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True, help="Share of empty captions (for classifier-free guidance).")
-@click.option("--first-sentence", type=float, default=0.0, show_default=True,
-              help="Share of captions cut to their first sentence (FEText's emotion sentence): a short, expression-only condition.")
 @click.option("--train-text-encoder/--freeze-text-encoder", default=None, help="Default: trained for the tiny model, frozen for real SD.")
 @click.option("--size", type=int, default=None, help="Tiny model resolution (default 32).")
-def train_generator_cmd(caption_dropout, first_sentence, train_text_encoder, size, **kw):
+def train_generator_cmd(caption_dropout, train_text_encoder, size, **kw):
     """Fine-tune the diffusion model on FEText with the noise-prediction loss (paper Eq. 3)."""
-    plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, first_sentence=first_sentence, train_text_encoder=train_text_encoder,
-                                       size=size))
+    plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, train_text_encoder=train_text_encoder, size=size))
     if opts.data is None:
         raise click.UsageError("--data FETEXT_DIR is required")
     result = _trainer(plugin, "train_generator")(opts)
@@ -438,12 +435,13 @@ def _small_cnn_command(task: str, default_out: str):
     @click.option("--batch-size", type=int, default=64, show_default=True)
     @click.option("--lr", type=float, default=2e-3, show_default=True)
     @click.option("--width", type=int, default=32, show_default=True, help="Channels of the first block (x2, x4 deeper).")
+    @click.option("--size", type=int, default=64, show_default=True, help="Input side in pixels (32: what the tiny generator's UNet sees).")
     @click.option("--limit", type=int, default=None, help="Use only the first N training images.")
     @click.option("--label-space", default="affectnet8", show_default=True)
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/work.")
     @click.option("--threads", type=int, default=None)
-    def command(data, test, out, iters, batch_size, lr, width, limit, label_space, seed, resume, threads):
+    def command(data, test, out, iters, batch_size, lr, width, size, limit, label_space, seed, resume, threads):
         import json
 
         if threads:
@@ -454,8 +452,8 @@ def _small_cnn_command(task: str, default_out: str):
 
         # through the registry: the core imports no plugin module
         trainer = get_registry().get("guidance_classifier", "tiny-cnn")
-        _, _, metrics = trainer.train_from_folder(data, out, task, label_space, iters, batch_size, lr, seed, width, limit=limit,
-                                          resume=resume, test=test)
+        _, _, metrics = trainer.train_from_folder(data, out, task, label_space, iters, batch_size, lr, seed, width, size=size, limit=limit,
+                                                  resume=resume, test=test)
         click.echo(f"written to {out}")
         if metrics:
             click.echo(json.dumps(metrics, indent=2))

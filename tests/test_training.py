@@ -138,25 +138,3 @@ def test_cli_generator_au_adapter_vae_then_generate(tmp_path):
     out = g.generate([SampleRequest(index=0, seed=7, expression="happy", aus=au_dict(sample_aus("happy", 0)), prompt="a happy face")])
     assert g.au_adapter is not None and out[0].image.size == (32, 32)
 
-
-def test_first_sentence_captions(tmp_path):
-    """--first-sentence: the dataset carries the emotion sentence alone, and the train model swaps it in."""
-    from synfer_plugins.sd_generator import create_tiny_model
-    from synfer_plugins.sd_training import DiffusionTrainModel, FETextDataset, first_sentence_of
-
-    assert first_sentence_of("The person looks happy. A young person with short hair.") == "The person looks happy."
-    assert first_sentence_of("a happy face") == "a happy face"
-    data = make_fetext(tmp_path / "fx", n=4)
-    rows = [{**r, "caption": f"The person looks {r['expression']}. {r['caption']}"} for r in __import__("synfer.dataset").dataset.read_metadata(data)]
-    sd = create_tiny_model([r["caption"] for r in rows], size=16, seed=0)
-    ds = FETextDataset(data, 16, sd.tokenize, rows, first_sentence=True)
-    item = ds[0]
-    assert sd.tokenizer.decode(item["short_ids"], skip_special_tokens=True).split() == ["the", "person", "looks", rows[0]["expression"], "."]
-    model = DiffusionTrainModel(sd, train_unet=True, train_text_encoder=True, train_adapter=False, first_sentence=1.0)
-    seen = []
-    orig = sd.encode_text
-    sd.encode_text = lambda input_ids=None, prompts=None: seen.append(input_ids) or orig(input_ids=input_ids)
-    batch = {k: torch.stack([ds[i][k] for i in range(2)]) for k in item}
-    model.train()
-    model(**batch)
-    assert torch.equal(seen[0], batch["short_ids"])
