@@ -407,8 +407,7 @@ class SDGenerator(Generator):
         b = latents.shape[0]
         uncond_emb = uncond_aus = None
         if cfg != 1.0:
-            with torch.no_grad():
-                uncond_emb = m.encode_text([""]).expand(b, -1, -1)
+            uncond_emb = self._uncond_embedding().expand(b, -1, -1)
             uncond_aus = torch.zeros_like(aus) if aus is not None else None
         gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds] if (self.config.eta > 0 and seeds is not None) else None
         for i, t in enumerate(timesteps):
@@ -418,7 +417,7 @@ class SDGenerator(Generator):
                 new_emb = on_step(i, t, latents, text_emb)
                 if new_emb is not None:
                     text_emb = new_emb.detach()
-            with torch.no_grad():
+            with torch.no_grad() if on_step is not None else torch.inference_mode():  # guidance needs normal tensors
                 x_in = m.scheduler.scale_model_input(latents, t)
                 if uncond_emb is None:
                     eps = m.predict_noise(x_in, t, text_emb, aus)
@@ -432,6 +431,15 @@ class SDGenerator(Generator):
                         [torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents.device, latents.dtype)}
                 latents = m.scheduler.step(eps, t, latents, **extra).prev_sample
         return latents
+
+    def _uncond_embedding(self):
+        """The empty prompt's embedding, encoded once per loaded model (every batch's CFG branch uses it)."""
+        import torch
+
+        if getattr(self, "_uncond", None) is None or self._uncond[0] is not self.model:
+            with torch.no_grad():
+                self._uncond = (self.model, self.load().encode_text([""]))
+        return self._uncond[1]
 
     def sample(self, requests: Sequence[SampleRequest], x_T=None, start_step: int = 0, on_step: OnStep | None = None):
         """One batch: conditions -> denoise (from `x_T` if given) -> images in [-1, 1], (B, 3, H, W)."""

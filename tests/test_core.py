@@ -177,7 +177,7 @@ def test_example_plugin_validates_in_recipe(tmp_path):
 
 def test_example_plugin_in_cli_validate(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text(yaml.safe_dump({"generator": {"plugin": "sd", "model": "no/such/folder"}, "guidance_classifier": {"plugin": "example-smile"},
+    p.write_text(yaml.safe_dump({"generator": {"plugin": "sd", "model": str(tmp_path)}, "guidance_classifier": {"plugin": "example-smile"},
                                  "experts": [{"plugin": "example-constant", "weight": 0.5}]}))
     out = subprocess.run(SYNFER + ["validate", str(p)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
