@@ -84,7 +84,8 @@ print(json.dumps({"images": done, "run_s": t2 - t1, "peak_rss_mb": resource.getr
 
 
 def _py(code: str, *args, env=None, launcher=None) -> dict:
-    cmd = (launcher or [sys.executable]) + ["-c", code, *map(str, args)] if launcher is None else launcher + list(map(str, args))
+    """Run `code` (or a `launcher` command line) with `args`; its last JSON line of output."""
+    cmd = (launcher or [sys.executable, "-c", code]) + [str(a) for a in args]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
@@ -100,7 +101,7 @@ def run_variant(overrides: list[str], n: int, threads: int | None = None, world:
         script.write_text(RUN_ONE)
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), str(script)]
         t0 = time.perf_counter()
-        res = _py("", *args, env=env, launcher=launcher)
+        res = _py(RUN_ONE, *args, env=env, launcher=launcher)
         res["run_s"] = time.perf_counter() - t0  # wall of the whole torchrun, startup included
         res["images"] = n
     else:

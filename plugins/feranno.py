@@ -325,18 +325,25 @@ def model_key(model_path, data_path) -> str:
 # ------------------------------------------------------------------ training
 
 
+def captures(sd, x, aus, captions, cfg, seeds, batch_size: int, num_scales: int = 4, progress: bool = False):
+    """Per batch of a uint8 image array (N,H,W,3): the UNet capture under `cfg`'s condition."""
+    import torch
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, len(x), batch_size), desc="FERAnno features", disable=not progress):
+        imgs = torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        p, a = _condition(cfg, captions[i:i + batch_size], torch.from_numpy(aus[i:i + batch_size]), len(imgs))
+        yield extract(sd, imgs, p, a, seeds[i:i + batch_size], cfg.t, num_scales)
+
+
 def extract_dataset(sd, x, aus, captions, cfg, seeds, batch_size: int = 128, max_res: int = 16, progress: bool = True):
     """Features and attention maps of a whole image array, pooled to at most `max_res` (what the
     encoder sees) and stored in fp16: (list of (N,C,r,r), {res: (N,T,res,res)})."""
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
     feats, att = None, None
-    for i in tqdm(range(0, len(x), batch_size), desc="FERAnno features", disable=not progress):
-        imgs = torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        p, a = _condition(cfg, captions[i:i + batch_size], torch.from_numpy(aus[i:i + batch_size]), len(imgs))
-        f, at = extract(sd, imgs, p, a, seeds[i:i + batch_size], cfg.t)
+    for f, at in captures(sd, x, aus, captions, cfg, seeds, batch_size, progress=progress):
         f = [v if v.shape[-1] <= max_res else F.adaptive_avg_pool2d(v, max_res) for v in f]
         if feats is None:
             feats, att = [[] for _ in f], {k: [] for k in at}
@@ -444,10 +451,7 @@ def evaluate_feranno(sd, enc, enc_cfg, test, label_space, size, cfg, batch_size:
     load_arrays = __import__(tiny.__module__, fromlist=["load_arrays"]).load_arrays
     x, y, aus, rows = load_arrays(test, label_space, size=size)
     preds = []
-    for i in range(0, len(y), batch_size):
-        imgs = torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        p, a = _condition(cfg, [r.get("caption", "") for r in rows[i:i + batch_size]], torch.from_numpy(aus[i:i + batch_size]), len(imgs))
-        f, at = extract(sd, imgs, p, a, list(range(i, i + len(imgs))), num_scales=enc_cfg["num_scales"])
+    for f, at in captures(sd, x, aus, [r.get("caption", "") for r in rows], cfg, list(range(len(y))), batch_size, enc_cfg["num_scales"]):
         with torch.no_grad():
             preds.append(enc(f, at).argmax(1).numpy())
     pred = np.concatenate(preds)

@@ -296,6 +296,7 @@ class SDGenerator(Generator):
     def __init__(self, config: StageConfig | None = None):
         super().__init__(config)
         self.model: SDModel | None = None
+        self._uncond = None  # the empty prompt's embedding, once the model is loaded
 
     @classmethod
     def problems(cls, config):
@@ -436,10 +437,10 @@ class SDGenerator(Generator):
         """The empty prompt's embedding, encoded once per loaded model (every batch's CFG branch uses it)."""
         import torch
 
-        if getattr(self, "_uncond", None) is None or self._uncond[0] is not self.model:
+        if self._uncond is None:
             with torch.no_grad():
-                self._uncond = (self.model, self.load().encode_text([""]))
-        return self._uncond[1]
+                self._uncond = self.load().encode_text([""])
+        return self._uncond
 
     def sample(self, requests: Sequence[SampleRequest], x_T=None, start_step: int = 0, on_step: OnStep | None = None):
         """One batch: conditions -> denoise (from `x_T` if given) -> images in [-1, 1], (B, 3, H, W)."""

@@ -90,7 +90,18 @@ def _cached_net(stage):
     return stage._net, stage._net_cfg
 
 
-class TinyCNN(GuidanceClassifier):
+class _WeightsFolder:
+    """The small CNN stages' shared check: `weights`, if set, must be a model folder."""
+
+    train_command: str
+
+    @classmethod
+    def problems(cls, config):
+        return missing_path(config, "weights", "a folder with config.json and model.safetensors",
+                            f"Train one with 'synfer train {cls.train_command} --data FETEXT --out FOLDER', or leave it unset for the shipped model.")
+
+
+class TinyCNN(_WeightsFolder, GuidanceClassifier):
     """Guidance classifier / expert on the project's small CNN (label space from its config)."""
 
     name = "tiny-cnn"
@@ -102,11 +113,6 @@ class TinyCNN(GuidanceClassifier):
 
     default_folder = "tiny-cnn"
     train_command = "classifier"
-
-    @classmethod
-    def problems(cls, config):
-        return missing_path(config, "weights", "a folder with config.json and model.safetensors",
-                            f"Train one with 'synfer train {cls.train_command} --data FETEXT --out FOLDER', or leave it unset for the shipped model.")
 
     @staticmethod
     def train_from_folder(*args, **kwargs):
@@ -134,7 +140,7 @@ class OracleCNN(TinyCNN):
     default_folder = "oracle-cnn"
 
 
-class AUCNN(AUDetector):
+class AUCNN(_WeightsFolder, AUDetector):
     """Multi-label AU intensity regressor (sigmoid outputs, intensities in [0, 1])."""
 
     name = "au-cnn"
@@ -146,11 +152,6 @@ class AUCNN(AUDetector):
 
     default_folder = "au-cnn"
     train_command = "au-detector"
-
-    @classmethod
-    def problems(cls, config):
-        return missing_path(config, "weights", "a folder with config.json and model.safetensors",
-                            f"Train one with 'synfer train {cls.train_command} --data FETEXT --out FOLDER', or leave it unset for the shipped model.")
 
     @property
     def net(self):

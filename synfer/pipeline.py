@@ -176,7 +176,7 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
     batch_size = int(getattr(stages.generator.config, "batch_size", 8) or 8)
     generated = failed = 0
     with tqdm(total=len(todo), desc=f"generate (rank {rank}/{world})" if world > 1 else "generate", unit="img",
-              disable=not progress or rank != 0 and world > 1) as bar:
+              disable=not progress or (rank != 0 and world > 1)) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             for r, p in zip(batch, stages.prompter.prompt(batch)):
