@@ -5,6 +5,8 @@
 Samples 16 held-out FEText captions per class with the AU adapter off (au_scale 0), once
 with the full caption and once with "The person looks <expression>.", and prints the
 oracle-cnn accuracy of each (images judged at 64 px, like the `fer-accuracy` evaluator).
+For reference it also judges the real faces behind those captions after a round trip
+through 32 px (area down, bilinear up): how much the generator's resolution alone costs.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ def main():
     from synfer.dataset import read_metadata
     from synfer.stages import SampleRequest
     from synfer_plugins.sd_generator import SDGenerator
-    from synfer_plugins.tiny_cnn import MODELS, load_net, predict_logits
+    from synfer_plugins.tiny_cnn import MODELS, load_arrays, load_net, predict_logits
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -34,6 +36,12 @@ def main():
     oracle = load_net(MODELS / "oracle-cnn")[0]
     gen = SDGenerator(SDGenerator.Config(model=args.model, guidance_scale=args.cfg, au_scale=0.0, exact_batching=False, batch_size=64))
     labels = np.array([r["label"] for r in rows])
+    x, y, _, all_rows = load_arrays(args.test, "affectnet8")
+    pos = {r["index"]: i for i, r in enumerate(all_rows)}
+    real = torch.from_numpy(x[[pos[r["index"]] for r in rows]]).permute(0, 3, 1, 2).float()
+    real = torch.nn.functional.interpolate(torch.nn.functional.interpolate(real, size=32, mode="area"), size=64, mode="bilinear")
+    real_u8 = real.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
+    print(f"real held-out faces through 32 px: oracle accuracy {float((predict_logits(oracle, real_u8).argmax(1) == labels).mean()):.3f}")
     for name, prompts in (("full caption", [r["caption"] for r in rows]),
                           ("'The person looks X.'", [f"The person looks {r['expression']}." for r in rows])):
         images = []
