@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--test", default="out/fetext-test")
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--grid", default=None, help="Save the full-caption samples as a PNG grid (rows = expression).")
     args = ap.parse_args()
     by: dict[str, list] = {}
     for r in read_metadata(args.test):
@@ -53,6 +54,13 @@ def main():
         u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         acc = float((predict_logits(oracle, u8).argmax(1) == labels).mean())
         print(f"{name}: oracle accuracy {acc:.3f} on {len(rows)} samples (CFG {args.cfg}, text only)")
+        if args.grid and name == "full caption":
+            from PIL import Image
+
+            k = min(8, args.per_class)
+            tiles = u8.reshape(len(by), args.per_class, 64, 64, 3)[:, :k]
+            Image.fromarray(tiles.transpose(0, 2, 1, 3, 4).reshape(len(by) * 64, k * 64, 3)).save(args.grid)
+            print(f"grid: {args.grid} (rows: {', '.join(by)})")
 
 
 if __name__ == "__main__":

@@ -389,9 +389,13 @@ def train_cli():
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True, help="Share of empty captions (for classifier-free guidance).")
 @click.option("--train-text-encoder/--freeze-text-encoder", default=None, help="Default: trained for the tiny model, frozen for real SD.")
 @click.option("--size", type=int, default=None, help="Tiny model resolution (default 32).")
-def train_generator_cmd(caption_dropout, train_text_encoder, size, **kw):
+@click.option("--expression-focus", type=float, default=0.0, show_default=True,
+              help="Extra loss weight where expressions differ (eyes, mouth): 1 + F * map; 0: plain Eq. 3.")
+@click.option("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting (5 is the usual value); default off.")
+def train_generator_cmd(caption_dropout, train_text_encoder, size, expression_focus, snr_gamma, **kw):
     """Fine-tune the diffusion model on FEText with the noise-prediction loss (paper Eq. 3)."""
-    plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, train_text_encoder=train_text_encoder, size=size))
+    plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, train_text_encoder=train_text_encoder, size=size,
+                                     expression_focus=expression_focus, snr_gamma=snr_gamma))
     if opts.data is None:
         raise click.UsageError("--data FETEXT_DIR is required")
     result = _trainer(plugin, "train_generator")(opts)

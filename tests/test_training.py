@@ -92,14 +92,28 @@ def test_ema_weights_are_deployed(tmp_path):
     assert torch.allclose(res.model.lin.weight, ckpt["state_dict"]["lin.weight"])
 
 
-def test_diffusion_loss_falls_through_mmengine(tmp_path):
+def test_expression_map_finds_the_mouth(tmp_path):
+    from synfer_plugins.sd_training import FETextDataset, expression_map
+
+    ds = FETextDataset(make_fetext(tmp_path / "fetext", n=24), 32)
+    emap = expression_map(ds, 16)
+    assert emap.shape == (16, 16) and float(emap.min()) >= 0 and float(emap.max()) == pytest.approx(1.0)
+    mouth, eyes, background = float(emap[9:14, 5:11].mean()), float(emap[5:7, 5:11].mean()), float(emap[:3, :3].mean())
+    print(f"expression map: mouth {mouth:.3f}, eyes {eyes:.3f}, background {background:.3f}")
+    assert mouth > 2 * eyes and mouth > 2 * background  # only the mouth shows the expression in these faces
+
+
+@pytest.mark.parametrize("weights", [{}, {"focus": 10.0, "snr_gamma": 5.0}], ids=["plain", "focus+min-snr"])
+def test_diffusion_loss_falls_through_mmengine(tmp_path, weights):
     from synfer_plugins.sd_generator import create_tiny_model
-    from synfer_plugins.sd_training import DiffusionTrainModel, FETextDataset
+    from synfer_plugins.sd_training import DiffusionTrainModel, FETextDataset, expression_map
 
     data = make_fetext(tmp_path / "fetext", n=16)
     sd = create_tiny_model(["a photo of a happy face"], size=16, block_out_channels=(16, 32), text_dim=32, max_length=16)
     ds = FETextDataset(data, 16, sd.tokenize)
-    model = DiffusionTrainModel(sd, train_unet=True, train_text_encoder=True, train_adapter=False)
+    pixel_weight = 1 + weights["focus"] * expression_map(ds, 16) if weights else None
+    model = DiffusionTrainModel(sd, train_unet=True, train_text_encoder=True, train_adapter=False, pixel_weight=pixel_weight,
+                                snr_gamma=weights.get("snr_gamma"))
     batch = {k: torch.stack([ds[i][k] for i in range(16)]) for k in ("pixel_values", "aus", "input_ids")}
 
     def eval_loss():
