@@ -373,15 +373,34 @@ def cached_features(cache_dir, key: str, compute):
     return feats, att
 
 
+def shifted_views(x, views: int, seed: int = 0, max_shift: int = 2):
+    """(N,H,W,3) uint8 -> (views*N,H,W,3): view 0 is `x`, each later view moves every image by its own
+    seeded (dx, dy) in [-max_shift, max_shift] pixels, edges replicated. No flips: contempt is one-sided."""
+    import numpy as np
+
+    out = [x]
+    pad = np.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+    h, w = x.shape[1:3]
+    for v in range(1, views):
+        shifts = np.random.default_rng([seed, v]).integers(0, 2 * max_shift + 1, size=(len(x), 2))
+        out.append(np.stack([pad[i, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(shifts)]))
+    return np.concatenate(out)
+
+
 def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                   label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
-                  resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int = 8, cache: bool = True):
+                  resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int = 8, cache: bool = True,
+                  views: int = 1):
     """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner).
 
     The UNet is frozen and the noise of Eq. 1 is fixed per image, so each image's capture is
     extracted once (OUT/work/features-<model,data,condition,t>.safetensors, fp16) and the
     encoder trains on it for many epochs: 18x fewer UNet passes than extracting per step.
+    Cached features rule out on-the-fly augmentation, so `views` > 1 extracts each image
+    again shifted by a few pixels with its own noise (`shifted_views`): the encoder then
+    cannot memorise one exact capture per face.
     """
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from mmengine.model import BaseModel
@@ -401,13 +420,14 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     load_arrays = __import__(tiny.__module__, fromlist=["load_arrays"]).load_arrays
     x, y, aus, rows = load_arrays(data, label_space, size=gen.size, limit=limit)
     cfg = FERAnnoConfig(condition=condition)
-    captions = [r.get("caption", "") for r in rows]
-    key = f"{model_key(model, data)}-{condition}-t{cfg.t}-r{max_res}-n{len(y)}-s{seed}"
+    captions = [r.get("caption", "") for r in rows] * views
+    x, y, aus = shifted_views(x, views, seed), np.tile(y, views), np.tile(aus, (views, 1))
+    key = f"{model_key(model, data)}-{condition}-t{cfg.t}-r{max_res}-n{len(y)}-s{seed}" + (f"-v{views}" if views > 1 else "")
     feats, att = cached_features(Path(out) / "work" if cache else None, key, lambda: extract_dataset(
         sd, x, aus, captions, cfg, [i + seed * 1_000_003 for i in range(len(y))], max_res=max_res))
     enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats],
                "tokens": next(iter(att.values())).shape[1], "num_classes": len(L.label_space(label_space)), "dim": dim, "pool": pool,
-               "max_res": max_res, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
+               "max_res": max_res, "views": views, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
     enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool,
                         max_res=max_res)
     targets = torch.from_numpy(y).long()

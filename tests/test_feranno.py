@@ -61,7 +61,8 @@ def test_train_and_predict(tiny_model, fetext, tmp_path):
     from synfer.stages import GeneratedSample, SampleRequest
     from PIL import Image
 
-    enc, losses, metrics = train_feranno(fetext, tiny_model, tmp_path / "fa", test=fetext, iters=16, batch_size=8, lr=3e-3, dim=16)
+    enc, losses, metrics = train_feranno(fetext, tiny_model, tmp_path / "fa", test=fetext, iters=16, batch_size=8, lr=3e-3, dim=16, views=2)
+    assert len(list((tmp_path / "fa" / "work").glob("features-*-v2.safetensors"))) == 1
     assert np.mean([l for _, l in losses[-5:]]) < np.mean([l for _, l in losses[:5]])
     assert 0 <= metrics["accuracy"] <= 1
     cal = FERAnno(FERAnno.Config(weights=str(tmp_path / "fa")))
@@ -71,3 +72,15 @@ def test_train_and_predict(tiny_model, fetext, tmp_path):
     p = cal.predict(samples)
     assert p.shape == (3, 8) and np.allclose(p.sum(1), 1, atol=1e-5)
     assert np.allclose(cal.predict(samples), p)  # deterministic (noise from each sample's seed)
+
+
+def test_shifted_views_move_each_face_a_little():
+    from synfer_plugins.feranno import shifted_views
+
+    x = np.zeros((5, 12, 12, 3), np.uint8)
+    x[:, 6, 6] = 255
+    v = shifted_views(x, 3, seed=0)
+    assert v.shape == (15, 12, 12, 3) and np.array_equal(v[:5], x)
+    assert np.array_equal(v, shifted_views(x, 3, seed=0)) and not np.array_equal(v, shifted_views(x, 3, seed=1))
+    peaks = np.array([np.unravel_index(im[..., 0].argmax(), (12, 12)) for im in v[5:]])
+    assert np.abs(peaks - 6).max() <= 2 and (peaks != 6).any()
