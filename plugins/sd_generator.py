@@ -142,6 +142,11 @@ class SDModel:
             self.vae.save_pretrained(str(path / "vae"))
         if self.au_adapter is not None:
             self.au_adapter.save(path)
+        else:  # an adapter left from earlier UNet weights no longer fits them: 'synfer train au-adapter' again
+            from synfer_plugins.au_adapter import CONFIG_NAME, WEIGHTS_NAME
+
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                (path / name).unlink(missing_ok=True)
         if self.info:
             (path / MODEL_INFO).write_text(json.dumps(self.info, indent=2) + "\n")
 

@@ -18,7 +18,13 @@ class Step(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     run: str  # a synfer command line without the leading `synfer`
-    creates: str | None = None  # skip the step when this path exists (delete it to redo the step)
+    # skip the step when this path (or any path of the list) exists; delete it to redo the step. A list lets an
+    # intermediate step name the final output too: a clone that ships the final model skips its inputs' steps
+    creates: str | list[str] | None = None
+
+    def done(self) -> str | None:
+        paths = [self.creates] if isinstance(self.creates, str) else self.creates or []
+        return next((p for p in paths if Path(p).exists()), None)
 
 
 class Bootstrap(BaseModel):
@@ -44,8 +50,8 @@ def bootstrap_cli(recipe, only, dry_run):
     for step in plan.steps:
         if only and step.name != only:
             continue
-        if step.creates and Path(step.creates).exists() and not only:
-            click.echo(f"[skip] {step.name}: {step.creates} exists")
+        if step.done() and not only:
+            click.echo(f"[skip] {step.name}: {step.done()} exists")
             continue
         cmd = [sys.executable, "-m", "synfer.cli", *shlex.split(step.run)]
         click.echo(f"[run ] {step.name}: synfer {step.run}")

@@ -65,6 +65,9 @@ def test_save_load_round_trip_with_au_adapter(tmp_path):
     im1 = [np.asarray(s.image) for s in g1.generate(requests(2))]
     im2 = [np.asarray(s.image) for s in g2.generate(requests(2))]
     assert all(np.array_equal(p, q) for p, q in zip(im1, im2))
+    # new UNet weights saved over the folder (a generator fine-tune) drop the adapter trained on the old ones
+    SDModel.from_pretrained(tmp_path / "m", load_au_adapter=False).save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m" / "au_adapter.safetensors").exists() and SDModel.from_pretrained(tmp_path / "m").au_adapter is None
 
 
 def test_au_scale_zero_is_the_plain_unet():
