@@ -56,5 +56,20 @@ def test_bootstrap_recipe_lists_every_training_step():
 
     result = CliRunner().invoke(bootstrap_cli, [str(ROOT / "recipes/bootstrap.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
-    for step in ("fetext", "generator", "au-adapter", "classifier", "oracle", "au-detector", "calibrator"):
+    for step in ("fetext", "generator", "generator-focus", "generator-focus-snr", "au-adapter", "classifier", "oracle", "au-detector", "calibrator"):
         assert f"] {step}:" in result.output
+
+
+def test_bootstrap_skips_a_step_when_any_created_path_exists(tmp_path):
+    from click.testing import CliRunner
+
+    from synfer.bootstrap import bootstrap_cli
+
+    (tmp_path / "final").mkdir()
+    recipe = tmp_path / "b.yaml"
+    recipe.write_text(f"times: {tmp_path / 't.json'}\nsteps:\n"
+                      f"  - {{name: base, run: plugins, creates: [{tmp_path / 'base'}, {tmp_path / 'final'}]}}\n"
+                      f"  - {{name: other, run: plugins, creates: {tmp_path / 'other'}}}\n")
+    result = CliRunner().invoke(bootstrap_cli, [str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"[skip] base: {tmp_path / 'final'} exists" in result.output and "[run ] other:" in result.output
