@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 BASE = ["generator.exact_batching=false", "generator.layout.source=out/fetext-procedural", "calibrator=null", "experts=[]", "vote.threshold=0",
-        "evaluators=[{plugin: fer-accuracy}, {plugin: au-accuracy}, {plugin: diversity}]"]
+        "evaluators=[{plugin: fer-accuracy}, {plugin: au-accuracy}, {plugin: diversity}]",
+        "generator.semantic_guidance.lambda_g=4.0"]  # the tables' guidance strength (the quickstart now uses 1.0)
 NO_LAYOUT = ["generator.layout.enabled=false"]
 NO_GUIDANCE = ["guidance_classifier=null"]
 NEUTRAL_06 = ["generator.layout.depth=0.6", "generator.layout.expressions=[neutral]"]  # the paper-like variant
