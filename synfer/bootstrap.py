@@ -50,8 +50,8 @@ def bootstrap_cli(recipe, only, dry_run):
     for step in plan.steps:
         if only and step.name != only:
             continue
-        if step.done() and not only:
-            click.echo(f"[skip] {step.name}: {step.done()} exists")
+        if not only and (done := step.done()):
+            click.echo(f"[skip] {step.name}: {done} exists")
             continue
         cmd = [sys.executable, "-m", "synfer.cli", *shlex.split(step.run)]
         click.echo(f"[run ] {step.name}: synfer {step.run}")
