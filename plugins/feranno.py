@@ -318,8 +318,14 @@ def load_encoder(folder, device="cpu"):
 
 
 def model_key(model_path, data_path) -> str:
-    """Identifies (generator, data) pairs, e.g. for feature caches."""
-    return hashlib.sha1(f"{Path(model_path).resolve()}|{Path(data_path).resolve()}".encode()).hexdigest()[:12]
+    """Identifies (generator weights, data) pairs, e.g. for feature caches: the folders' paths and the
+    size and modification time of their weight and metadata files, so retraining the UNet or the AU
+    adapter in place (or rebuilding the data) never reuses features of the old weights."""
+    stamp = []
+    for root in (Path(model_path), Path(data_path)):
+        files = [f for pattern in ("*.safetensors", "*.bin", "*.jsonl") for f in root.rglob(pattern) if "work" not in f.relative_to(root).parts]
+        stamp += [str(root.resolve())] + [f"{f.relative_to(root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(files)]
+    return hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------ training

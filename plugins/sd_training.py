@@ -10,7 +10,8 @@
   `snr_gamma` is Min-SNR weighting (Hang et al. 2023, diffusers' `--snr_gamma`). The
   expression explains 0.4% of a 32 px face's pixel variance, so unweighted Eq. 3 teaches
   hair and skin from text long before it teaches a 3-pixel mouth shape (README, issue 4).
-- AU adapter (4.2.2): same loss, UNet/text encoder/VAE frozen, only the adapter trains.
+- AU adapter (4.2.2): same loss (and the same optional weights), UNet/text encoder/VAE
+  frozen, only the adapter trains.
   Text, AUs and both are each dropped at `drop_rate` (IP-Adapter's recipe); the
   dropped AU vector is all zeros, the unconditional branch used at sampling.
 - VAE: a pixel-space model has none; for a latent model, reconstruction + KL fine-tuning.
@@ -233,6 +234,13 @@ def _is_tiny(model: str | None) -> bool:
     return model in (None, "", "tiny")
 
 
+def _loss_weights(extra: dict, dataset: FETextDataset, sd, seed: int) -> dict:
+    """DiffusionTrainModel's optional loss weights from the --expression-focus / --snr-gamma options."""
+    focus = extra.get("expression_focus") or 0.0
+    emap = expression_map(dataset, sd.unet.config.sample_size, seed=seed) if focus else None
+    return {"pixel_weight": None if emap is None else 1.0 + focus * emap, "snr_gamma": extra.get("snr_gamma")}
+
+
 def train_generator(opts, **overrides) -> Path:
     """Fine-tune (or, for the tiny model, train from scratch) the diffusion model on FEText; returns OUT."""
     from synfer_plugins.sd_generator import SDModel, create_tiny_model
@@ -256,19 +264,13 @@ def train_generator(opts, **overrides) -> Path:
     lr = opts.lr or (1e-3 if tiny else 1e-5)
     ema = tiny if opts.ema is None else opts.ema  # EMA helps the tiny model (MEASURED.md)
     dataset = FETextDataset(opts.data, sd.native_size, sd.tokenize, rows)
-    focus = extra.get("expression_focus") or 0.0
-    pixel_weight = None
-    if focus:
-        emap = expression_map(dataset, sd.unet.config.sample_size, seed=opts.seed)
-        pixel_weight = None if emap is None else 1.0 + focus * emap
     model = DiffusionTrainModel(sd, train_unet=True, train_text_encoder=train_te, train_adapter=False,
-                                caption_dropout=extra.get("caption_dropout", 0.1), pixel_weight=pixel_weight,
-                                snr_gamma=extra.get("snr_gamma"))
+                                caption_dropout=extra.get("caption_dropout", 0.1), **_loss_weights(extra, dataset, sd, opts.seed))
     result = _train(opts, model, dataset, lr=lr, ema=ema, name="generator")
     if result.is_main:
         before = 0 if _is_tiny(opts.model) else sd.info.get("trained_iters", 0)  # fine-tuning a tiny model counts on
         sd.info.update({"trained_iters": before + result.iters, "train_text_encoder": train_te, "fetext": str(opts.data),
-                        "loss_weights": {"expression_focus": focus, "snr_gamma": extra.get("snr_gamma")}})
+                        "loss_weights": {"expression_focus": extra.get("expression_focus") or 0.0, "snr_gamma": extra.get("snr_gamma")}})
         if not sd.info.get("kind"):
             sd.info["kind"] = "sd"
         sd.save_pretrained(opts.out)
@@ -286,7 +288,8 @@ def train_au_adapter(opts, **overrides) -> Path:
     sd.set_au_adapter(adapter)
     tiny = sd.info.get("kind") == "synfer-tiny-sd"
     dataset = FETextDataset(opts.data, sd.native_size, sd.tokenize)
-    model = DiffusionTrainModel(sd, train_unet=False, train_text_encoder=False, train_adapter=True, drop_rate=extra.get("drop_rate", 0.05))
+    model = DiffusionTrainModel(sd, train_unet=False, train_text_encoder=False, train_adapter=True, drop_rate=extra.get("drop_rate", 0.05),
+                                **_loss_weights(extra, dataset, sd, opts.seed))
     ema = tiny if opts.ema is None else opts.ema
     result = _train(opts, model, dataset, lr=opts.lr or (1e-3 if tiny else 1e-4), ema=ema, name="au_adapter")
     if result.is_main:

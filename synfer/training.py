@@ -379,6 +379,13 @@ def _trainer(plugin: str, method: str):
     return fn
 
 
+def _loss_weight_options(f):
+    """Eq. 3's optional weights, shared by the generator and the AU adapter."""
+    f = click.option("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting (5 is the usual value); default off.")(f)
+    return click.option("--expression-focus", type=float, default=0.0, show_default=True,
+                        help="Extra loss weight where expressions differ (eyes, mouth): 1 + F * map; 0: plain Eq. 3.")(f)
+
+
 @click.group("train")
 def train_cli():
     """Train the models of the method (runs under torchrun for several GPUs)."""
@@ -389,9 +396,7 @@ def train_cli():
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True, help="Share of empty captions (for classifier-free guidance).")
 @click.option("--train-text-encoder/--freeze-text-encoder", default=None, help="Default: trained for the tiny model, frozen for real SD.")
 @click.option("--size", type=int, default=None, help="Tiny model resolution (default 32).")
-@click.option("--expression-focus", type=float, default=0.0, show_default=True,
-              help="Extra loss weight where expressions differ (eyes, mouth): 1 + F * map; 0: plain Eq. 3.")
-@click.option("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting (5 is the usual value); default off.")
+@_loss_weight_options
 def train_generator_cmd(caption_dropout, train_text_encoder, size, expression_focus, snr_gamma, **kw):
     """Fine-tune the diffusion model on FEText with the noise-prediction loss (paper Eq. 3)."""
     plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, train_text_encoder=train_text_encoder, size=size,
@@ -408,9 +413,11 @@ def train_generator_cmd(caption_dropout, train_text_encoder, size, expression_fo
 @click.option("--hidden-dim", type=int, default=256, show_default=True)
 @click.option("--drop-rate", type=float, default=0.05, show_default=True,
               help="Share of samples with no text, with no AUs, and with neither (each), for classifier-free guidance.")
-def train_au_adapter_cmd(num_tokens, hidden_dim, drop_rate, **kw):
+@_loss_weight_options
+def train_au_adapter_cmd(num_tokens, hidden_dim, drop_rate, expression_focus, snr_gamma, **kw):
     """Train the AU adapter (paper 4.2.2) with the diffusion model frozen; writes au_adapter.* into OUT."""
-    plugin, opts = _options(kw, dict(num_tokens=num_tokens, hidden_dim=hidden_dim, drop_rate=drop_rate))
+    plugin, opts = _options(kw, dict(num_tokens=num_tokens, hidden_dim=hidden_dim, drop_rate=drop_rate,
+                                     expression_focus=expression_focus, snr_gamma=snr_gamma))
     if opts.data is None or not opts.model:
         raise click.UsageError("--data FETEXT_DIR and --model MODEL_DIR (a trained generator) are required")
     result = _trainer(plugin, "train_au_adapter")(opts)

@@ -84,3 +84,27 @@ def test_shifted_views_move_each_face_a_little():
     assert np.array_equal(v, shifted_views(x, 3, seed=0)) and not np.array_equal(v, shifted_views(x, 3, seed=1))
     peaks = np.array([np.unravel_index(im[..., 0].argmax(), (12, 12)) for im in v[5:]])
     assert np.abs(peaks - 6).max() <= 2 and (peaks != 6).any()
+
+
+def test_feature_cache_key_follows_the_weights(tmp_path):
+    """Retraining the AU adapter (or the UNet) in place must not reuse features captured with the old weights."""
+    import os
+
+    from synfer_plugins.feranno import model_key
+
+    (tmp_path / "m" / "unet").mkdir(parents=True)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"u")
+    (tmp_path / "d" / "metadata.jsonl").write_text("{}\n")
+    key = model_key(tmp_path / "m", tmp_path / "d")
+    assert model_key(tmp_path / "m", tmp_path / "d") == key
+    (tmp_path / "m" / "work").mkdir()
+    (tmp_path / "m" / "work" / "features-x.safetensors").write_bytes(b"cache")  # the cache itself does not count
+    assert model_key(tmp_path / "m", tmp_path / "d") == key
+    adapter = tmp_path / "m" / "au_adapter.safetensors"
+    adapter.write_bytes(b"a1")
+    assert model_key(tmp_path / "m", tmp_path / "d") != key
+    key = model_key(tmp_path / "m", tmp_path / "d")
+    adapter.write_bytes(b"a2")
+    os.utime(adapter, ns=(1, 1))
+    assert model_key(tmp_path / "m", tmp_path / "d") != key

@@ -141,7 +141,7 @@ def test_cli_generator_au_adapter_vae_then_generate(tmp_path):
         assert (tmp_path / "gen" / sub).exists(), sub
     assert latest_checkpoint(tmp_path / "gen" / "work").name == "iter_2.pth"
 
-    r = cli.invoke(train_cli, ["au-adapter", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "gen"), "--iters", "2", *common])
+    r = cli.invoke(train_cli, ["au-adapter", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "gen"), "--iters", "2", "--expression-focus", "5", "--snr-gamma", "5", *common])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "gen" / "au_adapter.safetensors").exists()
 
