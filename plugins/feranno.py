@@ -396,7 +396,7 @@ def shifted_views(x, views: int, seed: int = 0, max_shift: int = 2):
 def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                   label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
                   resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int = 8, cache: bool = True,
-                  views: int = 1):
+                  views: int = 1, mixup: float = 0.0):
     """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner).
 
     The UNet is frozen and the noise of Eq. 1 is fixed per image, so each image's capture is
@@ -404,7 +404,8 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     encoder trains on it for many epochs: 18x fewer UNet passes than extracting per step.
     Cached features rule out on-the-fly augmentation, so `views` > 1 extracts each image
     again shifted by a few pixels with its own noise (`shifted_views`): the encoder then
-    cannot memorise one exact capture per face.
+    cannot memorise one exact capture per face. `mixup` > 0 mixes each batch with a shuffled
+    copy of itself (captures and labels, weight ~ Beta(mixup, mixup); Zhang et al. 2018).
     """
     import numpy as np
     import torch
@@ -433,7 +434,7 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
         sd, x, aus, captions, cfg, [i + seed * 1_000_003 for i in range(len(y))], max_res=max_res))
     enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats],
                "tokens": next(iter(att.values())).shape[1], "num_classes": len(L.label_space(label_space)), "dim": dim, "pool": pool,
-               "max_res": max_res, "views": views, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
+               "max_res": max_res, "views": views, "mixup": mixup, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
     enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool,
                         max_res=max_res)
     targets = torch.from_numpy(y).long()
@@ -446,7 +447,13 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
         def forward(self, index, mode="loss"):
             f = [v[index].float() for v in feats]
             a = {k: v[index].float() for k, v in att.items()}
-            return {"loss": F.cross_entropy(self.enc(f, a), targets[index], label_smoothing=0.05)}
+            if not mixup:
+                return {"loss": F.cross_entropy(self.enc(f, a), targets[index], label_smoothing=0.05)}
+            lam = float(torch.distributions.Beta(mixup, mixup).sample())  # seeded by the runner
+            perm = torch.randperm(len(index))
+            logits = self.enc([lam * v + (1 - lam) * v[perm] for v in f], {k: lam * v + (1 - lam) * v[perm] for k, v in a.items()})
+            ce = lambda t: F.cross_entropy(logits, t, label_smoothing=0.05)  # noqa: E731
+            return {"loss": lam * ce(targets[index]) + (1 - lam) * ce(targets[index][perm])}
 
     class Indices(torch.utils.data.Dataset):
         def __len__(self):

@@ -493,13 +493,15 @@ train_cli.command("au-detector", help="Train the au-cnn AU detector on FEText; r
 @click.option("--no-cache", is_flag=True, help="Do not keep the extracted UNet features in OUT/work (they are extracted once either way).")
 @click.option("--views", type=int, default=1, show_default=True,
               help="Captures per training face: 1 + (views - 1) copies shifted by up to 2 px (augmentation for cached features).")
+@click.option("--mixup", type=float, default=0.0, show_default=True,
+              help="Mix pairs of cached captures and their labels with a Beta(a, a) weight (augmentation for cached features); 0: off.")
 @click.option("--limit", type=int, default=None)
 @click.option("--label-space", default="affectnet8", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True)
 @click.option("--threads", type=int, default=None)
-def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, pool, no_cache, views, limit, label_space, seed,
-                         resume, threads):
+def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, pool, no_cache, views, mixup, limit, label_space,
+                         seed, resume, threads):
     """Train FERAnno (paper 4.4) on FEText with the generator's UNet frozen."""
     import json
 
@@ -508,7 +510,7 @@ def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, con
     trainer = get_registry().get("calibrator", "feranno")
     _, _, metrics = trainer.train(data, model, out, test=test, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
                                   label_space=label_space, dim=dim, condition=condition, limit=limit, resume=resume, threads=threads,
-                                  pool=pool, cache=not no_cache, views=views)
+                                  pool=pool, cache=not no_cache, views=views, mixup=mixup)
     click.echo(f"written to {out}")
     if metrics:
         click.echo(json.dumps(metrics, indent=2))

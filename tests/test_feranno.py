@@ -61,7 +61,8 @@ def test_train_and_predict(tiny_model, fetext, tmp_path):
     from synfer.stages import GeneratedSample, SampleRequest
     from PIL import Image
 
-    enc, losses, metrics = train_feranno(fetext, tiny_model, tmp_path / "fa", test=fetext, iters=16, batch_size=8, lr=3e-3, dim=16, views=2)
+    enc, losses, metrics = train_feranno(fetext, tiny_model, tmp_path / "fa", test=fetext, iters=16, batch_size=8, lr=3e-3, dim=16, views=2,
+                                          mixup=0.4)
     assert len(list((tmp_path / "fa" / "work").glob("features-*-v2.safetensors"))) == 1
     assert np.mean([l for _, l in losses[-5:]]) < np.mean([l for _, l in losses[:5]])
     assert 0 <= metrics["accuracy"] <= 1
