@@ -78,6 +78,7 @@ class AUAdapter(nn.Module):
             for name, (h, c) in self.layer_shapes.items()
         })
         self._hparams = dict(cross_attention_dim=cross_attention_dim, num_tokens=num_tokens, hidden_dim=hidden_dim)
+        self.trained_with: dict = {}  # how it was trained (steps, data, loss weights), kept in au_adapter.json
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -98,7 +99,7 @@ class AUAdapter(nn.Module):
     @property
     def config(self) -> dict:
         return {**self._hparams, "au_keys": list(self.au_keys), "au_scale": AU_SCALE,
-                "layers": {n: list(s) for n, s in self.layer_shapes.items()}}
+                "layers": {n: list(s) for n, s in self.layer_shapes.items()}, **({"trained_with": self.trained_with} if self.trained_with else {})}
 
     # ---------------------------------------------------------------- unet wiring
     def attach(self, unet) -> None:
@@ -158,6 +159,7 @@ class AUAdapter(nn.Module):
             raise ValueError(f"{folder / CONFIG_NAME} was trained on AUs {list(keys)} ({cfg.get('au_scale')}); this synfer uses "
                              f"{list(AU_KEYS)} ({AU_SCALE}). Retrain it with 'synfer train au-adapter' or convert the AU schema.")
         adapter = cls({n: tuple(s) for n, s in cfg["layers"].items()}, cfg["cross_attention_dim"], cfg["num_tokens"], cfg["hidden_dim"], keys)
+        adapter.trained_with = cfg.get("trained_with", {})
         load_state(adapter, folder / WEIGHTS_NAME, folder / WEIGHTS_NAME,
                    "The adapter belongs to another UNet: retrain it with 'synfer train au-adapter --model THIS_MODEL'.")
         return adapter.to(device=device, dtype=dtype)

@@ -293,6 +293,8 @@ def train_au_adapter(opts, **overrides) -> Path:
     ema = tiny if opts.ema is None else opts.ema
     result = _train(opts, model, dataset, lr=opts.lr or (1e-3 if tiny else 1e-4), ema=ema, name="au_adapter")
     if result.is_main:
+        adapter.trained_with = {"iters": result.iters, "fetext": str(opts.data),
+                                "loss_weights": {"expression_focus": extra.get("expression_focus") or 0.0, "snr_gamma": extra.get("snr_gamma")}}
         out = Path(opts.out)
         if out.resolve() == Path(opts.model).resolve():
             adapter.save(out)

@@ -1,4 +1,5 @@
 """synfer.training (mmengine Runner) and `synfer train generator / au-adapter / vae` on tiny data."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,8 @@ def test_cli_generator_au_adapter_vae_then_generate(tmp_path):
     r = cli.invoke(train_cli, ["au-adapter", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "gen"), "--iters", "2", "--expression-focus", "5", "--snr-gamma", "5", *common])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "gen" / "au_adapter.safetensors").exists()
+    trained_with = json.loads((tmp_path / "gen" / "au_adapter.json").read_text())["trained_with"]
+    assert trained_with["iters"] == 2 and trained_with["loss_weights"] == {"expression_focus": 5.0, "snr_gamma": 5.0}
 
     r = cli.invoke(train_cli, ["vae", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "v")])
     assert r.exit_code == 0 and "skipped" in r.output
