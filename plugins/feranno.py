@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from synfer.checkpoints import load_state
@@ -323,8 +324,12 @@ def model_key(model_path, data_path) -> str:
     adapter in place (or rebuilding the data) never reuses features of the old weights."""
     stamp = []
     for root in (Path(model_path), Path(data_path)):
-        files = [f for pattern in ("*.safetensors", "*.bin", "*.jsonl") for f in root.rglob(pattern) if "work" not in f.relative_to(root).parts]
-        stamp += [str(root.resolve())] + [f"{f.relative_to(root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(files)]
+        stamp.append(str(root.resolve()))
+        for folder, dirs, names in os.walk(root):  # one walk per folder; training runs' work/ (this cache) is skipped
+            dirs[:] = sorted(d for d in dirs if d != "work")
+            for name in sorted(n for n in names if n.endswith((".safetensors", ".bin", ".jsonl"))):
+                st = os.stat(os.path.join(folder, name))
+                stamp.append(f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12]
 
 

@@ -234,9 +234,14 @@ def _is_tiny(model: str | None) -> bool:
     return model in (None, "", "tiny")
 
 
+def _loss_settings(extra: dict) -> dict:
+    """The --expression-focus / --snr-gamma options, as recorded next to the trained weights."""
+    return {"expression_focus": extra.get("expression_focus") or 0.0, "snr_gamma": extra.get("snr_gamma")}
+
+
 def _loss_weights(extra: dict, dataset: FETextDataset, sd, seed: int) -> dict:
-    """DiffusionTrainModel's optional loss weights from the --expression-focus / --snr-gamma options."""
-    focus = extra.get("expression_focus") or 0.0
+    """DiffusionTrainModel's optional loss weights from those options."""
+    focus = _loss_settings(extra)["expression_focus"]
     emap = expression_map(dataset, sd.unet.config.sample_size, seed=seed) if focus else None
     return {"pixel_weight": None if emap is None else 1.0 + focus * emap, "snr_gamma": extra.get("snr_gamma")}
 
@@ -270,7 +275,7 @@ def train_generator(opts, **overrides) -> Path:
     if result.is_main:
         before = 0 if _is_tiny(opts.model) else sd.info.get("trained_iters", 0)  # fine-tuning a tiny model counts on
         sd.info.update({"trained_iters": before + result.iters, "train_text_encoder": train_te, "fetext": str(opts.data),
-                        "loss_weights": {"expression_focus": extra.get("expression_focus") or 0.0, "snr_gamma": extra.get("snr_gamma")}})
+                        "loss_weights": _loss_settings(extra)})
         if not sd.info.get("kind"):
             sd.info["kind"] = "sd"
         sd.save_pretrained(opts.out)
@@ -293,8 +298,7 @@ def train_au_adapter(opts, **overrides) -> Path:
     ema = tiny if opts.ema is None else opts.ema
     result = _train(opts, model, dataset, lr=opts.lr or (1e-3 if tiny else 1e-4), ema=ema, name="au_adapter")
     if result.is_main:
-        adapter.trained_with = {"iters": result.iters, "fetext": str(opts.data),
-                                "loss_weights": {"expression_focus": extra.get("expression_focus") or 0.0, "snr_gamma": extra.get("snr_gamma")}}
+        adapter.trained_with = {"iters": result.iters, "fetext": str(opts.data), "loss_weights": _loss_settings(extra)}
         out = Path(opts.out)
         if out.resolve() == Path(opts.model).resolve():
             adapter.save(out)
