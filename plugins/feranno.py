@@ -225,8 +225,8 @@ def _condition(cfg, prompts, aus, n):
 class FERAnnoConfig(StageConfig):
     weights: str | None = None  # FERAnno folder (encoder + config); None: the shipped `feranno`
     device: str = "cpu"
-    t: int = 1  # Eq. 1 timestep the image is noised to before the UNet pass
-    condition: str = "generic"  # generic | sample (see _condition)
+    t: int | None = None  # Eq. 1 timestep the image is noised to before the UNet pass; None: the one it was trained at
+    condition: str | None = None  # generic | sample (see _condition); None: the one it was trained with
     generic_prompt: str = "a photo of a person"
     batch_size: int = 32
 
@@ -259,6 +259,13 @@ class FERAnno(Calibrator):
             self.label_space = self._cfg["label_space"]
         return self._enc
 
+    def _read_as(self):
+        """The stage config with t and condition filled in from the trained encoder where the recipe left them out:
+        an encoder only reads captures taken the way it was trained."""
+        _ = self.encoder
+        return self.config.model_copy(update={"t": self.config.t if self.config.t is not None else self._cfg.get("t", 1),
+                                              "condition": self.config.condition or self._cfg.get("condition", "generic")})
+
     def predict_tensors(self, images, prompts, aus, seeds):
         """images (N,3,H,W) in [-1,1] at the generator's size -> probabilities (N, classes)."""
         import torch
@@ -267,12 +274,12 @@ class FERAnno(Calibrator):
             raise RuntimeError("FERAnno needs the generator whose UNet it reads: call bind(generator) first "
                                "(synfer run does this from the recipe's generator block)")
         sd = self.gen.load()
-        enc = self.encoder
+        enc, cfg = self.encoder, self._read_as()
         out = []
-        for i in range(0, images.shape[0], self.config.batch_size):
-            sl = slice(i, i + self.config.batch_size)
-            p, a = _condition(self.config, prompts[sl], aus[sl], images[sl].shape[0])
-            feats, att = extract(sd, images[sl], p, a.to(sd.device, sd.dtype), seeds[sl], self.config.t, self._cfg["num_scales"])
+        for i in range(0, images.shape[0], cfg.batch_size):
+            sl = slice(i, i + cfg.batch_size)
+            p, a = _condition(cfg, prompts[sl], aus[sl], images[sl].shape[0])
+            feats, att = extract(sd, images[sl], p, a.to(sd.device, sd.dtype), seeds[sl], cfg.t, self._cfg["num_scales"])
             with torch.no_grad():
                 out.append(torch.softmax(enc([f.float() for f in feats], {k: v.float() for k, v in att.items()}), -1).cpu())
             del feats, att  # the captured maps are freed after each batch
@@ -344,7 +351,7 @@ def captures(sd, x, aus, captions, cfg, seeds, batch_size: int, num_scales: int 
     for i in tqdm(range(0, len(x), batch_size), desc="FERAnno features", disable=not progress):
         imgs = torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         p, a = _condition(cfg, captions[i:i + batch_size], torch.from_numpy(aus[i:i + batch_size]), len(imgs))
-        yield extract(sd, imgs, p, a, seeds[i:i + batch_size], cfg.t, num_scales)
+        yield extract(sd, imgs, p, a.to(sd.device, sd.dtype), seeds[i:i + batch_size], cfg.t, num_scales)
 
 
 def extract_dataset(sd, x, aus, captions, cfg, seeds, batch_size: int = 128, max_res: int = 16, progress: bool = True):
@@ -359,9 +366,9 @@ def extract_dataset(sd, x, aus, captions, cfg, seeds, batch_size: int = 128, max
         if feats is None:
             feats, att = [[] for _ in f], {k: [] for k in at}
         for j, v in enumerate(f):
-            feats[j].append(v.half())
+            feats[j].append(v.half().cpu())
         for k, v in at.items():
-            att[k].append(v.half())
+            att[k].append(v.half().cpu())
     return [torch.cat(v) for v in feats], {k: torch.cat(v) for k, v in att.items()}
 
 
@@ -401,7 +408,7 @@ def shifted_views(x, views: int, seed: int = 0, max_shift: int = 2):
 def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                   label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
                   resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int = 8, cache: bool = True,
-                  views: int = 1, mixup: float = 0.0):
+                  views: int = 1, mixup: float = 0.0, device: str | None = None, t: int = 1):
     """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner).
 
     The UNet is frozen and the noise of Eq. 1 is fixed per image, so each image's capture is
@@ -411,6 +418,8 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     again shifted by a few pixels with its own noise (`shifted_views`): the encoder then
     cannot memorise one exact capture per face. `mixup` > 0 mixes each batch with a shuffled
     copy of itself (captures and labels, weight ~ Beta(mixup, mixup); Zhang et al. 2018).
+    `device` (default: cuda when there is one) runs the UNet pass and the encoder; the cached
+    captures then live on it too (a few GB at max_res 32 for 20k faces).
     """
     import numpy as np
     import torch
@@ -424,14 +433,15 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     if threads:
         torch.set_num_threads(threads)
     gen_cls = get_registry().get("generator", "sd")
-    gen = gen_cls(gen_cls.Config(model=str(model), device="cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen = gen_cls(gen_cls.Config(model=str(model), device=device))
     sd = gen.load()
     for m in (sd.unet, sd.text_encoder):
         m.requires_grad_(False)
     tiny = get_registry().get("guidance_classifier", "tiny-cnn")
     load_arrays = __import__(tiny.__module__, fromlist=["load_arrays"]).load_arrays
     x, y, aus, rows = load_arrays(data, label_space, size=gen.size, limit=limit)
-    cfg = FERAnnoConfig(condition=condition)
+    cfg = FERAnnoConfig(condition=condition, t=t)
     captions = [r.get("caption", "") for r in rows] * views
     x, y, aus = shifted_views(x, views, seed), np.tile(y, views), np.tile(aus, (views, 1))
     key = f"{model_key(model, data)}-{condition}-t{cfg.t}-r{max_res}-n{len(y)}-s{seed}" + (f"-v{views}" if views > 1 else "")
@@ -442,7 +452,8 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
                "max_res": max_res, "views": views, "mixup": mixup, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
     enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool,
                         max_res=max_res)
-    targets = torch.from_numpy(y).long()
+    feats, att = [v.to(device) for v in feats], {k: v.to(device) for k, v in att.items()}  # the Runner moves the encoder there too
+    targets = torch.from_numpy(y).long().to(device)
 
     class FERAnnoTrainModel(BaseModel):
         def __init__(self):
@@ -450,12 +461,13 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
             self.enc = enc
 
         def forward(self, index, mode="loss"):
+            index = index.to(device)
             f = [v[index].float() for v in feats]
             a = {k: v[index].float() for k, v in att.items()}
             if not mixup:
                 return {"loss": F.cross_entropy(self.enc(f, a), targets[index], label_smoothing=0.05)}
             lam = float(torch.distributions.Beta(mixup, mixup).sample())  # seeded by the runner
-            perm = torch.randperm(len(index))
+            perm = torch.randperm(len(index)).to(device)
             logits = self.enc([lam * v + (1 - lam) * v[perm] for v in f], {k: lam * v + (1 - lam) * v[perm] for k, v in a.items()})
             ce = lambda t: F.cross_entropy(logits, t, label_smoothing=0.05)  # noqa: E731
             return {"loss": lam * ce(targets[index]) + (1 - lam) * ce(targets[index][perm])}
@@ -491,7 +503,7 @@ def evaluate_feranno(sd, enc, enc_cfg, test, label_space, size, cfg, batch_size:
     preds = []
     for f, at in captures(sd, x, aus, [r.get("caption", "") for r in rows], cfg, list(range(len(y))), batch_size, enc_cfg["num_scales"]):
         with torch.no_grad():
-            preds.append(enc(f, at).argmax(1).numpy())
+            preds.append(enc([v.float() for v in f], {k: v.float() for k, v in at.items()}).argmax(1).cpu().numpy())
     pred = np.concatenate(preds)
     recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
     return {"accuracy": float((pred == y).mean()), "uar": float(np.mean(recalls)), "n": int(len(y))}

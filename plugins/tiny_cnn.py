@@ -317,10 +317,11 @@ def predict_logits(net, images, batch_size: int = 256):
     import torch
 
     out = []
+    device = next(net.parameters()).device  # the training Runner leaves the net on the GPU when there is one
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            out.append(net(x).numpy())
+            out.append(net(x.to(device)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 

@@ -490,6 +490,10 @@ train_cli.command("au-detector", help="Train the au-cnn AU detector on FEText; r
 @click.option("--condition", type=click.Choice(["generic", "sample"]), default="generic", show_default=True,
               help="Conditions of the UNet pass: one expression-free prompt with zero AUs, or each sample's own.")
 @click.option("--pool", type=int, default=4, show_default=True, help="Grid each scale is pooled to before the head (1: global average).")
+@click.option("--max-res", type=int, default=8, show_default=True,
+              help="Finer feature maps are average-pooled to this side first (16 or 32 keep more detail: ~4x the cost each).")
+@click.option("--timestep", type=int, default=1, show_default=True, help="Eq. 1 timestep the faces are noised to before the UNet pass (paper: 1).")
+@click.option("--device", default=None, help="Where the UNet pass and the encoder run (default: cuda if there is one, else cpu).")
 @click.option("--no-cache", is_flag=True, help="Do not keep the extracted UNet features in OUT/work (they are extracted once either way).")
 @click.option("--views", type=int, default=1, show_default=True,
               help="Captures per training face: 1 + (views - 1) copies shifted by up to 2 px (augmentation for cached features).")
@@ -500,8 +504,8 @@ train_cli.command("au-detector", help="Train the au-cnn AU detector on FEText; r
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True)
 @click.option("--threads", type=int, default=None)
-def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, pool, no_cache, views, mixup, limit, label_space,
-                         seed, resume, threads):
+def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, pool, max_res, timestep, device, no_cache, views, mixup,
+                         limit, label_space, seed, resume, threads):
     """Train FERAnno (paper 4.4) on FEText with the generator's UNet frozen."""
     import json
 
@@ -510,7 +514,7 @@ def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, con
     trainer = get_registry().get("calibrator", "feranno")
     _, _, metrics = trainer.train(data, model, out, test=test, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
                                   label_space=label_space, dim=dim, condition=condition, limit=limit, resume=resume, threads=threads,
-                                  pool=pool, cache=not no_cache, views=views, mixup=mixup)
+                                  pool=pool, max_res=max_res, t=timestep, device=device, cache=not no_cache, views=views, mixup=mixup)
     click.echo(f"written to {out}")
     if metrics:
         click.echo(json.dumps(metrics, indent=2))

@@ -1,4 +1,6 @@
 """FERAnno on tiny random components: capture counts/shapes, encoder, a short training, predict."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,7 +64,7 @@ def test_train_and_predict(tiny_model, fetext, tmp_path):
     from PIL import Image
 
     enc, losses, metrics = train_feranno(fetext, tiny_model, tmp_path / "fa", test=fetext, iters=16, batch_size=8, lr=3e-3, dim=16, views=2,
-                                          mixup=0.4)
+                                          mixup=0.4, t=7, max_res=4)
     assert len(list((tmp_path / "fa" / "work").glob("features-*-v2.safetensors"))) == 1
     assert np.mean([l for _, l in losses[-5:]]) < np.mean([l for _, l in losses[:5]])
     assert 0 <= metrics["accuracy"] <= 1
@@ -73,6 +75,12 @@ def test_train_and_predict(tiny_model, fetext, tmp_path):
     p = cal.predict(samples)
     assert p.shape == (3, 8) and np.allclose(p.sum(1), 1, atol=1e-5)
     assert np.allclose(cal.predict(samples), p)  # deterministic (noise from each sample's seed)
+    # the stage reads at the timestep and condition the encoder was trained with, unless the recipe says otherwise
+    assert json.loads((tmp_path / "fa" / "config.json").read_text())["t"] == 7 and cal._read_as().t == 7
+    assert cal._read_as().condition == "generic"
+    other = FERAnno(FERAnno.Config(weights=str(tmp_path / "fa"), t=1))
+    other.bind(cal.gen)
+    assert other._read_as().t == 1 and not np.allclose(other.predict(samples), p)
 
 
 def test_shifted_views_move_each_face_a_little():
