@@ -111,8 +111,12 @@ class UNetCapture:
 
 
 def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, num_classes: int, dim: int = 64, heads: int = 4,
-                  pool: int = 1, max_res: int = 16):
+                  pool: int = 1, max_res: int = 16, order: str = "coarse-to-fine"):
     """The dual-branch encoder of Fig. 4 for the given capture shapes.
+
+    `order` is the direction the 1x1 convs carry the fused state between scales: `coarse-to-fine`
+    (each scale sees the coarser ones) or `fine-to-coarse` (a pyramid like a CNN's: the coarsest
+    scale sees every finer one, through a residual block and a cross-attention per scale).
 
     Each scale's fused maps are average-pooled to a `pool` x `pool` grid before the head: 1 is
     a global average; 4 keeps where on the face a feature fires (mouth corners vs brows).
@@ -120,6 +124,12 @@ def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, nu
     import torch
     import torch.nn.functional as F
     from torch import nn
+
+    if order not in ("coarse-to-fine", "fine-to-coarse"):
+        raise ValueError(f"FERAnno encoder order {order!r}: expected 'coarse-to-fine' or 'fine-to-coarse'")
+
+    def _resize(x, r):
+        return F.interpolate(x, size=(r, r), mode="nearest") if x.shape[-1] <= r else F.adaptive_avg_pool2d(x, r)
 
     class ResBlock(nn.Module):
         def __init__(self, c):
@@ -170,13 +180,15 @@ def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, nu
 
         def forward(self, features, attention):
             pooled, f_prev, a_prev = [], None, None
-            for i, feat in enumerate(features):
+            steps = list(enumerate(features))
+            for i, feat in (steps if order == "coarse-to-fine" else steps[::-1]):
                 r = min(feat.shape[-1], self.max_cross_res)
                 f = self.feat_in[i](F.adaptive_avg_pool2d(feat, r) if feat.shape[-1] != r else feat)
                 a = self.att_in[i](self._att_for(attention, r))
                 if f_prev is not None:
-                    f = f + self.carry_f[i - 1](F.interpolate(f_prev, size=(r, r), mode="nearest"))
-                    a = a + self.carry_a[i - 1](F.interpolate(a_prev, size=(r, r), mode="nearest"))
+                    j = i - 1 if order == "coarse-to-fine" else i  # carry_*[j] joins scales j and j + 1
+                    f = f + self.carry_f[j](_resize(f_prev, r))
+                    a = a + self.carry_a[j](_resize(a_prev, r))
                 f, a = self.cross[i](self.feat_block[i](f), self.att_block[i](a))
                 f_prev, a_prev = f, a
                 pooled += [F.adaptive_avg_pool2d(f, pool).flatten(1), F.adaptive_avg_pool2d(a, pool).flatten(1)]
@@ -319,7 +331,7 @@ def load_encoder(folder, device="cpu"):
                                 f"Train one with 'synfer train calibrator --data FETEXT --model GENERATOR --out {folder}'.")
     cfg = json.loads((folder / "config.json").read_text())
     enc = build_encoder(cfg["feat_channels"], cfg["feat_res"], cfg["tokens"], cfg["num_classes"], cfg["dim"], pool=cfg.get("pool", 1),
-                        max_res=cfg.get("max_res", 16))
+                        max_res=cfg.get("max_res", 16), order=cfg.get("order", "coarse-to-fine"))
     load_state(enc, folder / "model.safetensors", folder / "model.safetensors",
                "FERAnno is tied to the UNet it was trained on: retrain it with 'synfer train calibrator --model GENERATOR'.")
     return enc.to(device).eval(), cfg
@@ -408,7 +420,7 @@ def shifted_views(x, views: int, seed: int = 0, max_shift: int = 2):
 def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                   label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
                   resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int = 8, cache: bool = True,
-                  views: int = 1, mixup: float = 0.0, device: str | None = None, t: int = 1):
+                  views: int = 1, mixup: float = 0.0, device: str | None = None, t: int = 1, order: str = "coarse-to-fine"):
     """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner).
 
     The UNet is frozen and the noise of Eq. 1 is fixed per image, so each image's capture is
@@ -449,9 +461,9 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
         sd, x, aus, captions, cfg, [i + seed * 1_000_003 for i in range(len(y))], max_res=max_res))
     enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats],
                "tokens": next(iter(att.values())).shape[1], "num_classes": len(L.label_space(label_space)), "dim": dim, "pool": pool,
-               "max_res": max_res, "views": views, "mixup": mixup, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
+               "max_res": max_res, "views": views, "mixup": mixup, "order": order, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
     enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool,
-                        max_res=max_res)
+                        max_res=max_res, order=order)
     feats, att = [v.to(device) for v in feats], {k: v.to(device) for k, v in att.items()}  # the Runner moves the encoder there too
     targets = torch.from_numpy(y).long().to(device)
 

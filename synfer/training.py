@@ -492,6 +492,8 @@ train_cli.command("au-detector", help="Train the au-cnn AU detector on FEText; r
 @click.option("--pool", type=int, default=4, show_default=True, help="Grid each scale is pooled to before the head (1: global average).")
 @click.option("--max-res", type=int, default=8, show_default=True,
               help="Finer feature maps are average-pooled to this side first (16 or 32 keep more detail: ~4x the cost each).")
+@click.option("--order", type=click.Choice(["coarse-to-fine", "fine-to-coarse"]), default="coarse-to-fine", show_default=True,
+              help="Direction the encoder carries its state between scales (fine-to-coarse: a CNN-like pyramid).")
 @click.option("--timestep", type=int, default=1, show_default=True, help="Eq. 1 timestep the faces are noised to before the UNet pass (paper: 1).")
 @click.option("--device", default=None, help="Where the UNet pass and the encoder run (default: cuda if there is one, else cpu).")
 @click.option("--no-cache", is_flag=True, help="Do not keep the extracted UNet features in OUT/work (they are extracted once either way).")
@@ -504,7 +506,7 @@ train_cli.command("au-detector", help="Train the au-cnn AU detector on FEText; r
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True)
 @click.option("--threads", type=int, default=None)
-def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, pool, max_res, timestep, device, no_cache, views, mixup,
+def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, pool, max_res, order, timestep, device, no_cache, views, mixup,
                          limit, label_space, seed, resume, threads):
     """Train FERAnno (paper 4.4) on FEText with the generator's UNet frozen."""
     import json
@@ -514,7 +516,7 @@ def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, con
     trainer = get_registry().get("calibrator", "feranno")
     _, _, metrics = trainer.train(data, model, out, test=test, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
                                   label_space=label_space, dim=dim, condition=condition, limit=limit, resume=resume, threads=threads,
-                                  pool=pool, max_res=max_res, t=timestep, device=device, cache=not no_cache, views=views, mixup=mixup)
+                                  pool=pool, max_res=max_res, t=timestep, order=order, device=device, cache=not no_cache, views=views, mixup=mixup)
     click.echo(f"written to {out}")
     if metrics:
         click.echo(json.dumps(metrics, indent=2))

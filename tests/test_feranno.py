@@ -55,6 +55,17 @@ def test_capture_counts_and_shapes(tiny_model):
     assert dict(sd.unet.attn_processors).keys() == before.keys()
     with torch.no_grad():  # the capture does not change the UNet's output
         assert torch.allclose(sd.predict_noise(x_t, ts, sd.encode_text(["a happy person", "a sad person"])), ref, atol=1e-5)
+    from synfer_plugins.feranno import build_encoder
+
+    for order in ("coarse-to-fine", "fine-to-coarse"):  # both directions read every scale; gradients reach every carry conv
+        torch.manual_seed(0)
+        enc = build_encoder([f.shape[1] for f in feats], [f.shape[-1] for f in feats], tokens, 8, dim=16, pool=2, max_res=8, order=order)
+        logits = enc(feats, att)
+        assert logits.shape == (2, 8)
+        logits.sum().backward()
+        assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in list(enc.carry_f) + list(enc.carry_a))
+    with pytest.raises(ValueError, match="fine-to-coarse"):
+        build_encoder([8], [4], tokens, 8, order="sideways")
 
 
 def test_train_and_predict(tiny_model, fetext, tmp_path):
