@@ -4,21 +4,21 @@
 # runs are ~4x and ~16x the CPU cost of 8). Everything else is the shipped recipe.
 #
 #   bench/feranno_resolution.sh TRAIN_FETEXT TEST_FETEXT OUT [ITERS]      # ITERS default 12000
-#   FERANNO_ARGS="--limit 128" bench/feranno_resolution.sh ... 4          # a smoke run
+#   FERANNO_ARGS="--limit 128" RES="8 16" bench/feranno_resolution.sh ... 4   # a smoke run, two of the runs
 #
 # Prints one line per run; each run's log and FERAnno folder land in OUT/r<R>(.log).
 set -euo pipefail
 train=$1 test=$2 out=$3 iters=${4:-12000}
 mkdir -p "$out"
 pids=()
-for r in 8 16 32; do
+for r in ${RES:-8 16 32}; do
   python3 -m synfer train calibrator --data "$train" --test "$test" --model plugins/models/tiny-sd --out "$out/r$r" \
     --iters "$iters" --batch-size 64 --mixup 0.4 --max-res "$r" --no-cache ${FERANNO_ARGS:-} >"$out/r$r.log" 2>&1 &
   pids+=($!)
 done
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
-for r in 8 16 32; do
+for r in ${RES:-8 16 32}; do
   python3 -c "import json, sys; c = json.load(open(sys.argv[1])); m = c['heldout']
 print(f'max_res {sys.argv[2]:>2}: accuracy {m[\"accuracy\"]:.4f}  UAR {m[\"uar\"]:.4f}  (n={m[\"n\"]})')" "$out/r$r/config.json" "$r" \
     || echo "max_res $r: no result, see $out/r$r.log"
