@@ -461,7 +461,9 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
         sd, x, aus, captions, cfg, [i + seed * 1_000_003 for i in range(len(y))], max_res=max_res))
     enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats],
                "tokens": next(iter(att.values())).shape[1], "num_classes": len(L.label_space(label_space)), "dim": dim, "pool": pool,
-               "max_res": max_res, "views": views, "mixup": mixup, "order": order, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model)}
+               "max_res": max_res, "views": views, "mixup": mixup, "order": order, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model),
+               "trained_with": {"data": str(data), "train_images": int(len(y)), "iters": iters, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                "device": device}}
     enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool,
                         max_res=max_res, order=order)
     feats, att = [v.to(device) for v in feats], {k: v.to(device) for k, v in att.items()}  # the Runner moves the encoder there too

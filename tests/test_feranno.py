@@ -87,7 +87,9 @@ def test_train_and_predict(tiny_model, fetext, tmp_path):
     assert p.shape == (3, 8) and np.allclose(p.sum(1), 1, atol=1e-5)
     assert np.allclose(cal.predict(samples), p)  # deterministic (noise from each sample's seed)
     # the stage reads at the timestep and condition the encoder was trained with, unless the recipe says otherwise
-    assert json.loads((tmp_path / "fa" / "config.json").read_text())["t"] == 7 and cal._read_as().t == 7
+    saved = json.loads((tmp_path / "fa" / "config.json").read_text())
+    assert saved["t"] == 7 and cal._read_as().t == 7
+    assert saved["trained_with"]["iters"] == 16 and saved["trained_with"]["device"] == "cpu"
     assert cal._read_as().condition == "generic"
     other = FERAnno(FERAnno.Config(weights=str(tmp_path / "fa"), t=1))
     other.bind(cal.gen)
