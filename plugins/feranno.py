@@ -420,7 +420,7 @@ def shifted_views(x, views: int, seed: int = 0, max_shift: int = 2):
 def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                   label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
                   resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int = 8, cache: bool = True,
-                  views: int = 1, mixup: float = 0.0, device: str | None = None, t: int = 1, order: str = "coarse-to-fine"):
+                  views: int = 1, mixup: float = 0.0, device: str | None = None, t: int = 1, order: str = "fine-to-coarse"):
     """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner).
 
     The UNet is frozen and the noise of Eq. 1 is fixed per image, so each image's capture is
