@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FERAnno's held-out accuracy against how fine the captured UNet maps are kept: --max-res 8, 16
-# and 32 (the tiny UNet's finest map is 32x32), trained side by side on one GPU (the 16 and 32
-# runs are ~4x and ~16x the CPU cost of 8). Everything else is the shipped recipe.
+# and 32 (the tiny UNet's finest map is 32x32), trained side by side on one GPU (on a CPU a 16
+# run takes ~3.5x the time of an 8 run). Batch 64 and --mixup 0.4 unless FERANNO_ARGS says
+# otherwise; the shipped FERAnno is RES=16 with FERANNO_ARGS="--batch-size 128" and ITERS 5000.
 #
 #   bench/feranno_resolution.sh TRAIN_FETEXT TEST_FETEXT OUT [ITERS]      # ITERS default 12000
 #   FERANNO_ARGS="--limit 128" RES="8 16" bench/feranno_resolution.sh ... 4   # a smoke run, two of the runs
