@@ -20,15 +20,17 @@ from pydantic import Field, field_validator
 
 from synfer import hookimpl
 from synfer import labels as L
+from synfer.dataset import DatasetError
 from synfer.stages import FaceRecord, Source, StageConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def load_image(path: Path, max_pixels: int | None = None):
-    """(RGB PIL image, None), or (None, why) when the file is missing, truncated, not an image or
-    larger than `max_pixels` (checked from the header, before any pixel is decoded). Grey,
-    palette, CMYK and alpha images come back as RGB."""
+def load_image(path: Path, max_pixels: int | None = None, min_size: int = 1):
+    """(RGB PIL image, None), or (None, why) when the file is missing, truncated, not an image,
+    larger than `max_pixels` or with a side below `min_size` (both checked from the header,
+    before any pixel is decoded). Grey, palette, CMYK and alpha images come back as RGB;
+    16- and 32-bit integer and float images are scaled to 8 bits first (see `to_rgb8`)."""
     from PIL import Image
 
     try:
@@ -36,8 +38,10 @@ def load_image(path: Path, max_pixels: int | None = None):
             w, h = im.size
             if max_pixels is not None and w * h > max_pixels:
                 return None, f"too large: {w}x{h} > max_pixels {max_pixels}"
+            if min(w, h) < min_size:
+                return None, f"too small: {w}x{h}, a side below min_size {min_size}"
             im.load()  # decode now: a truncated file fails here, not later in the upscaler
-            return im.convert("RGB"), None
+            return to_rgb8(im), None
     except FileNotFoundError:
         return None, "missing"
     except Image.DecompressionBombError as exc:
@@ -46,12 +50,74 @@ def load_image(path: Path, max_pixels: int | None = None):
         return None, f"unreadable: {exc}"
 
 
+def to_rgb8(im):
+    """A PIL image of any mode -> 8-bit RGB. PIL's own convert("RGB") clips 16/32-bit values at 255
+    (a 16-bit face comes out white), so those are scaled first: "I;16*" by 65535; "I" by 255, 65535
+    or 2**32-1, the smallest range that holds its values; float "F" in [0, 1] by 1, else by 255
+    (or its maximum when above). Negative values become 0."""
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    if not (mode in ("I", "F") or mode.startswith("I;")):
+        return im.convert("RGB")
+    a = np.asarray(im).astype(np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if mode.startswith("I;16"):
+        scale = 65535.0
+    elif mode == "F":
+        scale = 1.0 if top <= 1.0 else max(255.0, top)
+    else:
+        scale = 255.0 if top <= 255 else 65535.0 if top <= 65535 else float(2**32 - 1)
+    grey = np.clip(np.round(a * (255.0 / scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
+class SourceSchemaError(DatasetError, ValueError):
+    """A label file or CSV that does not have the layout its source reads (one line: file, what is missing, what was expected)."""
+
+
+def open_table(path: Path, source: str, required: list[str], expected: str):
+    """A csv.DictReader over `path` after checking, up front, that it is text with a header holding `required`.
+
+    Raises SourceSchemaError naming the file, the missing column(s) and the expected layout; a
+    missing file raises FileNotFoundError with the same details."""
+    import io
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{source} source: {path} does not exist; expected {expected}")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if b"\0" in head:
+        raise SourceSchemaError(f"{source} source: {path} is a binary file, not a CSV; expected {expected}")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
+            raise SourceSchemaError(f"{source} source: {path} is not UTF-8 text (byte {exc.start}); expected {expected}") from None
+    f = open(path, newline="", encoding="utf-8-sig", errors="replace")
+    reader = csv.DictReader(f)
+    header = reader.fieldnames
+    if not header:
+        f.close()
+        raise SourceSchemaError(f"{source} source: {path} is empty; expected {expected}")
+    header = [h.strip() for h in header]
+    reader.fieldnames = header
+    missing = [c for c in required if c not in header]
+    if missing:
+        f.close()
+        raise SourceSchemaError(f"{source} source: {path} has no column {', '.join(missing)} (its header: "
+                                f"{', '.join(header)[:200]}); expected {expected}")
+    return f, reader
+
+
 class DatasetSourceConfig(StageConfig):
     root: str  # the dataset folder
     label_space: str = "affectnet8"  # keep only classes of this space (synfer.labels.LABEL_SPACES)
     limit: int | None = Field(None, gt=0)  # stop after this many records
     tag: str | None = None  # `source` written into the metadata; default: the plugin name
     max_pixels: int = Field(40_000_000, gt=0)  # bigger images are skipped unread (a 40 MP face crop is already absurd)
+    min_size: int = Field(16, ge=1)  # images (face crops) with a side below this are skipped: upscaled they are a flat blur
 
     @field_validator("label_space")
     @classmethod
@@ -83,10 +149,17 @@ class _DatasetSource(Source):
 
     def _load(self, path: Path):
         """The RGB image at `path`, or None with "path (why)" added to `skipped`."""
-        image, why = load_image(path, self.config.max_pixels)
+        image, why = load_image(path, self.config.max_pixels, self.config.min_size)
         if image is None:
             self.skipped.append(f"{path} ({why})")
         return image
+
+    def _big_enough(self, image, where: str) -> bool:
+        """False (and `where` skipped with the reason) when a crop has a side below min_size."""
+        if min(image.size) < self.config.min_size:
+            self.skipped.append(f"{where} (too small: {image.width}x{image.height}, a side below min_size {self.config.min_size})")
+            return False
+        return True
 
     def _keep(self, expression: str) -> bool:
         if expression not in self._space:
@@ -176,28 +249,40 @@ class AffectNetSource(_DatasetSource):
         images = root / self.config.images
         images = images if images.is_dir() else root
         classes = L.LABEL_SPACES["affectnet8"]
-        with open(table, newline="") as f:
-            for row in csv.DictReader(f):
+        required = ["subDirectory_filePath", "expression"] + (["face_x", "face_y", "face_width", "face_height"] if self.config.crop_face else [])
+        f, reader = open_table(table, self.name, required,
+                               "AffectNet's CSV with columns subDirectory_filePath, face_x, face_y, face_width, face_height, "
+                               "facial_landmarks, expression, valence, arousal (set crop_face: false when there is no face box)")
+        with f:
+            for row_no, row in enumerate(reader, 2):  # row 1 is the header
+                file = (row.get("subDirectory_filePath") or "").strip()
+                where = f"{table.name}:row {row_no}"
                 try:
                     code = int(row["expression"])
                 except (KeyError, TypeError, ValueError):
-                    self.skipped.append(f"{table.name}:{row.get('subDirectory_filePath', '?')} (bad expression)")
+                    self.skipped.append(f"{where} {file or '?'} (bad expression: {row.get('expression')!r}, expected 0..10)")
                     continue
-                if code in self.NOT_A_CLASS or not 0 <= code < len(classes):
-                    self.filtered[self.NOT_A_CLASS.get(code, f"expression {code}")] += 1
+                if not 0 <= code <= 10:
+                    self.skipped.append(f"{where} {file} (bad expression: {code}, expected 0..10)")
+                    continue
+                if code in self.NOT_A_CLASS:
+                    self.filtered[self.NOT_A_CLASS[code]] += 1
+                    continue
+                if not file:
+                    self.skipped.append(f"{where} (no subDirectory_filePath)")
                     continue
                 expression = classes[code]
                 if not self._keep(expression):
                     continue
-                path = images / row["subDirectory_filePath"]
-                image = self._load(path)
+                image = self._load(images / file)
                 if image is None:
                     continue
                 if self.config.crop_face:
                     image = self._crop(image, row)
+                if not self._big_enough(image, f"{images / file} face box"):
+                    continue
                 yield FaceRecord(image=image, expression=expression, source=self.tag,
-                                 attributes={"file": row["subDirectory_filePath"],
-                                             "valence": _float(row.get("valence")), "arousal": _float(row.get("arousal"))})
+                                 attributes={"file": file, "valence": _float(row.get("valence")), "arousal": _float(row.get("arousal"))})
 
     @staticmethod
     def _crop(image, row):
@@ -244,13 +329,21 @@ class RafDBSource(_DatasetSource):
     def _stream(self) -> Iterator[FaceRecord]:
         root = self._root()
         classes = L.LABEL_SPACES["rafdb7"]
-        for line_no, line in enumerate(self._label_file(root).read_text().splitlines(), 1):
+        label_file = self._label_file(root)
+        try:
+            lines = label_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise SourceSchemaError(f"rafdb source: {label_file} is not a text file; expected lines '<name>.jpg <label 1..7>'") from None
+        good = 0
+        for line_no, line in enumerate(lines, 1):
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) != 2 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= len(classes):
-                self.skipped.append(f"{self.LABEL_FILE}:{line_no} (malformed line {line!r})")
+            if (len(parts) != 2 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= len(classes)
+                    or "." not in parts[0].strip(".")):
+                self.skipped.append(f"{label_file.name}:{line_no} (malformed line: {line.strip()!r}, expected '<name>.jpg <label 1..7>')")
                 continue
+            good += 1
             name, label = parts[0], int(parts[1])
             if self.config.split != "all" and not name.startswith(self.config.split + "_"):
                 continue
@@ -264,6 +357,11 @@ class RafDBSource(_DatasetSource):
             if image is None:
                 continue
             yield FaceRecord(image=image, expression=expression, source=self.tag, attributes={"file": name})
+        if not good:
+            first = next((x.strip() for x in lines if x.strip()), None)
+            raise SourceSchemaError(f"rafdb source: {label_file} has no usable line ("
+                                    + (f"the first is {first[:80]!r}" if first else "it is empty")
+                                    + "); expected lines '<name>.jpg <label 1..7>' like 'train_00001.jpg 5'")
 
 
 # ---------------------------------------------------------------- FER2013
@@ -292,22 +390,52 @@ class Fer2013Source(_DatasetSource):
         table = root if root.is_file() else root / self.config.csv
         classes = L.LABEL_SPACES["fer2013"]
         usage = self.USAGE.get(self.config.split)
-        with open(table, newline="") as f:
-            for row_no, row in enumerate(csv.DictReader(f), 2):  # row 1 is the header
-                if usage is not None and row.get("Usage", "").strip() != usage:
-                    continue
+        expected = ("FER2013's CSV with the header 'emotion,pixels,Usage' (Usage is needed for split: "
+                    f"{self.config.split}; split: all reads every row)")
+        f, reader = open_table(table, self.name, ["emotion", "pixels"] + (["Usage"] if usage else []), expected)
+        rows = 0
+        usages: Counter = Counter()
+        side = self.SIDE
+        with f:
+            for row_no, row in enumerate(reader, 2):  # row 1 is the header
+                rows += 1
                 where = f"{table.name}:row {row_no}"
+                if usage is not None:
+                    u = (row.get("Usage") or "").strip()
+                    usages[u] += 1
+                    if u != usage:
+                        continue
                 try:
-                    expression = classes[int(row["emotion"])]
-                    pixels = np.array(row["pixels"].split(), dtype=np.uint8)
-                    image = Image.fromarray(pixels.reshape(self.SIDE, self.SIDE)).convert("RGB")
-                except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError):
-                    self.skipped.append(where)
+                    code = int(row["emotion"])
+                except (KeyError, TypeError, ValueError):
+                    self.skipped.append(f"{where} (bad emotion: {row.get('emotion')!r}, expected 0..{len(classes) - 1})")
                     continue
+                if not 0 <= code < len(classes):  # -1 would index from the end: a wrong label, silently
+                    self.skipped.append(f"{where} (bad emotion: {code}, expected 0..{len(classes) - 1})")
+                    continue
+                try:
+                    pixels = np.array((row.get("pixels") or "").split(), dtype=np.int64)
+                except ValueError:
+                    self.skipped.append(f"{where} (bad pixels: not integers)")
+                    continue
+                if pixels.size != side * side or pixels.min() < 0 or pixels.max() > 255:
+                    why = f"{pixels.size} values, expected {side * side}" if pixels.size != side * side else "values outside 0..255"
+                    self.skipped.append(f"{where} (bad pixels: {why})")
+                    continue
+                expression = classes[code]
                 if not self._keep(expression):
+                    continue
+                image = Image.fromarray(pixels.astype(np.uint8).reshape(side, side)).convert("RGB")
+                if not self._big_enough(image, where):
                     continue
                 yield FaceRecord(image=image, expression=expression, source=self.tag,
                                  attributes={"file": where, "usage": row.get("Usage")})
+        if not rows:
+            raise SourceSchemaError(f"fer2013-csv source: {table} has a header but no rows; expected {expected}")
+        if usage is not None and not usages.get(usage):
+            found = ", ".join(f"{k or '(empty)'} {v}" for k, v in usages.most_common(5))
+            raise SourceSchemaError(f"fer2013-csv source: no row of {table} has Usage {usage!r} (split: {self.config.split}); "
+                                    f"found {found}; set split: to one of train, val, test or all")
 
 
 @hookimpl

@@ -10,6 +10,7 @@ No torch import here: building stages is the plugins' business.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -98,14 +99,17 @@ class FETextSummary:
     per_class: Counter = field(default_factory=Counter)  # whole dataset
     per_source: Counter = field(default_factory=Counter)  # whole dataset
     filtered: Counter = field(default_factory=Counter)  # reason -> records left out on purpose
-    skipped: list[str] = field(default_factory=list)  # unreadable files, from every source
+    skipped: list[str] = field(default_factory=list)  # "path (why)" of files left unread or refused, from every source
+    inserted: int = 0  # records new to a source since the last build, placed among those already there
+    gone: int = 0  # records on disk that the sources no longer give (kept)
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> time spent in it this run
     wall_s: float = 0.0
 
     def as_dict(self) -> dict:
         return {"output": self.output, "written": self.written, "resumed": self.resumed, "total": self.total,
                 "per_class": dict(self.per_class), "per_source": dict(self.per_source), "filtered": dict(self.filtered),
-                "skipped_count": len(self.skipped), "skipped": self.skipped,
+                "skipped_count": len(self.skipped), "skipped_reasons": dict(skip_reasons(self.skipped)), "skipped": self.skipped,
+                "source_changed": {"inserted": self.inserted, "gone": self.gone},
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "wall_s": round(self.wall_s, 3)}
 
     def table(self, show_skipped: int = 5) -> str:
@@ -116,12 +120,76 @@ class FETextSummary:
             lines.append("left out:   " + ", ".join(f"{k} {v}" for k, v in sorted(self.filtered.items())))
         if self.skipped:
             more = f" (+{len(self.skipped) - show_skipped} more, see {SUMMARY_FILE})" if len(self.skipped) > show_skipped else ""
-            lines.append(f"skipped {len(self.skipped)} unreadable file(s): " + ", ".join(self.skipped[:show_skipped]) + more)
+            reasons = ", ".join(f"{n} {why}" for why, n in skip_reasons(self.skipped).most_common())
+            lines.append(f"skipped {len(self.skipped)} file(s) or row(s) ({reasons}): " + ", ".join(self.skipped[:show_skipped]) + more)
+        if self.inserted or self.gone:
+            lines.append(f"source changed since the last build: {self.inserted} record(s) new among those already there "
+                         f"(written under the next free indices), {self.gone} record(s) on disk no longer given by the sources "
+                         "(kept; build into a new folder to drop them)")
         if self.wall_s > 0:
             stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
             lines.append(f"time {self.wall_s:.1f}s wall ({self.written / self.wall_s:.0f} img/s); by stage: {stages} "
                          "(write runs in a background thread, overlapping the others)")
         return "\n".join(lines)
+
+
+def skip_reasons(skipped: list[str]) -> Counter:
+    """"path (why: detail)" entries -> Counter of the why ("unreadable", "too small", "missing", ...)."""
+    out: Counter = Counter()
+    for entry in skipped:
+        why = "other"
+        for m in re.finditer(r" \(([a-z][a-z ]*?)(?=:|\)| \()", entry):  # the first "(word..." after the path
+            why = m.group(1)
+            break
+        out[why] += 1
+    return out
+
+
+# ---------------------------------------------------------------- record identity
+
+
+class KeyBook:
+    """Stable record identity for resume: a record is keyed by its source and file (or CSV row),
+    `source:file`; a source that names no file (the procedural world) keys by its position in
+    that source's stream, `source#n`. Keys already on disk keep their index; a new key gets the
+    next free index, so fixing, adding or removing a source file never duplicates, drops or
+    renumbers a record, and a killed build resumes to the files an uninterrupted one writes."""
+
+    def __init__(self, rows: list[dict]):
+        self.on_disk: dict[str, int] = {}
+        ordinals: Counter = Counter()
+        for r in sorted((r for r in rows if "index" in r), key=lambda r: r["index"]):
+            key = self.key(str(r.get("source")), r.get("attributes"), ordinals)
+            self.on_disk.setdefault(key, r["index"])
+        self.next = max(self.on_disk.values(), default=-1) + 1
+        self.seen: set[str] = set()
+        self._ordinals: Counter = Counter()
+        self._new = 0
+        self.inserted = 0
+
+    @staticmethod
+    def key(source: str, attributes, ordinals: Counter) -> str:
+        file = (attributes or {}).get("file") if isinstance(attributes, dict) else None
+        if file is not None:
+            return f"{source}:{file}"
+        ordinals[source] += 1
+        return f"{source}#{ordinals[source] - 1}"
+
+    def claim(self, record) -> int | None:
+        """The index to write `record` under; -1 when it is on disk already; None when this build gave its key before."""
+        key = self.key(record.source, record.attributes, self._ordinals)
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        if key in self.on_disk:
+            self.inserted = self._new  # new records before one already there: the source changed
+            return -1
+        self._new += 1
+        self.next += 1
+        return self.next - 1
+
+    def unclaimed(self) -> int:
+        return sum(k not in self.seen for k in self.on_disk)
 
 
 # ---------------------------------------------------------------- builder
@@ -163,9 +231,8 @@ def _expected(source) -> int | None:
 
 
 def build_fetext(recipe: FETextRecipe, registry=None, progress: bool = True) -> FETextSummary:
-    from tqdm.auto import tqdm
-
-    from synfer.dataset import DatasetWriter
+    """Stream every source through the stages into `recipe.output` (one writer at a time: see synfer.lock)."""
+    from synfer.lock import OutputLock, refuse_other_kind
     from synfer.plugins import get_registry
 
     registry = registry or get_registry()
@@ -174,6 +241,16 @@ def build_fetext(recipe: FETextRecipe, registry=None, progress: bool = True) -> 
     au_detector = build_stage(registry, "au_detector", recipe.au_detector, recipe.seed) if recipe.au_detector else None
     captioner = build_stage(registry, "captioner", recipe.captioner, recipe.seed)
     space = L.label_space(recipe.label_space)
+    refuse_other_kind(recipe.output, "fetext")
+    with OutputLock(recipe.output, "synfer fetext build"):
+        return _build(recipe, sources, upscaler, au_detector, captioner, space, progress)
+
+
+def _build(recipe, sources, upscaler, au_detector, captioner, space, progress) -> FETextSummary:
+    from tqdm.auto import tqdm
+
+    from synfer.dataset import DatasetWriter
+
     writer = DatasetWriter(recipe.output)
     summary = FETextSummary(output=recipe.output)
     timer = _Timer()
@@ -220,12 +297,13 @@ def build_fetext(recipe: FETextRecipe, registry=None, progress: bool = True) -> 
         summary.written += len(rows)
         bar.update(len(rows))
 
-    index = 0
+    keys = KeyBook(writer.rows)
     batch: list = []
     pending: deque = deque()
+    count = 0  # records of this build (new + already there), for `limit`
     with tqdm(total=total, desc="fetext", unit="img", disable=not progress) as bar, ThreadPoolExecutor(1) as pool:
         for source in sources:
-            if recipe.limit is not None and index >= recipe.limit:
+            if recipe.limit is not None and count >= recipe.limit:
                 break
             for record in timer.iterate(source.records(), "source"):
                 if record.expression is not None:
@@ -233,7 +311,11 @@ def build_fetext(recipe: FETextRecipe, registry=None, progress: bool = True) -> 
                     if record.expression not in space:
                         summary.filtered[f"{record.expression} not in {recipe.label_space}"] += 1
                         continue
-                if index in writer.done:
+                index = keys.claim(record)
+                if index is None:
+                    summary.filtered["same source and file as an earlier record"] += 1
+                    continue
+                if index < 0:
                     summary.resumed += 1
                     bar.update(1)
                 else:
@@ -241,8 +323,8 @@ def build_fetext(recipe: FETextRecipe, registry=None, progress: bool = True) -> 
                     if len(batch) >= recipe.batch_size:
                         process(batch)
                         batch = []
-                index += 1
-                if recipe.limit is not None and index >= recipe.limit:
+                count += 1
+                if recipe.limit is not None and count >= recipe.limit:
                     break
             summary.skipped += list(getattr(source, "skipped", []))
             summary.filtered.update(getattr(source, "filtered", {}))
@@ -250,6 +332,9 @@ def build_fetext(recipe: FETextRecipe, registry=None, progress: bool = True) -> 
             process(batch)
         while pending:
             pending.popleft().result()
+    if recipe.limit is None:  # every source read to its end: what is on disk and no longer given is known
+        summary.gone = keys.unclaimed()
+    summary.inserted = keys.inserted
 
     summary.seconds = timer.seconds
     summary.wall_s = time.perf_counter() - start

@@ -79,7 +79,7 @@ def test_messy_source_folder(tmp_path):
     for r in rows:
         with Image.open(tmp_path / "fetext" / r["file_name"]) as im:
             assert im.mode == "RGB"
-    assert "skipped 3 unreadable file(s)" in res.output
+    assert "skipped 3 file(s) or row(s) (2 unreadable, 1 too large)" in res.output
     summary = json.loads((tmp_path / "fetext" / "fetext_summary.json").read_text())
     reasons = " | ".join(summary["skipped"])
     assert "truncated.png (unreadable" in reasons and "corrupt.jpg (unreadable" in reasons

@@ -80,7 +80,7 @@ def test_build_end_to_end_loads_with_datasets(folder, tmp_path, registry):
     assert summary.per_class == {"happy": 4, "sad": 3, "surprise": 2}
     assert summary.per_source == {"imagefolder": 9}
     assert len(summary.skipped) == 1 and "zz_broken.jpg (" in summary.skipped[0]
-    assert "skipped 1 unreadable file(s)" in summary.table() and "zz_broken.jpg" in summary.table()
+    assert "skipped 1 file(s) or row(s) (1 unreadable)" in summary.table() and "zz_broken.jpg" in summary.table()
     rows = read_metadata(out)
     assert [r["index"] for r in rows] == list(range(9))
     r = rows[0]

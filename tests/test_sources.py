@@ -174,6 +174,6 @@ def test_fer2013_csv(tmp_path):
     assert [r.expression for r in recs] == ["anger", "happy"]
     assert recs[0].image.size == (48, 48) and recs[0].image.mode == "RGB"
     assert np.asarray(recs[1].image)[0, 0].tolist() == [200, 200, 200]
-    assert src.skipped == ["fer2013.csv:row 4", "fer2013.csv:row 5"]
+    assert src.skipped == ["fer2013.csv:row 4 (bad pixels: 3 values, expected 2304)", "fer2013.csv:row 5 (bad pixels: values outside 0..255)"]
     assert [r.expression for r in build("fer2013-csv", root=str(tmp_path), split="val").records()] == ["surprise"]
     assert len(list(build("fer2013-csv", root=str(tmp_path / "fer2013.csv"), split="all").records())) == 4
