@@ -144,13 +144,9 @@ def dataset_rows(root: str | Path, kept_only: bool = True, max_images: int | Non
 
 
 def load_images(root: str | Path, rows: list[dict]):
-    from PIL import Image
+    from synfer.dataset import open_rgb
 
-    out = []
-    for r in rows:
-        with Image.open(Path(root) / r["file_name"]) as im:
-            out.append(im.convert("RGB"))
-    return out
+    return [open_rgb(Path(root) / r["file_name"]) for r in rows]  # an unreadable image is an error naming its file
 
 
 def row_label(row: dict) -> str | None:
@@ -286,6 +282,10 @@ class FID(Evaluator):
         ext = self.config.make_extractor()
         gen_rows = dataset_rows(dataset, self.config.kept_only, self.config.max_images)
         ref_rows = dataset_rows(ref, True, self.config.max_images)
+        if len(gen_rows) < 2 or len(ref_rows) < 2:  # a covariance needs two images: skip with a note, the rest still runs
+            print(f"[fid] skipped: FID needs at least 2 images per set, got {len(gen_rows)} generated (kept) and "
+                  f"{len(ref_rows)} reference; generate more (num_images=) to get an FID")
+            return {"fid_images": float(len(gen_rows)), "fid_reference_images": float(len(ref_rows))}
         fa = ext(load_images(dataset, gen_rows))
         fb = ext(load_images(ref, ref_rows))
         out = {"fid": frechet_distance(fa, fb), "fid_images": float(len(fa)), "fid_reference_images": float(len(fb))}

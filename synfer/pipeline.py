@@ -6,6 +6,7 @@ on the batch size, the number of workers, or an interruption and resume.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -40,16 +42,19 @@ def expression_for(index: int, mix: dict[str, float]) -> str:
 
 def plan(recipe: Recipe, limit: int | None = None) -> list[SampleRequest]:
     """Per-sample seed, expression and AU vector (FAU-FE prior); prompts come from the prompter."""
-    prior = L.AUPrior(**recipe.au_prior.model_dump())
     n = recipe.num_images if limit is None else min(limit, recipe.num_images)
+    return list(iter_plan(recipe, range(n)))
+
+
+def iter_plan(recipe: Recipe, indices) -> Iterator[SampleRequest]:
+    """The plan of `indices`, one request at a time (a plan of 10**12 samples is never held in memory)."""
+    prior = L.AUPrior(**recipe.au_prior.model_dump())
     mix = recipe.mix()
-    out = []
-    for index in range(n):
+    for index in indices:
         seed = L.sample_seed(recipe.seed, index)
         expression = expression_for(index, mix)
         aus = prior.sample(expression, np.random.default_rng([seed, 1]))
-        out.append(SampleRequest(index=index, seed=seed, expression=expression, aus=L.au_dict(aus)))
-    return out
+        yield SampleRequest(index=index, seed=seed, expression=expression, aus=L.au_dict(aus))
 
 
 def shard(requests: list[SampleRequest], rank: int, world: int) -> list[SampleRequest]:
@@ -161,24 +166,32 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
     after generation rewrites its file whole (atomically), so a rerun after a crash ends with the
     same files as an uninterrupted run.
     """
-    from tqdm.auto import tqdm
+    from synfer.lock import OutputLock, refuse_other_kind
 
     t0 = time.time()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dist = _distributed(world)
     out = Path(recipe.output)
+    refuse_other_kind(out, "run")
+    with OutputLock(out, "synfer run", rank=rank):
+        return _run(recipe, limit, registry, progress, t0, rank, world, out)
+
+
+def _run(recipe, limit, registry, progress, t0, rank, world, out) -> RunSummary:
+    from tqdm.auto import tqdm
+
+    dist = _distributed(world)
     writer = DatasetWriter(out, part=part_name(rank) if world > 1 else None)
-    full = plan(recipe, limit)
-    mine = shard(full, rank, world)
-    todo = [r for r in mine if r.index not in writer.done]
+    n = recipe.num_images if limit is None else min(limit, recipe.num_images)
+    mine = range(rank, n, world)  # deterministic sharding by sample index: N workers produce what one would
+    done_mine = sum(1 for i in writer.done if i < n and i % world == rank)
+    todo = (r for r in iter_plan(recipe, (i for i in mine if i not in writer.done)))  # lazy: progress from the first sample
     stages = Stages(recipe, registry)
     classes = L.label_space(recipe.label_space)
     batch_size = int(getattr(stages.generator.config, "batch_size", 8) or 8)
     generated = failed = 0
-    with tqdm(total=len(todo), desc=f"generate (rank {rank}/{world})" if world > 1 else "generate", unit="img",
+    with tqdm(total=len(mine) - done_mine, desc=f"generate (rank {rank}/{world})" if world > 1 else "generate", unit="img",
               disable=not progress or (rank != 0 and world > 1)) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+        while batch := list(itertools.islice(todo, batch_size)):
             for r, p in zip(batch, stages.prompter.prompt(batch)):
                 r.prompt = p
             samples = stages.generator.generate(batch, guidance=stages.guidance)
@@ -190,7 +203,7 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
             generated += len(samples)
             bar.update(len(batch))
             bar.set_postfix(img_s=f"{generated / max(time.time() - t0, 1e-9):.2f}", **({"failed": failed} if failed else {}))
-    resumed = len(mine) - len(todo)
+    resumed = done_mine
     if dist is not None:  # totals over ranks; rank 0 merges and summarises once everyone is done
         import torch
 
@@ -198,9 +211,9 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
         dist.all_reduce(counts)  # also the barrier
         generated, resumed, failed = counts.tolist()
         if rank != 0:
-            return RunSummary(str(out), len(full), generated, resumed, time.time() - t0, failed=failed)
+            return RunSummary(str(out), n, generated, resumed, time.time() - t0, failed=failed)
     rows = merge(out)
-    summary = RunSummary(str(out), len(full), generated, resumed, 0.0, calibration_counts(rows), failed=failed)
+    summary = RunSummary(str(out), n, generated, resumed, 0.0, calibration_counts(rows), failed=failed)
     _write_json(out / "calibration.json", {k: dict(v) for k, v in summary.per_class.items()})
     if recipe.grid and rows:
         write_grid(out, rows, classes)
