@@ -13,11 +13,10 @@ import click
 
 
 def calibrate_dataset(dataset: str | Path, recipe, registry=None, batch_size: int = 32, progress: bool = True):
-    from PIL import Image
     from tqdm.auto import tqdm
 
     from synfer import labels as L
-    from synfer.dataset import METADATA, read_metadata
+    from synfer.dataset import METADATA, open_rgb, read_metadata
     from synfer.pipeline import Stages, calibration_counts, label_batch
     from synfer.stages import GeneratedSample, SampleRequest
 
@@ -32,8 +31,7 @@ def calibrate_dataset(dataset: str | Path, recipe, registry=None, batch_size: in
         for r in chunk:
             req = SampleRequest(index=r["index"], seed=r.get("seed", 0), expression=L.canonical(r.get("preassigned_label") or r["label"]),
                                 aus=r.get("aus") or {}, prompt=r.get("prompt", ""), layout_source=r.get("layout_source"))
-            with Image.open(root / r["file_name"]) as im:
-                samples.append(GeneratedSample(request=req, image=im.convert("RGB")))
+            samples.append(GeneratedSample(request=req, image=open_rgb(root / r["file_name"])))
         for r, ls in zip(chunk, label_batch(stages, samples, classes)):
             new = ls.metadata(r["file_name"])
             out_rows.append({**r, **{k: new[k] for k in ("preassigned_label", "label", "soft_label", "agreement", "kept", "predictions")}})

@@ -21,7 +21,31 @@ LAZY_COMMANDS = {
 }
 
 
+VERBOSITY_ENV = "SYNFER_VERBOSITY"  # -1 quiet, 0 normal, 1 verbose; set by `synfer -q/-v`, inherited by torchrun ranks
+
+
+def verbosity() -> int:
+    """The -q/-v level of this `synfer` invocation (importable by any module, no click context needed)."""
+    try:
+        return int(os.environ.get(VERBOSITY_ENV, "0"))
+    except ValueError:
+        return 0
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx):
+        """Every subcommand's one error path: a known failure is one or two lines and exit 1; -v re-raises."""
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - turned into a message unless -v
+            if verbosity() > 0:
+                raise
+            from synfer.errors import explain
+
+            raise click.ClickException(explain(exc)) from exc
+
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
@@ -37,8 +61,13 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synfer")
-def main():
+@click.option("-v", "--verbose", is_flag=True, help="Show the full traceback of an error (and more log output).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes; errors only.")
+def main(verbose, quiet):
     """synfer: synthesize facial-expression datasets with diffusion models (SynFER)."""
+    os.environ[VERBOSITY_ENV] = "1" if verbose else "-1" if quiet else "0"
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it: every progress bar off
 
 
 def _load_recipe(path, overrides):

@@ -186,7 +186,10 @@ def read_metadata(root: str | os.PathLike, verify: bool = True) -> list[dict]:
     path = root / METADATA
     if not path.exists():
         raise DatasetError(f"{root} is not a synfer dataset: no {METADATA}. Build one with 'synfer run' or 'synfer fetext build'.")
-    rows, _ = _read_lines(path)
+    rows, good = _read_lines(path)
+    if good != path.stat().st_size:  # a torn or garbled line: reading on would silently drop rows
+        raise DatasetError(f"{path}: line {len(rows) + 1} is cut off or not JSON (a write was interrupted?); rerun the command "
+                           "that wrote the dataset (it repairs the file and redoes that sample) or delete that line")
     if verify:
         missing = [r["file_name"] for r in rows if not (root / r["file_name"]).exists()]
         if missing:
@@ -194,10 +197,19 @@ def read_metadata(root: str | os.PathLike, verify: bool = True) -> list[dict]:
     return sorted(rows, key=lambda r: r.get("index", 0))
 
 
-def iter_images(root: str | os.PathLike, rows: list[dict] | None = None) -> Iterator[tuple[dict, Any]]:
+def open_rgb(path: str | os.PathLike):
+    """The image at `path` as RGB, or DatasetError naming the file (PIL's own errors often do not)."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DatasetError(f"{path}: cannot read the image ({exc}); rerun the command that wrote the dataset "
+                           "to redo it, or remove its line from metadata.jsonl") from exc
+
+
+def iter_images(root: str | os.PathLike, rows: list[dict] | None = None) -> Iterator[tuple[dict, Any]]:
     root = Path(root)
     for r in rows if rows is not None else read_metadata(root):
-        with Image.open(root / r["file_name"]) as im:
-            yield r, im.convert("RGB")
+        yield r, open_rgb(root / r["file_name"])
