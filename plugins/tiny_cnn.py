@@ -211,10 +211,12 @@ def _wrapper(net, task: str, pos_weight=None):
         def __init__(self):
             super().__init__()
             self.net = net
-            self.gen = torch.Generator().manual_seed(0)
 
         def forward(self, image, target, mode="loss"):
-            x = augment(image.float() / 127.5 - 1.0, self.gen)
+            # the augmentation's generator comes from the global RNG, which run_training seeds per (seed, iteration):
+            # a resumed run augments exactly as an uninterrupted one
+            gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 62, (1,))))
+            x = augment(image.float() / 127.5 - 1.0, gen)
             out = self.net(x)
             if task == "classify":
                 return {"loss": F.cross_entropy(out, target, label_smoothing=0.05)}
@@ -262,7 +264,7 @@ def fit(net, images, targets, task: str = "classify", iters: int = 1500, batch_s
         result = run_training(_wrapper(net, task, pos_weight), ArrayDataset(images, targets), work_dir=work_dir, max_iters=iters,
                               batch_size=batch_size, lr=lr, weight_decay=1e-4, warmup_iters=max(1, iters // 20),
                               seed=seed, resume=resume, log_interval=log_interval,
-                              checkpoint_interval=checkpoint_interval or iters, keep_checkpoints=1, threads=threads,
+                              checkpoint_interval=checkpoint_interval, keep_checkpoints=2, threads=threads,
                               name=f"tiny-cnn-{task}")
     finally:
         if tmp is not None:
@@ -273,15 +275,20 @@ def fit(net, images, targets, task: str = "classify", iters: int = 1500, batch_s
 
 def train_from_folder(data, out, task: str = "classify", label_space: str = "affectnet8", iters: int = 2000,
                       batch_size: int = 64, lr: float = 2e-3, seed: int = 0, width: int = 32, size: int = 64,
-                      work_dir=None, resume: bool = False, limit: int | None = None, test=None):
-    """Train a tiny CNN on a FEText folder and save it; with `test`, report held-out numbers."""
+                      work_dir=None, resume: bool = False, limit: int | None = None, test=None, checkpoint_interval: int | None = None):
+    """Train a tiny CNN on a FEText folder and save it; with `test`, report held-out numbers.
+    Checkpoints every `checkpoint_interval` iterations (default min(500, iters)) in OUT/work; `resume`
+    continues from the newest intact one and ends with the weights of an uninterrupted run."""
     import numpy as np
 
     x, y, aus, _ = load_arrays(data, label_space, size=size, limit=limit)
+    from synfer.training import seed_everything
+
     outputs = len(L.label_space(label_space)) if task == "classify" else len(L.AU_KEYS)
+    seed_everything(seed)  # the initial weights follow --seed too
     net = build_net(outputs, width=width, size=size)
     losses = fit(net, x, y if task == "classify" else aus, task, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
-                 work_dir=work_dir or Path(out) / "work", resume=resume)
+                 work_dir=work_dir or Path(out) / "work", resume=resume, checkpoint_interval=checkpoint_interval)
     cfg = {"num_outputs": outputs, "width": width, "size": size, "task": task, "label_space": label_space,
            "trained_on": str(data), "iters": iters, "seed": seed, "train_images": int(len(x))}
     metrics = {}

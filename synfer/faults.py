@@ -4,7 +4,8 @@
 
 Points: "generate" (a batch is sampled, nothing written yet), "calibrate" (the vote is cast),
 "write" (images renamed into place, metadata not yet appended), "merge" (merged metadata
-written to its temp file), "merged" (merged metadata in place, rank parts not yet removed).
+written to its temp file), "merged" (merged metadata in place, rank parts not yet removed), "train_iter" (a training iteration
+and its checkpoint, if one was due, are done).
 Unset (always, outside tests), a point costs one dictionary lookup.
 """
 from __future__ import annotations

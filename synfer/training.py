@@ -8,6 +8,12 @@ trainer the same things: AdamW on the parameters that require grad, warm-up + co
 logging every N iterations with an ETA, checkpoints, resume, a seed, and DDP under
 `torchrun` (launcher "pytorch" whenever WORLD_SIZE is set).
 
+Repeatable and resumable: every iteration starts with python, numpy and torch seeded from
+(seed, iteration, rank) (`iteration_seed`), and the data order comes from mmengine's seeded
+InfiniteSampler, which a resume advances to the checkpoint's iteration; so a run killed after a
+checkpoint and resumed ends with the weights of an uninterrupted run. A truncated latest
+checkpoint falls back to the previous intact one (`latest_checkpoint`).
+
 Two mmengine 0.10.7 traps are handled here once:
 - resume on torch >= 2.6: `torch.load` defaults to `weights_only=True`, and a
   checkpoint holds mmengine objects (the message hub's HistoryBuffer...), so the stock
@@ -95,13 +101,68 @@ def _ensure_registries() -> None:
             synfer_registry(reg.name)
 
 
+def _readable_checkpoint(path: Path) -> bool:
+    """Cheap integrity check of a torch checkpoint (a zip): a truncated file has no central directory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _iter_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("_")[1])
+    except (IndexError, ValueError):
+        return 1 << 62
+
+
 def latest_checkpoint(work_dir: str | Path) -> Path | None:
-    """The checkpoint mmengine's CheckpointHook recorded last in `work_dir` (None if none)."""
-    marker = Path(work_dir) / "last_checkpoint"
+    """The newest intact checkpoint in `work_dir`: the one mmengine's CheckpointHook recorded last, or, when
+    that one is truncated or gone, the newest earlier `iter_N.pth` that is intact (with a warning). None if none."""
+    import logging
+    import re
+
+    work_dir = Path(work_dir)
+    marker = work_dir / "last_checkpoint"
     if not marker.exists():
         return None
-    path = Path(marker.read_text().strip())
-    return path if path.exists() else None
+    recorded = Path(marker.read_text().strip())
+    if recorded.exists() and _readable_checkpoint(recorded):
+        return recorded
+    candidates = sorted((p for p in work_dir.glob("iter_*.pth") if re.fullmatch(r"iter_\d+\.pth", p.name)), key=_iter_of, reverse=True)
+    older = [p for p in candidates if p != recorded and _iter_of(p) < _iter_of(recorded)]
+    for p in older:
+        if _readable_checkpoint(p):
+            logging.getLogger(__name__).warning("checkpoint %s is truncated or unreadable; resuming from the previous one, %s",
+                                                recorded, p)
+            return p
+    if recorded.exists() or older:
+        raise RuntimeError(f"no intact checkpoint in {work_dir} ({recorded.name} and {len(older)} older one(s) are truncated "
+                           "or unreadable); delete the work dir's iter_*.pth and last_checkpoint to start over, without --resume")
+    return None
+
+
+def iteration_seed(seed: int, iteration: int, rank: int = 0) -> int:
+    """The seed of one training iteration: every random draw of the step (noise, timesteps, dropout,
+    augmentation) depends on (seed, iteration, rank) only, so a resumed run draws what an uninterrupted one does."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(iteration), int(rank)]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device): call before building a model so its initial weights follow --seed."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
 
 
 def run_training(
@@ -117,7 +178,7 @@ def run_training(
     warmup_iters: int = 0,
     grad_clip: float | None = 1.0,
     checkpoint_interval: int | None = None,  # default: min(500, max_iters); the last iteration is always saved
-    keep_checkpoints: int = 2,
+    keep_checkpoints: int = 2,  # at least 2 are kept: a truncated latest checkpoint falls back to the previous one
     log_interval: int = 50,
     seed: int = 0,
     resume: bool = False,  # continue from the latest checkpoint in work_dir (fresh start, with a warning, if none)
@@ -170,7 +231,7 @@ def run_training(
         raise ValueError(f"lr_schedule={lr_schedule!r}; expected 'cosine' or 'constant'")
 
     history = _LossHistory()
-    custom_hooks: list = [history]
+    custom_hooks: list = [history, _IterationSeedHook(seed)]
     if ema_momentum:
         custom_hooks.append(_EMAHook(momentum=float(ema_momentum), update_buffers=False))
 
@@ -202,7 +263,7 @@ def run_training(
         default_hooks=dict(
             logger=LoggerHook(interval=log_interval),
             checkpoint=CheckpointHook(interval=int(checkpoint_interval or min(500, max_iters)), by_epoch=False,
-                                      max_keep_ckpts=keep_checkpoints, save_last=True),
+                                      max_keep_ckpts=max(2, keep_checkpoints), save_last=True),
         ),
         custom_hooks=custom_hooks,
         log_processor=dict(by_epoch=False, window_size=max(1, log_interval)),
@@ -280,6 +341,33 @@ def _loss_history_class():
 
 
 _LossHistory = _LazyClass(_loss_history_class)
+
+
+def _iteration_seed_hook_class():
+    from mmengine.hooks import Hook
+
+    from synfer.faults import crash_point
+
+    class IterationSeedHook(Hook):
+        """Before every iteration: python, numpy and torch (all devices) seeded from (seed, iteration, rank), so
+        the step's random draws do not depend on what ran before (a resume ends byte-identical). After every
+        iteration (lowest priority: checkpoints are written first): the test crash point "train_iter"."""
+
+        priority = "LOWEST"
+
+        def __init__(self, seed: int):
+            self.seed = int(seed)
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            seed_everything(iteration_seed(self.seed, runner.iter, runner.rank))
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            crash_point("train_iter")
+
+    return IterationSeedHook
+
+
+_IterationSeedHook = _LazyClass(_iteration_seed_hook_class)
 
 
 def _ema_hook_class():
@@ -362,6 +450,7 @@ def _common_options(fn):
 
 def _options(kw: dict, extra: dict) -> tuple[str, TrainOptions]:
     plugin = kw.pop("plugin")
+    seed_everything(kw["seed"])  # --seed fixes the whole run: weights a plugin creates before run_training too
     return plugin, TrainOptions(**kw, extra=extra)
 
 
@@ -450,9 +539,10 @@ def _small_cnn_command(task: str, default_out: str):
     @click.option("--limit", type=int, default=None, help="Use only the first N training images.")
     @click.option("--label-space", default="affectnet8", show_default=True)
     @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/work.")
+    @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/work (ends with the weights of an uninterrupted run).")
+    @click.option("--checkpoint-interval", type=int, default=None, help="Iterations between checkpoints (default min(500, iters)).")
     @click.option("--threads", type=int, default=None)
-    def command(data, test, out, iters, batch_size, lr, width, size, limit, label_space, seed, resume, threads):
+    def command(data, test, out, iters, batch_size, lr, width, size, limit, label_space, seed, resume, checkpoint_interval, threads):
         import json
 
         if threads:
@@ -464,7 +554,7 @@ def _small_cnn_command(task: str, default_out: str):
         # through the registry: the core imports no plugin module
         trainer = get_registry().get("guidance_classifier", "tiny-cnn")
         _, _, metrics = trainer.train_from_folder(data, out, task, label_space, iters, batch_size, lr, seed, width, size=size, limit=limit,
-                                                  resume=resume, test=test)
+                                                  resume=resume, test=test, checkpoint_interval=checkpoint_interval)
         click.echo(f"written to {out}")
         if metrics:
             click.echo(json.dumps(metrics, indent=2))
@@ -514,6 +604,7 @@ def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, con
     from synfer.plugins import get_registry
 
     trainer = get_registry().get("calibrator", "feranno")
+    seed_everything(seed)  # --seed fixes the whole run, the encoder's initial weights included
     _, _, metrics = trainer.train(data, model, out, test=test, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
                                   label_space=label_space, dim=dim, condition=condition, limit=limit, resume=resume, threads=threads,
                                   pool=pool, max_res=max_res, t=timestep, order=order, device=device, cache=not no_cache, views=views, mixup=mixup)
