@@ -6,8 +6,9 @@ never a crash: its path goes to `source.skipped` and the stream moves on. Rows t
 valid but carry no usable label (AffectNet's none/uncertain/non-face, a class outside the
 label space) are counted in `source.filtered` (reason -> count).
 
-Records come in a fixed order (sorted file lists, file order for CSVs), so a record's
-position in the stream is stable and `synfer fetext build` can resume by index.
+Records come in a fixed order (sorted file lists, file order for CSVs), and every record names
+its file (or CSV row) in `attributes["file"]`: `synfer fetext build` keys records by source tag
+and file, so a resume after the dataset changed never duplicates or drops one.
 """
 from __future__ import annotations
 
@@ -20,95 +21,10 @@ from pydantic import Field, field_validator
 
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.dataset import DatasetError
 from synfer.stages import FaceRecord, Source, StageConfig
+from synfer_plugins.source_files import SourceSchemaError, load_image, open_table, to_rgb8  # noqa: F401 (re-exported)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def load_image(path: Path, max_pixels: int | None = None, min_size: int = 1):
-    """(RGB PIL image, None), or (None, why) when the file is missing, truncated, not an image,
-    larger than `max_pixels` or with a side below `min_size` (both checked from the header,
-    before any pixel is decoded). Grey, palette, CMYK and alpha images come back as RGB;
-    16- and 32-bit integer and float images are scaled to 8 bits first (see `to_rgb8`)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if max_pixels is not None and w * h > max_pixels:
-                return None, f"too large: {w}x{h} > max_pixels {max_pixels}"
-            if min(w, h) < min_size:
-                return None, f"too small: {w}x{h}, a side below min_size {min_size}"
-            im.load()  # decode now: a truncated file fails here, not later in the upscaler
-            return to_rgb8(im), None
-    except FileNotFoundError:
-        return None, "missing"
-    except Image.DecompressionBombError as exc:
-        return None, f"too large ({exc})"
-    except (OSError, ValueError, SyntaxError) as exc:
-        return None, f"unreadable: {exc}"
-
-
-def to_rgb8(im):
-    """A PIL image of any mode -> 8-bit RGB. PIL's own convert("RGB") clips 16/32-bit values at 255
-    (a 16-bit face comes out white), so those are scaled first: "I;16*" by 65535; "I" by 255, 65535
-    or 2**32-1, the smallest range that holds its values; float "F" in [0, 1] by 1, else by 255
-    (or its maximum when above). Negative values become 0."""
-    import numpy as np
-    from PIL import Image
-
-    mode = im.mode
-    if not (mode in ("I", "F") or mode.startswith("I;")):
-        return im.convert("RGB")
-    a = np.asarray(im).astype(np.float64)
-    top = float(a.max()) if a.size else 0.0
-    if mode.startswith("I;16"):
-        scale = 65535.0
-    elif mode == "F":
-        scale = 1.0 if top <= 1.0 else max(255.0, top)
-    else:
-        scale = 255.0 if top <= 255 else 65535.0 if top <= 65535 else float(2**32 - 1)
-    grey = np.clip(np.round(a * (255.0 / scale)), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, "L").convert("RGB")
-
-
-class SourceSchemaError(DatasetError, ValueError):
-    """A label file or CSV that does not have the layout its source reads (one line: file, what is missing, what was expected)."""
-
-
-def open_table(path: Path, source: str, required: list[str], expected: str):
-    """A csv.DictReader over `path` after checking, up front, that it is text with a header holding `required`.
-
-    Raises SourceSchemaError naming the file, the missing column(s) and the expected layout; a
-    missing file raises FileNotFoundError with the same details."""
-    import io
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{source} source: {path} does not exist; expected {expected}")
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    if b"\0" in head:
-        raise SourceSchemaError(f"{source} source: {path} is a binary file, not a CSV; expected {expected}")
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
-            raise SourceSchemaError(f"{source} source: {path} is not UTF-8 text (byte {exc.start}); expected {expected}") from None
-    f = open(path, newline="", encoding="utf-8-sig", errors="replace")
-    reader = csv.DictReader(f)
-    header = reader.fieldnames
-    if not header:
-        f.close()
-        raise SourceSchemaError(f"{source} source: {path} is empty; expected {expected}")
-    header = [h.strip() for h in header]
-    reader.fieldnames = header
-    missing = [c for c in required if c not in header]
-    if missing:
-        f.close()
-        raise SourceSchemaError(f"{source} source: {path} has no column {', '.join(missing)} (its header: "
-                                f"{', '.join(header)[:200]}); expected {expected}")
-    return f, reader
 
 
 class DatasetSourceConfig(StageConfig):

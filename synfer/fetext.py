@@ -63,6 +63,16 @@ def validate_fetext(data: dict, registry=None, source: str = "recipe") -> FEText
     sources = data.get("sources")
     for i, block in enumerate(sources if isinstance(sources, list) else []):
         problems += stage_problems("source", block, f"sources.{i}", registry)
+    tags: dict[str, int] = {}
+    for i, block in enumerate(sources if isinstance(sources, list) else []):
+        if not isinstance(block, dict) or "plugin" not in block or ("source", block["plugin"]) not in registry.plugins:
+            continue
+        if "tag" in registry.get("source", block["plugin"]).Config.model_fields:  # records are keyed by tag and file
+            tag = block.get("tag") or block["plugin"]
+            if tag in tags:
+                problems.append(f"sources.{i}: writes source {tag!r} like sources.{tags[tag]}; records are keyed by source and "
+                                f"file, so two sources need distinct names: set `tag:` on one of them")
+            tags.setdefault(tag, i)
     for key, kind in STAGE_BLOCKS.items():
         block = data.get(key, FETextRecipe.model_fields[key].default)
         if block is not None:

@@ -95,14 +95,17 @@ def test_fetext_resume_after_the_source_changed_keeps_every_record_once(tmp_path
     assert summary["source_changed"] == {"inserted": 1, "gone": 1}
 
 
-def test_same_tag_and_file_twice_is_counted_not_written_twice(tmp_path):
-    root = tmp_path / "faces"
-    face(root / "sad" / "a.png")
-    recipe = fetext_recipe(tmp_path, [{"plugin": "imagefolder", "root": str(root)}, {"plugin": "imagefolder", "root": str(root)}])
-    res = cli("fetext", "build", recipe, "--no-progress")
+def test_two_sources_under_one_tag_are_refused_up_front(tmp_path):
+    """Records are keyed by source tag and file: two folders under one tag would collide, so validate says so."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    face(a / "sad" / "x.png")
+    face(b / "sad" / "x.png", value=1)
+    recipe = fetext_recipe(tmp_path, [{"plugin": "imagefolder", "root": str(a)}, {"plugin": "imagefolder", "root": str(b)}])
+    res = cli("fetext", "validate", recipe)
+    assert res.exit_code == 1 and "sources.1: writes source 'imagefolder' like sources.0" in res.output and "set `tag:`" in res.output
+    res = cli("fetext", "build", recipe, "sources.1.tag=b", "--no-progress")
     assert res.exit_code == 0, res.output
-    assert len(read_metadata(tmp_path / "fetext")) == 1
-    assert "same source and file as an earlier record 1" in res.output
+    assert sorted(_keys(tmp_path / "fetext")) == ["b:sad/x.png", "imagefolder:sad/x.png"]
 
 
 def test_procedural_fetext_is_unchanged_by_the_keys(tmp_path):
