@@ -61,8 +61,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synfer")
-@click.option("-v", "--verbose", is_flag=True, help="Show the full traceback of an error (and more log output).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes; errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the full traceback of an error.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 def main(verbose, quiet):
     """synfer: synthesize facial-expression datasets with diffusion models (SynFER)."""
     os.environ[VERBOSITY_ENV] = "1" if verbose else "-1" if quiet else "0"

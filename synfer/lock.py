@@ -111,7 +111,8 @@ class OutputLock:
                 raise LockError(f"{self.folder} is being written by {_describe(info)}{where}. Wait for it to finish or use "
                                 f"another output folder; if that process is really gone, delete {self.path}")
             self.note = f"note: took over the stale lock of {_describe(info) if info else 'an unreadable lock file'} in {self.folder}"
-            print(self.note, file=sys.stderr)
+            if os.environ.get("SYNFER_VERBOSITY", "0") != "-1":  # `synfer -q`: no notes
+                print(self.note, file=sys.stderr)
             try:
                 os.replace(self.path, self.path.with_name(LOCK_FILE + f".stale.{os.getpid()}"))
                 self.path.with_name(LOCK_FILE + f".stale.{os.getpid()}").unlink()
