@@ -17,6 +17,7 @@ OS_HINTS = {
     errno.EPERM: "no permission: choose a folder you can write (e.g. output=out/x) or fix its permissions",
     errno.ENOENT: "check the path (a recipe field or a command option names it)",
     errno.EISDIR: "a folder stands where a file was expected: check the path",
+    errno.EEXIST: "a file stands where a folder should be made: check the path (e.g. output= names a file)",
     errno.ENOTDIR: "a file stands where a folder was expected: check the path (e.g. output= names a file)",
 }
 

@@ -278,6 +278,13 @@ def test_os_errors_are_one_message_and_v_shows_the_traceback(tmp_path, dummy_env
     assert res.exit_code == 1 and isinstance(res.exception, OSError)  # -v: the exception (and its traceback) comes through
 
 
+def test_output_that_is_a_file_is_one_message(tmp_path, dummy_env):
+    (tmp_path / "out").write_text("not a folder")
+    res = cli("run", _run_recipe_file(tmp_path, tmp_path / "out"))
+    one_error(res, str(tmp_path / "out"))  # validate (issue 22 item 3) or the run's own OSError path, one message either way
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
 def test_plugin_error_names_the_plugin(tmp_path, dummy_env):
     res = cli("run", _run_recipe_file(tmp_path, tmp_path / "out", generator={"plugin": "dummy", "steps": 0}))
     one_error(res, "plugin dummy_plugins (dummy_plugins.py:", "ValueError: steps must be > 0", "synfer -v")
