@@ -346,7 +346,8 @@ def test_two_concurrent_runs_one_wins(tmp_path):
     site = make_dist(tmp_path / "site", "synfer-dummy", {"dummy": "dummy_plugins"})
     env = {**subprocess_env(HERE, site), "OMP_NUM_THREADS": "1"}
     env.pop("SYNFER_CRASH_AT", None)
-    recipe = _run_recipe_file(tmp_path, tmp_path / "out", num_images=8, generator={"plugin": "dummy", "batch_size": 2, "delay": 0.5})
+    # the first holds the lock for ~12 s of sleeping batches: ample time for the second to start and meet it
+    recipe = _run_recipe_file(tmp_path, tmp_path / "out", num_images=8, generator={"plugin": "dummy", "batch_size": 1, "delay": 1.5})
     cmd = [sys.executable, "-m", "synfer", "run", str(recipe)]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for _ in range(300):
