@@ -21,6 +21,9 @@ OS_HINTS = {
     errno.ENOTDIR: "a file stands where a folder was expected: check the path (e.g. output= names a file)",
 }
 
+# synfer's own errors that name the culprit and the fix, wherever they are raised (also inside a plugin)
+TEACHING = ("DatasetError", "RecipeError", "PluginError", "CheckpointMismatch", "SourceSchemaError")
+
 RERUN = "(rerun with `synfer -v ...` for the traceback)"
 
 
@@ -56,10 +59,12 @@ def explain(exc: BaseException) -> str:
     if isinstance(exc, LockError):
         return str(exc)
     name = type(exc).__name__
-    plugin = _plugin_frame(exc)
     msg = str(exc) or name
+    if any(c.__name__ in TEACHING for c in type(exc).__mro__):  # already says what and what to do
+        return f"{msg} {RERUN}"
+    plugin = _plugin_frame(exc)
     if plugin:
         return f"plugin {plugin} failed: {name}: {msg}\nfix its configuration in the recipe or report it to the plugin's authors {RERUN}"
-    if type(exc).__module__.startswith("synfer") or name in ("DatasetError", "CheckpointMismatch"):
+    if type(exc).__module__.startswith("synfer"):
         return f"{msg} {RERUN}"
     return f"{name}: {msg} {RERUN}"
