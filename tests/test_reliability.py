@@ -339,6 +339,7 @@ def test_fetext_build_into_a_folder_another_process_writes_is_stopped(tmp_path):
     assert not (out / METADATA).exists()
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_one_wins(tmp_path):
     """Two real `synfer run` processes into one folder: one writes, the other stops at once with the lock message."""
     from conftest import make_dist, subprocess_env

@@ -19,6 +19,7 @@ from test_training import make_fetext  # noqa: E402
 from synfer.training import latest_checkpoint, train_cli  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+slow = pytest.mark.slow  # subprocess kills and several trainings: about a minute each on 2 busy cores
 
 
 def weights(out: Path) -> dict[str, bytes]:
@@ -38,6 +39,7 @@ def train(args: list[str]):
     return res
 
 
+@slow
 @pytest.mark.parametrize("command", ["classifier", "generator"])
 def test_same_seed_same_weights_and_killed_then_resumed_is_byte_identical(tmp_path, command):
     data = make_fetext(tmp_path / "fetext", n=16, size=32)
