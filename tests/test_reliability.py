@@ -296,7 +296,7 @@ def test_quiet_and_verbose_are_global_options(tmp_path, dummy_env):
     res = cli("-q", "run", _run_recipe_file(tmp_path, tmp_path / "out"))
     assert res.exit_code == 0 and verbosity() == -1 and os.environ.get("TQDM_DISABLE") == "1"
     os.environ.pop("TQDM_DISABLE")
-    assert cli("validate", "recipes/quickstart.yaml").exit_code == 0 and verbosity() == 0
+    assert cli("labels").exit_code == 0 and verbosity() == 0
 
 
 # ---------------------------------------------------------------- 5. one writer per output
