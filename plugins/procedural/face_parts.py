@@ -1,149 +1,26 @@
-"""The procedural face world: frontal faces drawn from FACS action units and an identity.
+"""Face parts: the draw list of a batch of faces, one function per part of the face.
 
-It stands in for FFHQ/AffectNet (DESIGN.md, "The world we build in"): every face comes
-with ground-truth AUs, its expression and its identity attributes, so the whole method
-runs and is measured on a CPU. Each AU of synfer.labels.AU_IDS moves what a FACS coder
-expects (brows for 1/2/4, lids for 5/6/7, nose for 9, lips for 10-26), exaggerated so
-that the eight AffectNet classes read at 64x64.
+Each AU of synfer.labels.AU_IDS moves what a FACS coder expects (brows for 1/2/4, lids for
+5/6/7, nose for 9, lips for 10-26), exaggerated so that the eight AffectNet classes read at
+64x64. Geometry is computed for the whole batch with numpy, in face units (x right, y down,
+origin at the face centre); `raster.render_faces` poses and draws it. The parts are drawn in
+the order of `PARTS` (later parts cover earlier ones); that order and every constant here fix
+the pixels of every procedural face (the shipped models were trained on them).
 
-Rendering is batched: the geometry of every shape is computed for the whole batch with
-numpy, then each face is rasterised with PIL ImageDraw at `ss`x the output size and
-box-downsampled (anti-aliasing); lighting and noise are added to the batch at the end.
-A face depends only on (AUs, identity, seed), never on the batch it was drawn in.
-
-AU14 (dimpler) is drawn on one side (picked by the seed) and draws the lip-corner pull
-of AU12 toward that side, so the contempt prototype 12 + 14 renders as a unilateral smirk.
+AU14 (dimpler) is drawn on one side (picked by the seed) and draws the lip-corner pull of AU12
+toward that side, so the contempt prototype 12 + 14 renders as a unilateral smirk.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Iterator, Literal, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
 
-from synfer import hookimpl
-from synfer import labels as L
-from synfer.stages import FaceRecord, Source, StageConfig
+from synfer_plugins.procedural.identity import Identity
 
-# ---------------------------------------------------------------- identity
-
-SKIN_TONES = {  # name -> RGB
-    "fair": (246, 222, 204), "light": (236, 200, 172), "medium": (214, 170, 132),
-    "olive": (198, 160, 116), "tan": (176, 128, 90), "brown": (136, 94, 64), "dark": (92, 62, 44),
-}
-HAIR_COLORS = {
-    "black": (28, 24, 24), "dark brown": (62, 42, 30), "brown": (110, 74, 44), "auburn": (140, 62, 36),
-    "blonde": (214, 180, 112), "red": (176, 74, 34), "grey": (150, 148, 146), "white": (226, 224, 220),
-}
-EYE_COLORS = {
-    "brown": (96, 58, 30), "dark brown": (52, 32, 20), "blue": (64, 118, 178), "green": (70, 128, 80),
-    "hazel": (128, 102, 50), "grey": (116, 124, 132),
-}
-HAIR_STYLES = ("none", "short", "long", "bob", "bun", "fringe")
-GLASSES = ("none", "round", "square")
-FACIAL_HAIR = ("none", "stubble", "moustache", "beard")
-
-# Identity seeds of the two splits come from disjoint ranges: a held-out test measures
-# generalisation to faces never seen in training.
-SPLIT_OFFSET = {"train": 0, "test": 1 << 30}
-MAX_IDENTITIES = 1 << 30
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who is in the picture: everything about a face that is not its expression."""
-
-    seed: int
-    face_width: float  # half-width, canvas units
-    face_height: float  # half-height
-    jaw_taper: float  # 0 square jaw .. 1 pointed chin
-    skin_tone: str
-    skin: tuple[int, int, int]
-    eye_spacing: float  # half the distance between the eye centres
-    eye_width: float  # half-width of one eye
-    eye_open: float  # resting lid aperture factor
-    eye_tilt: float  # outer corner up (+) or down (-)
-    eye_color_name: str
-    eye_color: tuple[int, int, int]
-    brow_thickness: float
-    brow_arch: float
-    nose_size: float
-    mouth_width: float  # half-width at rest
-    lip_thickness: float
-    hair_style: str
-    hair_color_name: str
-    hair_color: tuple[int, int, int]
-    glasses: str
-    glasses_color: tuple[int, int, int]
-    facial_hair: str
-    age: float  # 0 young .. 1 elderly (wrinkles, grey hair)
-    background: tuple[int, int, int]
-    background2: tuple[int, int, int]
-    background_angle: float
-    clothes: tuple[int, int, int]
-
-
-def _rgb(c, rng, jitter=8) -> tuple[int, int, int]:
-    return tuple(int(v) for v in np.clip(np.asarray(c) + rng.integers(-jitter, jitter + 1, 3), 0, 255))
-
-
-def sample_identity(seed: int) -> Identity:
-    """A deterministic identity for `seed`."""
-    rng = np.random.default_rng([int(seed), 0x1D])
-    age = float(rng.beta(1.6, 2.2))
-    tone = str(rng.choice(list(SKIN_TONES)))
-    if age > 0.7 and rng.random() < 0.7:
-        hair_name = str(rng.choice(["grey", "white"]))
-    else:
-        hair_name = str(rng.choice(["black", "dark brown", "brown", "auburn", "blonde", "red"], p=[.26, .24, .2, .1, .13, .07]))
-    style = str(rng.choice(HAIR_STYLES, p=[.1, .26, .22, .16, .1, .16]))
-    facial = str(rng.choice(FACIAL_HAIR, p=[.64, .12, .1, .14]))
-    eye_name = str(rng.choice(list(EYE_COLORS), p=[.34, .2, .16, .1, .12, .08]))
-    hue = rng.uniform(0, 2 * np.pi)
-    base = 150 + 70 * np.cos(hue + np.array([0.0, 2.1, 4.2]))
-    bg1 = _rgb(base * rng.uniform(0.7, 1.05), rng, 20)
-    bg2 = _rgb(np.asarray(bg1) * rng.uniform(0.55, 1.0), rng, 20)
-    return Identity(
-        seed=int(seed),
-        face_width=float(rng.uniform(0.27, 0.33)), face_height=float(rng.uniform(0.355, 0.39)),
-        jaw_taper=float(rng.uniform(0.0, 1.0)),
-        skin_tone=tone, skin=_rgb(SKIN_TONES[tone], rng, 8),
-        eye_spacing=float(rng.uniform(0.118, 0.142)), eye_width=float(rng.uniform(0.046, 0.056)),
-        eye_open=float(rng.uniform(0.85, 1.15)), eye_tilt=float(rng.uniform(-0.006, 0.008)),
-        eye_color_name=eye_name, eye_color=_rgb(EYE_COLORS[eye_name], rng, 10),
-        brow_thickness=float(rng.uniform(0.016, 0.028)), brow_arch=float(rng.uniform(0.006, 0.016)),
-        nose_size=float(rng.uniform(0.85, 1.25)),
-        mouth_width=float(rng.uniform(0.075, 0.095)), lip_thickness=float(rng.uniform(0.85, 1.25)),
-        hair_style=style, hair_color_name=hair_name, hair_color=_rgb(HAIR_COLORS[hair_name], rng, 10),
-        glasses=str(rng.choice(GLASSES, p=[.72, .14, .14])),
-        glasses_color=_rgb(rng.choice([(20, 20, 24), (90, 60, 40), (170, 150, 90), (120, 30, 40)]), rng, 10),
-        facial_hair=facial, age=age,
-        background=bg1, background2=bg2, background_angle=float(rng.uniform(0, 2 * np.pi)),
-        clothes=_rgb(rng.integers(30, 230, 3), rng, 0),
-    )
-
-
-def split_identities(split: str, count: int) -> list[Identity]:
-    """The identity pool of a split: seeds [offset, offset + count), disjoint across splits."""
-    if split not in SPLIT_OFFSET:
-        raise ValueError(f"split must be one of {', '.join(SPLIT_OFFSET)}, got {split!r}")
-    if not 0 < count <= MAX_IDENTITIES:
-        raise ValueError(f"count must be in 1..{MAX_IDENTITIES}, got {count}")
-    return [sample_identity(SPLIT_OFFSET[split] + k) for k in range(count)]
-
-
-def sample_expression_aus(expression: str, rng: np.random.Generator, extra_rate: float = 0.08) -> np.ndarray:
-    """AU vector for `expression`: FAU-FE prototype AUs at varied intensity plus weak distractors.
-
-    Distractor AUs switch on at `extra_rate` each, so classes overlap as real ones do
-    (fear vs surprise share 1, 2, 5, 26; disgust vs anger share lowered brows).
-    """
-    return L.AUPrior(extra_rate=extra_rate).sample(expression, rng)
-
-
-# ---------------------------------------------------------------- geometry (batched)
+# ---------------------------------------------------------------- geometry helpers
 
 _EY, _NY, _MY = -0.035, 0.085, 0.195  # eye line, nostrils, mouth line (face units, y down)
 
@@ -173,7 +50,7 @@ def _mix(a, b, w):
     return a + (b - a) * np.asarray(w, dtype=np.float64)[..., None]
 
 
-class _Ops:
+class Ops:
     """The draw list of a batch: (kind, points (N,P,2) in face units, colour (N,3), width, mask)."""
 
     def __init__(self, n):
@@ -192,25 +69,48 @@ class _Ops:
         self.add("line", pts, color, width, mask)
 
 
-def _identity_arrays(identities: Sequence[Identity]) -> dict[str, np.ndarray]:
+def identity_arrays(identities: Sequence[Identity]) -> dict[str, np.ndarray]:
     fields = [f for f in Identity.__dataclass_fields__ if f not in ("skin_tone", "eye_color_name", "hair_color_name")]
     return {f: np.array([getattr(i, f) for i in identities]) for f in fields}
 
 
-def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndarray) -> _Ops:
+@dataclass
+class FaceParams:
+    """What every part of a batch reads: AUs, identity arrays, the AU14 side, and the mouth
+    geometry shared by the furrows and the lips (per side: sigma = -1 left, +1 right)."""
+
+    n: int
+    A: dict[int, np.ndarray]  # AU id -> (N,) intensity
+    I: dict[str, np.ndarray]  # identity field -> (N, ...) array  # noqa: E741
+    side: np.ndarray  # (N,) -1 or +1: the side of AU14
+    skin: np.ndarray
+    hair: np.ndarray
+    fw: np.ndarray
+    fh: np.ndarray
+    es: np.ndarray
+    ew: np.ndarray
+    ns: np.ndarray
+    wr: np.ndarray  # wrinkle strength from age
+    style: np.ndarray
+    facial: np.ndarray
+    a12: dict[int, np.ndarray]  # lip-corner pull per side (AU14 draws AU12 to its side)
+    d14: dict[int, np.ndarray]
+    cdy: dict[int, np.ndarray]  # mouth-corner lift per side
+    mw: dict[int, np.ndarray]  # mouth half-width per side
+    smile: np.ndarray
+    jaw: np.ndarray  # lower face stretch of the jaw drop
+    line_w: float = 0.0075
+
+    def col(self, v):  # (N,3) colours
+        return np.asarray(v, dtype=np.float64).reshape(self.n, -1)
+
+    def c(self, v):  # (N,) or scalar -> (N,1), to broadcast against curve parameters
+        return np.broadcast_to(np.asarray(v, dtype=np.float64), (self.n,))[:, None]
+
+
+def face_params(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndarray) -> FaceParams:  # noqa: E741
     n = len(side)
-    ops = _Ops(n)
-    def col(v):  # (N,3) colours
-        return np.asarray(v, dtype=np.float64).reshape(n, -1)
-
-    def c(v):  # (N,) or scalar -> (N,1), to broadcast against curve parameters
-        return np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))[:, None]
-    skin, hair = col(I["skin"]), col(I["hair_color"])
-    fw, fh, es, ew, ns = I["face_width"], I["face_height"], I["eye_spacing"], I["eye_width"], I["nose_size"]
-    wr = np.clip((I["age"] - 0.35) * 1.5, 0, 1)  # wrinkle strength from age
-    style, facial = I["hair_style"], I["facial_hair"]
-    line_w = 0.0075
-
+    col = lambda v: np.asarray(v, dtype=np.float64).reshape(n, -1)  # noqa: E731
     # Mouth parameters per side (sigma = -1 left, +1 right); AU14 draws AU12 to its side.
     a14 = A[14]
     pull = np.clip(1.6 * a14, 0, 1)
@@ -219,9 +119,19 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
     cdy = {s: -0.06 * a12[s] + 0.05 * A[15] + 0.008 * A[20] - 0.012 * d14[s] for s in (-1, 1)}
     mw = {s: I["mouth_width"] * (1 + 0.22 * a12[s] + 0.45 * A[20] - 0.18 * A[23] - 0.22 * A[26] * (1 - A[20])
                                  + 0.12 * d14[s] + 0.06 * A[10]) for s in (-1, 1)}
-    smile = np.minimum(a12[-1], a12[1])
-    jaw = 0.13 * A[26]  # lower face stretch of the jaw drop
+    return FaceParams(
+        n=n, A=A, I=I, side=side, skin=col(I["skin"]), hair=col(I["hair_color"]),
+        fw=I["face_width"], fh=I["face_height"], es=I["eye_spacing"], ew=I["eye_width"], ns=I["nose_size"],
+        wr=np.clip((I["age"] - 0.35) * 1.5, 0, 1), style=I["hair_style"], facial=I["facial_hair"],
+        a12=a12, d14=d14, cdy=cdy, mw=mw, smile=np.minimum(a12[-1], a12[1]), jaw=0.13 * A[26])
 
+
+# ---------------------------------------------------------------- the parts, back to front
+
+
+def draw_head(ops: Ops, f: FaceParams) -> None:
+    """Hair behind the head, neck, shoulders, ears and the face outline (the jaw drop of AU26 lengthens the lower face)."""
+    I, c, col, skin, hair, fw, fh, style, jaw = f.I, f.c, f.col, f.skin, f.hair, f.fw, f.fh, f.style, f.jaw
     # --- hair behind the head
     long_back = np.isin(style, ("long", "bob"))
     back_len = np.where(style == "long", 0.62, 0.26)
@@ -242,6 +152,10 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
     x = c(fw) * np.cos(a) * (1 - 0.32 * c(I["jaw_taper"]) * low ** 2 - 0.08 * low ** 4)
     ops.poly(_pts(x, y * (1 + c(jaw) * (y > 0))), skin)
 
+
+def draw_furrows(ops: Ops, f: FaceParams) -> None:
+    """Cheeks (AU6 raises and rounds them), age lines and the furrows of AUs 1/2, 4, 6, 9, 10, 12, 14, 17."""
+    A, side, c, skin, fh, es, ew, ns, wr, line_w, a12, cdy, mw, jaw = f.A, f.side, f.c, f.skin, f.fh, f.es, f.ew, f.ns, f.wr, f.line_w, f.a12, f.cdy, f.mw, f.jaw
     # --- cheeks (AU6 raises and rounds them), age and AU furrows
     for s in (-1, 1):
         ops.poly(_ellipse(s * (es + 0.01), _EY + 0.1 - 0.018 * A[6], 0.05, 0.034 + 0.006 * A[6], 14),
@@ -279,6 +193,10 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
     chin = fh * (1 + jaw)
     ops.line(_pts(0.032 * tt, c(chin - 0.05) + 0.01 * tt ** 2 - 0.004), _shade(skin, A[17]), line_w, A[17] > 0.08)
 
+
+def draw_facial_hair(ops: Ops, f: FaceParams) -> None:
+    """Beard or stubble under the mouth."""
+    n, I, c, skin, hair, fw, fh, facial, jaw = f.n, f.I, f.c, f.skin, f.hair, f.fw, f.fh, f.facial, f.jaw
     # --- facial hair under the mouth
     bmask = np.isin(facial, ("beard", "stubble"))
     b_col = np.where((facial == "stubble")[:, None], _mix(skin, (70, 60, 56), 0.28), hair * 0.9)
@@ -291,6 +209,10 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
     beard = np.concatenate([_pts(xb, yb), _pts(c(fw) * ux, uy + np.zeros((n, 1)))], 1)
     ops.poly(beard, b_col, bmask)
 
+
+def draw_eyes(ops: Ops, f: FaceParams) -> None:
+    """Eyes: sclera, iris, lids drawn over (AU5 widens, AU6/AU7 narrow), lid lines."""
+    A, I, c, col, skin, es, ew = f.A, f.I, f.c, f.col, f.skin, f.es, f.ew
     # --- eyes: sclera, iris, lids drawn over, lid lines
     te = np.linspace(-1, 1, 13)
     uh0 = c(ew * 0.55 * I["eye_open"])
@@ -311,6 +233,10 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
         ops.line(_pts(x, yu), _mix(skin, (24, 16, 16), 0.85), 0.011)
         ops.line(_pts(x[:, 1:-1], yl[:, 1:-1]), _shade(skin, 0.45), 0.006)
 
+
+def draw_brows(ops: Ops, f: FaceParams) -> None:
+    """Brows: AU1 inner up, AU2 outer up, AU4 down and knit, AU9 pulls the inner end down."""
+    A, I, c, hair, es, ew, style = f.A, f.I, f.c, f.hair, f.es, f.ew, f.style
     # --- brows: AU1 inner up, AU2 outer up, AU4 down and knit, AU9 pulls the inner end down
     brow = np.where(((style == "none") | (hair.sum(1) > 500))[:, None], (70, 52, 40), hair * 0.85)  # bald or white hair: dark brows
     tb = np.linspace(0, 1, 9)
@@ -324,6 +250,10 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
         yb = y_in + (y_out - y_in) * tb - arch * np.sin(np.pi * tb ** 0.8)
         ops.poly(_band(x, yb - th, yb + th), brow)
 
+
+def draw_nose(ops: Ops, f: FaceParams) -> None:
+    """Nose: wings, nostrils (AU9 flares and lifts them), bridge shade."""
+    n, A, c, skin, ns, line_w = f.n, f.A, f.c, f.skin, f.ns, f.line_w
     # --- nose: wings, nostrils (AU9 flares and lifts them), bridge shade
     lift = 0.012 * A[9] + 0.004 * A[10]
     for s in (-1, 1):
@@ -333,6 +263,10 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
                  _shade(skin, 0.4), line_w)
     ops.line(_pts(np.array([-0.012, -0.018]), c(np.zeros(n)) + np.array([_EY + 0.035, _NY - 0.025])), _shade(skin, 0.25), line_w)
 
+
+def draw_mouth(ops: Ops, f: FaceParams) -> None:
+    """Mouth: lips, line of closure, opening, teeth (AUs 10, 12, 14, 15, 17, 20, 23, 25, 26); a moustache on the upper lip."""
+    A, I, c, skin, hair, facial, cdy, mw, smile = f.A, f.I, f.c, f.skin, f.hair, f.facial, f.cdy, f.mw, f.smile
     # --- mouth: lips, line of closure, opening, teeth
     tm = np.linspace(-1, 1, 21)
     left = tm < 0
@@ -365,6 +299,10 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
     ops.poly(_band(x, in_up, np.minimum(in_up + 0.014, in_dn)), (240, 236, 226), opened)
     ops.poly(_band(x * 0.92, np.maximum(in_dn - 0.011, in_up + 0.014), in_dn), (224, 220, 210), opened & (A[20] * A[26] > 0.12))
 
+
+def draw_hair_front(ops: Ops, f: FaceParams) -> None:
+    """Hair in front: a cap with a hairline above the brows, or a bun on top."""
+    c, hair, fw, fh, style = f.c, f.hair, f.fw, f.fh, f.style
     # --- hair in front: a cap with a hairline above the brows, or a bun on top
     cap = style != "none"
     hl = c(np.where(style == "fringe", -0.245, np.where(style == "short", -0.285, -0.27)))
@@ -378,6 +316,10 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
     ops.poly(np.concatenate([outer, hairline], 1), hair, cap)
     ops.poly(_ellipse(0.0, -fh - 0.055, 0.075, 0.06, 14), hair, style == "bun")
 
+
+def draw_glasses(ops: Ops, f: FaceParams) -> None:
+    """Glasses: round or square frames, temples and bridge."""
+    I, c, col, fw, es, ew = f.I, f.c, f.col, f.fw, f.es, f.ew
     # --- glasses
     g = I["glasses"]
     gc = col(I["glasses_color"])
@@ -388,199 +330,15 @@ def _build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndar
         ops.line(_pts(c(s * es) + rx * sq[:, 0] * 1.05, _EY + 0.004 + ry * 0.85 * sq[:, 1]), gc, 0.009, g == "square")
         ops.line(_pts(c(s * (es + ew + 0.026)) + s * np.array([0, 1]) * c(fw - es - ew - 0.026), _EY - 0.01 + np.zeros(2)), gc, 0.008, g != "none")
     ops.line(_pts(c(es - ew - 0.026) * np.array([-1, -0.5, 0.5, 1]), _EY - 0.006 + np.array([0, -0.008, -0.008, 0])), gc, 0.008, g != "none")
+
+
+PARTS = (draw_head, draw_furrows, draw_facial_hair, draw_eyes, draw_brows, draw_nose, draw_mouth, draw_hair_front, draw_glasses)
+
+
+def build_ops(A: dict[int, np.ndarray], I: dict[str, np.ndarray], side: np.ndarray) -> Ops:  # noqa: E741
+    """The draw list of a batch: every part of `PARTS`, in order."""
+    f = face_params(A, I, side)
+    ops = Ops(f.n)
+    for part in PARTS:
+        part(ops, f)
     return ops
-
-
-# ---------------------------------------------------------------- raster
-
-
-def _supersample(size: int) -> int:
-    return 4 if size <= 48 else 3 if size <= 96 else 2
-
-
-def render_faces(aus: np.ndarray, identities: Sequence[Identity], size: int = 64, seeds: Sequence[int] | int = 0) -> np.ndarray:
-    """Faces (N, size, size, 3) uint8 from AU intensities (N, 16) in AU_IDS order and identities.
-
-    `seeds` (one int per face, or one int from which per-face seeds derive) picks the
-    pose (tilt, shift, scale), the lighting, the noise and the side of AU14.
-    """
-    from PIL import Image, ImageDraw
-
-    aus = np.clip(np.asarray(aus, dtype=np.float64).reshape(-1, len(L.AU_IDS)), 0, 1)
-    n = len(aus)
-    if len(identities) != n:
-        raise ValueError(f"got {n} AU vectors but {len(identities)} identities; pass one identity per face")
-    if np.isscalar(seeds):
-        seeds = [L.sample_seed(int(seeds), i) for i in range(n)]
-    if len(seeds) != n:
-        raise ValueError(f"got {n} AU vectors but {len(seeds)} seeds; pass one seed per face")
-    if size < 16:
-        raise ValueError(f"size must be >= 16 pixels, got {size}")
-    if n == 0:
-        return np.zeros((0, size, size, 3), np.uint8)
-
-    pose = np.zeros((n, 9))
-    for i, sd in enumerate(seeds):
-        r = np.random.default_rng([int(sd), 0x9E])
-        pose[i] = (r.uniform(-0.11, 0.11), r.uniform(-0.03, 0.03), r.uniform(-0.02, 0.03), r.uniform(0.94, 1.05),
-                   r.uniform(0, 2 * np.pi), r.uniform(0.05, 0.3), r.uniform(1.0, 3.5), r.choice([-1, 1]), 0)
-    A = {au: aus[:, k] for k, au in enumerate(L.AU_IDS)}
-    I = _identity_arrays(identities)
-    ops = _build_ops(A, I, pose[:, 7])
-
-    ss = _supersample(size)
-    S = size * ss
-    cos, sin = np.cos(pose[:, 0])[:, None], np.sin(pose[:, 0])[:, None]
-    cx, cy, sc = (0.5 + pose[:, 1])[:, None], (0.47 + pose[:, 2])[:, None], pose[:, 3][:, None]
-    drawn = []
-    for kind, pts, color, width, mask in ops.items:
-        x, y = pts[..., 0], pts[..., 1]
-        px = (cx + sc * (cos * x - sin * y)) * S
-        py = (cy + sc * (sin * x + cos * y)) * S
-        xy = np.stack([px, py], -1).reshape(n, -1).tolist()
-        w = max(1, int(round(width * S))) if kind == "line" else 0
-        drawn.append((kind == "line", xy, [tuple(v) for v in np.clip(color, 0, 255).round().astype(int).tolist()], w, mask))
-
-    # Background: a two-colour linear gradient per identity.
-    g = np.linspace(-0.5, 0.5, 8)
-    ang = I["background_angle"][:, None, None]
-    ramp = np.clip(0.5 + np.cos(ang) * g[None, None, :] + np.sin(ang) * g[None, :, None], 0, 1)[..., None]
-    bg = (I["background"][:, None, None] * (1 - ramp) + I["background2"][:, None, None] * ramp).astype(np.uint8)
-
-    out = np.empty((n, size, size, 3), np.uint8)
-    for i in range(n):
-        im = Image.fromarray(bg[i]).resize((S, S), Image.BILINEAR)
-        d = ImageDraw.Draw(im)
-        for is_line, xy, color, w, mask in drawn:
-            if mask[i]:
-                if is_line:
-                    d.line(xy[i], fill=color[i], width=w)
-                else:
-                    d.polygon(xy[i], fill=color[i])
-        out[i] = np.asarray(im.reduce(ss))
-
-    # Lighting gradient and sensor noise, per face from its own seed.
-    img = out.astype(np.float32)
-    g = np.linspace(-0.5, 0.5, size, dtype=np.float32)
-    la, ls = pose[:, 4][:, None, None], pose[:, 5][:, None, None]
-    light = 1 + ls * (np.cos(la) * g[None, None, :] + np.sin(la) * g[None, :, None])
-    img *= light[..., None].astype(np.float32)
-    for i, sd in enumerate(seeds):
-        r = np.random.default_rng([int(sd), 0x40])
-        img[i] += r.standard_normal((size, size, 3), dtype=np.float32) * np.float32(pose[i, 6])
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
-
-
-def render_face(aus, identity: Identity, size: int = 64, seed: int = 0):
-    """One face as a PIL image; `aus` is an AU vector (16,) or a {'AU6': 0.8, ...} dict."""
-    from PIL import Image
-
-    vec = L.au_vector(aus) if isinstance(aus, dict) else np.asarray(aus, dtype=np.float64)
-    return Image.fromarray(render_faces(vec[None], [identity], size, [seed])[0])
-
-
-# ---------------------------------------------------------------- the Source plugin
-
-
-class ProceduralSource(Source):
-    """Faces of the procedural world with ground-truth expression, AUs and identity."""
-
-    name = "procedural"
-
-    class Config(StageConfig):
-        num_images: int = Field(1000, gt=0)
-        size: int = Field(64, ge=16, le=1024)  # pixels (square)
-        seed: int = 0  # picks expressions, identities, AUs and poses per image index
-        split: Literal["train", "test"] = "train"  # identity pools of the splits are disjoint
-        num_identities: int = Field(200, gt=0, le=MAX_IDENTITIES)
-        expressions: list[str] | dict[str, float] | None = None  # mix (names or name->weight); default: the label space
-        label_space: str = "affectnet8"
-        extra_au_rate: float = Field(0.08, ge=0, le=1)  # chance of each weak distractor AU
-        batch_size: int = Field(256, gt=0)  # render batch (memory vs speed only; output is identical)
-
-        @field_validator("label_space")
-        @classmethod
-        def _space(cls, v):
-            L.label_space(v)
-            return v
-
-        @model_validator(mode="after")
-        def _mix_in_space(self):
-            space = L.label_space(self.label_space)
-            names = list(self.expressions or [])
-            bad = [e for e in names if L.ALIASES.get(e.strip().lower()) not in space]
-            if bad:
-                raise ValueError(f"expressions {bad} are not in label space {self.label_space!r} ({', '.join(space)})")
-            if isinstance(self.expressions, dict) and (min(self.expressions.values()) < 0 or sum(self.expressions.values()) <= 0):
-                raise ValueError(f"expression weights must be >= 0 with a positive sum, got {self.expressions}")
-            return self
-
-    def mix(self) -> tuple[list[str], np.ndarray]:
-        e = self.config.expressions
-        if e is None:
-            names, w = list(L.label_space(self.config.label_space)), None
-        elif isinstance(e, dict):
-            names, w = [L.canonical(k) for k in e], np.array(list(e.values()), dtype=np.float64)
-        else:
-            names, w = [L.canonical(k) for k in e], None
-        w = np.ones(len(names)) if w is None else w
-        return names, w / w.sum()
-
-    def plan(self, index: int, identities: list[Identity], names, weights):
-        """(expression, identity, AU vector, render seed) of image `index`: depends only on (seed, index)."""
-        rng = np.random.default_rng(L.sample_seed(self.config.seed, index))
-        expr = names[int(rng.choice(len(names), p=weights))]
-        ident = identities[int(rng.integers(len(identities)))]
-        aus = sample_expression_aus(expr, rng, self.config.extra_au_rate)
-        return expr, ident, aus, int(rng.integers(1 << 32))
-
-    def records(self) -> Iterator[FaceRecord]:
-        from PIL import Image
-
-        cfg = self.config
-        identities = split_identities(cfg.split, cfg.num_identities)
-        names, weights = self.mix()
-        for start in range(0, cfg.num_images, cfg.batch_size):
-            plans = [self.plan(i, identities, names, weights) for i in range(start, min(start + cfg.batch_size, cfg.num_images))]
-            imgs = render_faces(np.stack([p[2] for p in plans]), [p[1] for p in plans], cfg.size, [p[3] for p in plans])
-            for (expr, ident, aus, _), img in zip(plans, imgs):
-                yield FaceRecord(image=Image.fromarray(img), expression=expr, aus=L.au_dict(aus), caption=None,
-                                 source="procedural", identity=identity_id(ident), attributes=asdict(ident))
-
-
-def identity_id(identity: Identity) -> str:
-    split = "test" if identity.seed >= SPLIT_OFFSET["test"] else "train"
-    return f"proc-{split}-{identity.seed - SPLIT_OFFSET[split]:06d}"
-
-
-# ---------------------------------------------------------------- preview
-
-
-def preview_grid(path, size: int = 64, identities: int = 8, seed: int = 0, label_space: str = "affectnet8"):
-    """Write a PNG grid: one row per expression (labelled at left), one column per identity."""
-    from PIL import Image, ImageDraw
-
-    exprs = L.label_space(label_space)
-    idents = [sample_identity(SPLIT_OFFSET["train"] + seed * identities + k) for k in range(identities)]
-    aus, ids, seeds = [], [], []
-    for r, e in enumerate(exprs):
-        for k, ident in enumerate(idents):
-            rng = np.random.default_rng(L.sample_seed(seed, r * 1000 + k))
-            aus.append(L.AUPrior(low=0.7).sample(e, rng))
-            ids.append(ident)
-            seeds.append(int(rng.integers(1 << 32)))
-    imgs = render_faces(np.stack(aus), ids, size, seeds)
-    label_w, pad = 64, 2
-    grid = Image.new("RGB", (label_w + len(idents) * (size + pad), len(exprs) * (size + pad)), (255, 255, 255))
-    d = ImageDraw.Draw(grid)
-    for r, e in enumerate(exprs):
-        d.text((4, r * (size + pad) + size // 2 - 5), e, fill=(0, 0, 0))
-        for k in range(len(idents)):
-            grid.paste(Image.fromarray(imgs[r * len(idents) + k]), (label_w + k * (size + pad), r * (size + pad)))
-    grid.save(path)
-    return grid
-
-
-@hookimpl
-def register_stages(register):
-    register(ProceduralSource)
