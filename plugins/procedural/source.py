@@ -5,9 +5,10 @@ from dataclasses import asdict
 from typing import Iterator, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from synfer import labels as L
+from synfer.recipe import LabelSpaceName, Mix, Seed
 from synfer.stages import FaceRecord, Source, StageConfig
 from synfer_plugins.procedural.identity import (MAX_IDENTITIES, SPLIT_OFFSET, Identity, identity_id, sample_expression_aus,
                                                 sample_identity, split_identities)
@@ -22,29 +23,20 @@ class ProceduralSource(Source):
     class Config(StageConfig):
         num_images: int = Field(1000, gt=0)
         size: int = Field(64, ge=16, le=1024)  # pixels (square)
-        seed: int = 0  # picks expressions, identities, AUs and poses per image index
+        seed: Seed = 0  # picks expressions, identities, AUs and poses per image index
         split: Literal["train", "test"] = "train"  # identity pools of the splits are disjoint
         num_identities: int = Field(200, gt=0, le=MAX_IDENTITIES)
-        expressions: list[str] | dict[str, float] | None = None  # mix (names or name->weight); default: the label space
-        label_space: str = "affectnet8"
+        expressions: Mix = None  # mix (names or name->weight, weights >= 0 summing above 0); default: the label space
+        label_space: LabelSpaceName = "affectnet8"
         extra_au_rate: float = Field(0.08, ge=0, le=1)  # chance of each weak distractor AU
         batch_size: int = Field(256, gt=0)  # render batch (memory vs speed only; output is identical)
-
-        @field_validator("label_space")
-        @classmethod
-        def _space(cls, v):
-            L.label_space(v)
-            return v
 
         @model_validator(mode="after")
         def _mix_in_space(self):
             space = L.label_space(self.label_space)
-            names = list(self.expressions or [])
-            bad = [e for e in names if L.ALIASES.get(e.strip().lower()) not in space]
+            bad = [e for e in self.expressions or [] if L.canonical(e) not in space]
             if bad:
                 raise ValueError(f"expressions {bad} are not in label space {self.label_space!r} ({', '.join(space)})")
-            if isinstance(self.expressions, dict) and (min(self.expressions.values()) < 0 or sum(self.expressions.values()) <= 0):
-                raise ValueError(f"expression weights must be >= 0 with a positive sum, got {self.expressions}")
             return self
 
     def mix(self) -> tuple[list[str], np.ndarray]:
