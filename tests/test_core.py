@@ -187,6 +187,7 @@ def test_example_plugin_in_cli_validate(tmp_path):
     assert bad.returncode != 0 and "experts.0.vote_for" in bad.stderr
 
 
+@pytest.mark.slow  # subprocess runs
 def test_wheel_and_editable_install_include_builtin_plugins(tmp_path):
     import importlib.util
     import zipfile
