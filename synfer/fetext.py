@@ -234,7 +234,9 @@ def build_fetext(recipe: FETextRecipe, registry=None, progress: bool = True) -> 
     summary.total = len(writer.rows)
     summary.per_class = Counter(str(r.get("expression")) for r in writer.rows)
     summary.per_source = Counter(str(r.get("source")) for r in writer.rows)
-    (Path(recipe.output) / SUMMARY_FILE).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    from synfer.dataset import atomic_write
+
+    atomic_write(Path(recipe.output) / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2) + "\n")
     return summary
 
 
