@@ -13,13 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from synfer import labels as L
 from synfer.dataset import DatasetWriter, atomic_write, collect_rows, merge, part_name, write_json
 from synfer.ensemble import ExpertEnsemble, Member
 from synfer.faults import crash_point
 from synfer.recipe import Recipe, expert_kind
+from synfer.seeds import stream_rng
 from synfer.stages import LabelledSample, SampleRequest
 
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -46,7 +45,7 @@ def plan(recipe: Recipe, limit: int | None = None) -> list[SampleRequest]:
     for index in range(n):
         seed = L.sample_seed(recipe.seed, index)
         expression = expression_for(index, mix)
-        aus = prior.sample(expression, np.random.default_rng([seed, 1]))
+        aus = prior.sample(expression, stream_rng(seed, "plan.aus"))
         out.append(SampleRequest(index=index, seed=seed, expression=expression, aus=L.au_dict(aus)))
     return out
 
