@@ -22,7 +22,7 @@ from synfer.dataset import row_label as _label
 
 REPORT = "report.html"
 
-# What each headline metric means (synfer_plugins.evaluators); shown next to the numbers.
+# What each headline metric means (the built-in evaluator plugins); shown next to the numbers.
 METRIC_NOTES = {
     "fid": "Fréchet distance to the reference set (default features: oracle-cnn penultimate layer, offline; "
            "not comparable with published Inception FID). Lower is closer.",

@@ -15,7 +15,8 @@ from synfer.resume import RECIPE_FILE, ResumeMismatch, changed_keys
 def _recipe(tmp_path, registry, overrides=()):
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({"seed": 3, "num_images": 6, "output": str(tmp_path / "out"),
-                                 "generator": {"plugin": "dummy", "batch_size": 4}, "experts": [{"plugin": "dummy-expert"}]}))
+                                 "generator": {"plugin": "dummy", "batch_size": 4}, "experts": [{"plugin": "dummy-expert"}],
+                                 "grid": False, "report": False}))  # (no matplotlib: these tests are about recipe.json)
     return load_recipe(p, overrides, registry=registry)
 
 
@@ -43,7 +44,7 @@ def test_changed_seed_stops_and_names_the_key(tmp_path, registry):
 
 def test_growing_the_run_or_changing_evaluators_does_not_block(tmp_path, registry):
     run_recipe(_recipe(tmp_path, registry), registry=registry, progress=False)
-    s = run_recipe(_recipe(tmp_path, registry, ["num_images=9", "generator.batch_size=2", "grid=false", "report=false"]),
+    s = run_recipe(_recipe(tmp_path, registry, ["num_images=9", "generator.batch_size=2", "grid=true", "evaluators=[]"]),
                    registry=registry, progress=False)
     assert (s.resumed, s.generated) == (6, 3)
     assert json.loads((tmp_path / "out" / RECIPE_FILE).read_text())["num_images"] == 9
