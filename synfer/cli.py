@@ -93,6 +93,17 @@ def merge_cmd(dataset):
 def validate(recipe, overrides):
     """Check a recipe without loading any weights; lists every problem at once."""
     r = _load_recipe(recipe, overrides)
+    from pathlib import Path
+
+    from synfer.resume import ResumeMismatch, check_resume
+
+    if Path(r.output).is_dir():  # a rerun into this output would stop: say so now
+        from synfer.dataset import collect_rows
+
+        try:
+            check_resume(r, r.output, collect_rows(Path(r.output)), write=False)
+        except ResumeMismatch as exc:
+            raise click.ClickException(f"{recipe}: {exc}")
     click.echo(f"{recipe}: ok ({r.num_images} images -> {r.output})")
 
 

@@ -82,4 +82,7 @@ def test_cli_run_with_another_seed_exits_1_naming_seed(tmp_path, registry, monke
     forced = runner.invoke(main, ["run", str(recipe), "seed=5", "--force"])
     assert first.exit_code == 0, first.output
     assert second.exit_code == 1 and "seed (3 -> 5)" in second.output, second.output
+    checked = runner.invoke(main, ["validate", str(recipe), "seed=7"])  # validate says it before a run does (--force recorded 5)
+    assert checked.exit_code == 1 and "seed (5 -> 7)" in checked.output, checked.output
+    assert runner.invoke(main, ["validate", str(recipe), "seed=5", "num_images=4"]).exit_code == 0
     assert forced.exit_code == 0 and json.loads((tmp_path / "out" / RECIPE_FILE).read_text())["seed"] == 5, forced.output
