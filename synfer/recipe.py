@@ -1,7 +1,10 @@
 """Recipes: YAML -> a validated `Recipe`, with key=value overrides from the CLI.
 
-Validation builds every stage's Config without loading weights and reports every
-problem in one error, each with its path (`generator.steps: ...`).
+Every recipe kind (run, FEText, downstream benchmark) is a `RecipeModel` and goes through
+`validate_recipe`: its fields (shared types `LabelSpaceName`, `Seed`, `Mix`, `OutputDir`),
+every stage block against its plugin's Config (no weights loaded), then cheap checks. Every
+problem shows in one error, each with its path (`generator.steps: ...`); a malformed
+override is a problem quoting the override.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synfer import labels as L
+
 
 class RecipeError(ValueError):
     def __init__(self, problems: list[str], source: str = "recipe"):
