@@ -42,6 +42,7 @@ class FETextRecipe(RecipeModel):
     seed: Seed = 0  # handed to every stage whose Config has a `seed` the recipe leaves unset
     limit: int | None = Field(None, gt=0)  # stop after this many records in total
 
+
 def validate_fetext(data: dict, registry=None, source: str = "recipe", problems=()) -> FETextRecipe:
     """Check the recipe and every stage block without loading weights; all problems at once."""
     return validate_recipe(FETextRecipe, data, registry, source, problems)

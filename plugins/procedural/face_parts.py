@@ -155,7 +155,8 @@ def draw_head(ops: Ops, f: FaceParams) -> None:
 
 def draw_furrows(ops: Ops, f: FaceParams) -> None:
     """Cheeks (AU6 raises and rounds them), age lines and the furrows of AUs 1/2, 4, 6, 9, 10, 12, 14, 17."""
-    A, side, c, skin, fh, es, ew, ns, wr, line_w, a12, cdy, mw, jaw = f.A, f.side, f.c, f.skin, f.fh, f.es, f.ew, f.ns, f.wr, f.line_w, f.a12, f.cdy, f.mw, f.jaw
+    A, side, c, skin, fh, es, ew, ns, wr = f.A, f.side, f.c, f.skin, f.fh, f.es, f.ew, f.ns, f.wr
+    line_w, a12, cdy, mw, jaw = f.line_w, f.a12, f.cdy, f.mw, f.jaw
     # --- cheeks (AU6 raises and rounds them), age and AU furrows
     for s in (-1, 1):
         ops.poly(_ellipse(s * (es + 0.01), _EY + 0.1 - 0.018 * A[6], 0.05, 0.034 + 0.006 * A[6], 14),
