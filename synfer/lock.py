@@ -142,8 +142,9 @@ class OutputLock:
 def refuse_other_kind(folder: str | os.PathLike, kind: str) -> None:
     """Stop before writing when `folder` already holds the other kind of synfer dataset.
 
-    kind "run": generated samples (rows carry `preassigned_label`); kind "fetext": FEText faces
-    (rows carry `expression`, no `preassigned_label`). Mixing them would break both."""
+    kind "fetext": refuse generated samples (rows carry `preassigned_label`); kind "run": refuse
+    FEText faces (rows carry `expression`, no `preassigned_label`). Mixing them would break both.
+    (`synfer run` itself gets this check from synfer.resume.check_resume, with its recipe check.)"""
     from synfer.dataset import METADATA, PARTS, DatasetError
 
     folder = Path(folder)

@@ -386,7 +386,7 @@ def test_run_into_a_fetext_folder_is_refused(tmp_path, dummy_env):
     assert cli("fetext", "build", fetext_recipe(tmp_path, [{"plugin": "imagefolder", "root": str(root)}]), "--no-progress").exit_code == 0
     before = (tmp_path / "fetext" / METADATA).read_bytes()
     res = cli("run", _run_recipe_file(tmp_path, tmp_path / "fetext"))
-    one_error(res, "holds a FEText dataset", "set output= to another folder")
+    one_error(res, "labelled images (a FEText or real set), not the output of 'synfer run'", "pick another output=")
     assert (tmp_path / "fetext" / METADATA).read_bytes() == before
     assert cli("run", _run_recipe_file(tmp_path, tmp_path / "gen")).exit_code == 0
     res = cli("fetext", "build", fetext_recipe(tmp_path, [{"plugin": "imagefolder", "root": str(root)}], out="gen"), "--no-progress")
