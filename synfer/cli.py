@@ -110,8 +110,7 @@ def plugins(as_json):
         return
     for r in rows:
         click.echo(f"{r['stage']:<20} {r['name']:<22} {r['provider']} {r['version']}")
-    for _, msg in reg.failures:
-        click.echo(f"warning: {msg}", err=True)
+    # failures were already warned about, once each, while the registry loaded (synfer/logs.py)
 
 
 @main.command()

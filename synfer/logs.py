@@ -134,7 +134,7 @@ def _showwarning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def runner_class():
-    """mmengine's Runner, with its console lines below WARNING replaced by one progress bar.
+    """mmengine's Runner, with its console lines below ERROR replaced by one progress bar.
 
     The log file in the work folder keeps every line (environment, config, a loss line every
     `log_interval` iterations, checkpoints). With -v the console shows them too, without the bar.
@@ -145,10 +145,10 @@ def runner_class():
         class SynferRunner(Runner):
             def build_logger(self, log_level="INFO", log_file=None, **kwargs):
                 logger = super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
-                if verbosity() < 1:
+                if verbosity() < 1:  # mmengine's warnings are about its own config (registries, FileClient): file only
                     for h in logger.handlers:
                         if not isinstance(h, logging.FileHandler):
-                            h.setLevel(max(h.level, LEVELS[min(verbosity(), 0)]))
+                            h.setLevel(max(h.level, logging.ERROR))
                 return logger
 
             def register_hooks(self, default_hooks=None, custom_hooks=None):

@@ -128,9 +128,21 @@ def test_training_console_is_one_bar_and_the_log_file_keeps_everything(restore, 
     result = run_training(Regression(), data, work_dir=tmp_path / "work", max_iters=20, batch_size=8, lr=0.05, log_interval=5)
     out, err = capfd.readouterr()
     assert result.iters == 20
-    assert "Iter(train)" not in out + err and "System environment" not in out + err
+    assert "Iter(train)" not in out + err and "System environment" not in out + err and "mmengine" not in out + err
     assert "train: 100%" in err and "20/20" in err and "loss=" in err
     log_files = list((tmp_path / "work").rglob("*.log"))
     assert log_files, "mmengine's log file is missing from the work folder"
     text = log_files[0].read_text()
     assert "System environment" in text and text.count("Iter(train)") == 4  # every log_interval of 5
+
+
+def test_a_broken_plugin_is_warned_about_once(tmp_path):
+    from conftest import make_dist, subprocess_env
+
+    (tmp_path / "synfer_broken.py").write_text("raise RuntimeError('boom at import')\n")
+    make_dist(tmp_path, "synfer-broken", {"broken": "synfer_broken"})
+    for args in (["plugins"], ["validate", "recipes/quickstart.yaml"]):
+        out = subprocess.run([sys.executable, "-m", "synfer", *args], capture_output=True, text=True, env=subprocess_env(tmp_path), cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert out.stderr.count("boom at import") == 1, out.stderr
+        assert out.stderr.startswith("warning: synfer plugin 'broken'"), out.stderr
