@@ -19,6 +19,7 @@ LAZY_COMMANDS = {
     "calibrate": "synfer.calibrate:calibrate_cli",
     "bootstrap": "synfer.bootstrap:bootstrap_cli",
     "plugin": "synfer.scaffold:plugin_cli",
+    "recipe": "synfer.recipedocs:recipe_cli",
 }
 
 

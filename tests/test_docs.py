@@ -137,3 +137,75 @@ def test_plugin_template_refuses_bad_names_and_overwrites(tmp_path):
     write_plugin("x", tmp_path)
     with pytest.raises(click.ClickException, match="already exists"):
         write_plugin("x", tmp_path)
+
+
+def test_recipe_reference_is_up_to_date():
+    """docs/recipes.md and docs/recipe.schema.json are what `synfer recipe docs` writes now."""
+    import json
+
+    from synfer.plugins import Registry
+    from synfer.recipedocs import render, schema
+
+    reg = Registry()
+    reg.load_entrypoints()
+    hint = "out of date: run `synfer recipe docs` and commit docs/recipes.md and docs/recipe.schema.json"
+    assert (ROOT / "docs" / "recipes.md").read_text() == render(reg), hint
+    assert json.loads((ROOT / "docs" / "recipe.schema.json").read_text()) == json.loads(json.dumps(schema(reg))), hint
+
+
+def test_recipe_reference_documents_every_builtin_key():
+    from synfer.plugins import Registry
+    from synfer.recipedocs import render
+
+    reg = Registry()
+    reg.load_entrypoints()
+    text = render(reg)
+    builtins = [p for p in reg.plugins.values() if p.provider == "synfer"]
+    assert len(builtins) >= 20
+    for p in builtins:
+        if p.kind in ("au_detector", "calibrator", "captioner", "evaluator", "expert", "generator", "guidance_classifier",
+                      "prompter", "source", "upscaler"):
+            assert f"### {p.kind} {p.name}\n" in text, p.name
+            for key in p.cls.Config.model_fields:
+                assert f"| `{key}` |" in text, f"{p.kind} {p.name}: {key}"
+    assert "| `generator` | dict[str, Any] | **required** |" in text
+
+
+def test_recipe_schema_accepts_the_shipped_recipes_and_names_every_key():
+    """A small walk of the schema for the stage blocks (jsonschema is not a dependency)."""
+    import json
+
+    import yaml
+
+    sch = json.loads((ROOT / "docs" / "recipe.schema.json").read_text())
+    props = sch["properties"]
+
+    def options(field):
+        p = props[field]
+        block = p["items"] if p.get("type") == "array" else p
+        while "anyOf" in block and not any("title" in o for o in block["anyOf"]):
+            block = block["anyOf"][0]
+        return {o["properties"]["plugin"].get("const"): o for o in block["anyOf"]}
+
+    for recipe in ("quickstart.yaml", "sd15-affectnet8.yaml"):
+        data = yaml.safe_load((ROOT / "recipes" / recipe).read_text())
+        assert set(data) <= set(props), set(data) - set(props)
+        for field in ("prompter", "generator", "guidance_classifier", "calibrator", "experts", "evaluators"):
+            blocks = data.get(field) or []
+            for block in blocks if isinstance(blocks, list) else [blocks]:
+                opt = options(field)[block["plugin"]]
+                assert set(block) <= set(opt["properties"]), f"{recipe} {field}: {set(block) - set(opt['properties'])}"
+    assert options("generator")["sd"]["additionalProperties"] is False
+
+
+@pytest.mark.slow
+def test_recipe_docs_command_checks_without_torch(tmp_path):
+    code = ("import sys; from click.testing import CliRunner; from synfer.cli import main; "
+            "r = CliRunner().invoke(main, ['recipe', 'docs', '--check']); print(r.output); "
+            "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "up to date" in run.stdout
+    stale = subprocess.run([sys.executable, "-m", "synfer", "recipe", "docs", "--check", "--out", str(tmp_path)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert stale.returncode == 1 and "out of date" in stale.stderr
