@@ -131,45 +131,32 @@ class {cls}(GuidanceClassifier):
 '''
 
 TEST = '''\
-"""Tests for the {name} plugin: the contract synfer relies on. Run: pytest tests/"""
-import numpy as np
+"""Tests for the {name} plugin: the contract synfer relies on (docs/plugins.md). Run: pytest tests/"""
 import pytest
 import torch
-from PIL import Image
 
 import {module}
-from synfer.plugins import Registry
+from synfer.testing import check_stage, plugin_registry, sample_images
 
 
 @pytest.fixture
 def stage():
-    reg = Registry()  # a registry of its own: only this plugin, as synfer would load it
-    reg.add({module}, provider="{dist}")
+    reg = plugin_registry({module})  # only this plugin, registered as synfer registers it
     return reg.build("guidance_classifier", {{"plugin": "{name}"}})
 
 
-def test_registers_for_guidance_and_votes():
-    reg = Registry()
-    reg.add({module}, provider="{dist}")
-    assert reg.names("guidance_classifier") == ["{name}"]
+def test_contract(stage):
+    check_stage(stage)  # logits with gradients for guidance; probabilities for the vote; deterministic
 
 
-def test_forward_gives_logits_with_gradients(stage):
-    images = torch.rand(3, 3, 40, 40) * 2 - 1
-    images.requires_grad_(True)
-    logits = stage.forward(images)
-    assert logits.shape == (3, 8) and logits.dtype == torch.float32
-    logits[:, 1].sum().backward()  # semantic guidance needs d(logits)/d(image)
-    assert images.grad is not None and images.grad.abs().sum() > 0
+def test_shapes_and_classes(stage):
+    logits = stage.forward(torch.zeros(2, 3, 64, 64))  # any size: forward() resizes
+    assert logits.shape == (2, 8)
+    assert stage.predict(sample_images(3)).shape == (3, 8)
 
 
-def test_predict_gives_probabilities(stage):
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)) for _ in range(4)]
-    probs = stage.predict(images)
-    assert probs.shape == (4, 8)
-    assert np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
-    assert np.array_equal(probs, stage.predict(images))  # deterministic
+def test_registered_once_under_its_name():
+    assert plugin_registry({module}).names("guidance_classifier") == ["{name}"]
 
 
 def test_config_is_strict():
