@@ -209,3 +209,18 @@ def test_recipe_docs_command_checks_without_torch(tmp_path):
     stale = subprocess.run([sys.executable, "-m", "synfer", "recipe", "docs", "--check", "--out", str(tmp_path)],
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert stale.returncode == 1 and "out of date" in stale.stderr
+
+
+def test_plugin_guide_examples_run(monkeypatch):
+    """Every ```python block of docs/plugins.md runs, in order, as the module `synfer_acme`."""
+    import types
+
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 7, "docs/plugins.md lost its examples"
+    module = types.ModuleType("synfer_acme")
+    module.__file__ = str(ROOT / "docs" / "plugins.md")
+    monkeypatch.setitem(sys.modules, "synfer_acme", module)
+    for i, code in enumerate(blocks, 1):
+        exec(compile(code, f"docs/plugins.md (python block {i})", "exec"), module.__dict__)
+    assert {"BrightnessExpert", "MouthGuidance", "KeptEvaluator", "reg"} <= set(vars(module))
