@@ -1,6 +1,6 @@
 """The procedural face world: frontal faces drawn from FACS action units and an identity.
 
-It stands in for FFHQ/AffectNet (DESIGN.md, "The world we build in"): every face comes
+It stands in for FFHQ/AffectNet (docs/design.md, "The procedural face world"): every face comes
 with ground-truth AUs, its expression and its identity attributes, so the whole method
 runs and is measured on a CPU. Each AU of synfer.labels.AU_IDS moves what a FACS coder
 expects (brows for 1/2/4, lids for 5/6/7, nose for 9, lips for 10-26), exaggerated so
