@@ -62,7 +62,7 @@ def setup(verbosity: int = 0) -> None:
 
     root = logging.getLogger()
     if not any(getattr(h, "_synfer", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(_Formatter())
         handler._synfer = True  # type: ignore[attr-defined]
         root.addHandler(handler)
@@ -91,6 +91,18 @@ def _configure_loaded_libraries(verbosity: int) -> None:
                 continue
             lib_logging.set_verbosity(logging.ERROR if quiet else LEVELS[verbosity])
             (lib_logging.disable_progress_bar if quiet else lib_logging.enable_progress_bar)()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (click's test runner and pytest swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 class _Formatter(logging.Formatter):

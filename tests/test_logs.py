@@ -146,3 +146,14 @@ def test_a_broken_plugin_is_warned_about_once(tmp_path):
         assert out.returncode == 0, out.stderr
         assert out.stderr.count("boom at import") == 1, out.stderr
         assert out.stderr.startswith("warning: synfer plugin 'broken'"), out.stderr
+
+
+def test_log_lines_follow_the_current_stderr(restore, capsys):
+    """After a click test runner swapped stderr and closed its copy, logging still reaches the real one."""
+    from click.testing import CliRunner
+
+    from synfer.cli import main
+
+    assert CliRunner().invoke(main, ["labels"]).exit_code == 0  # runs setup() under a swapped stderr
+    logging.getLogger("synfer.x").warning("still visible")
+    assert "warning: still visible" in capsys.readouterr().err
