@@ -137,8 +137,11 @@ def run_training(
     from mmengine.dataset import InfiniteSampler
     from mmengine.hooks import CheckpointHook, EMAHook, LoggerHook
     from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
-    from mmengine.runner import Runner
     from torch.utils.data import default_collate
+
+    from synfer.logs import runner_class
+
+    Runner = runner_class()  # mmengine's Runner; console: one progress bar unless -v, full log in work_dir
 
     if threads:
         torch.set_num_threads(int(threads))

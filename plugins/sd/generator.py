@@ -48,7 +48,7 @@ class SDGenerator(Generator):
         device: str = "auto"  # "auto": cuda if available, else cpu
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
         size: int | None = None  # output side in pixels; None: the model's native size
-        channels_last: bool = True  # UNet (and VAE) in channels-last memory: 11-13% faster per UNet call on CPU (bench/README.md)
+        channels_last: bool = True  # UNet (and VAE) in channels-last memory: 11-13% faster per UNet call on CPU (docs/results.md, Speed)
         nan_retries: int = Field(2, ge=0)  # a non-finite sample is redrawn from derived seeds this often, then dropped
         exact_batching: bool = True  # denoise each sample on its own: files identical whatever batch_size (CPU
         # batched kernels round differently); false batches the UNet for GPU throughput

@@ -8,7 +8,7 @@ the "latents" are the image in [-1, 1].
 
 The shipped default is a tiny pixel-space model (`create_tiny_model`), trained by
 `synfer train generator` on the procedural FEText. Its config comes from measurements on
-a 2-core CPU (shared/MEASURED.md): 32x32 pixels, channels (32, 64, 64), one layer per
+a 2-core CPU (docs/results.md, early design measurements): 32x32 pixels, channels (32, 64, 64), one layer per
 block, attention only at 16x16 and 8x8 (attention at full resolution is ruinous on a
 CPU), 1.7M parameters, 0.64 s per training step of 32; ten minutes of training gave
 recognisable faces with 75.5% oracle expression accuracy, better than the 64x64
@@ -230,7 +230,7 @@ def create_tiny_model(captions: Sequence[str], *, size: int = 32, max_length: in
                       block_out_channels: tuple[int, ...] = (32, 64, 64), text_dim: int = 64) -> SDModel:
     """A fresh pixel-space model (random weights) with a vocabulary built from `captions`.
 
-    Defaults as measured in MEASURED.md: 32x32, (32, 64, 64), attention at 16x16 and 8x8 only,
+    Defaults as measured (docs/results.md, early design measurements): 32x32, (32, 64, 64), attention at 16x16 and 8x8 only,
     1.7M UNet parameters; cosine noise schedule (better than SD's scaled-linear at low resolution).
     """
     import torch

@@ -9,7 +9,7 @@
   (`expression_map`: between-class over total variance of FEText, eyes and mouth), and
   `snr_gamma` is Min-SNR weighting (Hang et al. 2023, diffusers' `--snr_gamma`). The
   expression explains 0.4% of a 32 px face's pixel variance, so unweighted Eq. 3 teaches
-  hair and skin from text long before it teaches a 3-pixel mouth shape (README, issue 4).
+  hair and skin from text long before it teaches a 3-pixel mouth shape (docs/results.md, issue 4).
 - AU adapter (4.2.2): same loss (and the same optional weights), UNet/text encoder/VAE
   frozen, only the adapter trains.
   Text, AUs and both are each dropped at `drop_rate` (IP-Adapter's recipe); the
@@ -267,7 +267,7 @@ def train_generator(opts, **overrides) -> Path:
     train_te = extra.get("train_text_encoder")
     train_te = tiny if train_te is None else train_te
     lr = opts.lr or (1e-3 if tiny else 1e-5)
-    ema = tiny if opts.ema is None else opts.ema  # EMA helps the tiny model (MEASURED.md)
+    ema = tiny if opts.ema is None else opts.ema  # EMA helps the tiny model (docs/results.md, early design measurements)
     dataset = FETextDataset(opts.data, sd.native_size, sd.tokenize, rows)
     model = DiffusionTrainModel(sd, train_unet=True, train_text_encoder=train_te, train_adapter=False,
                                 caption_dropout=extra.get("caption_dropout", 0.1), **_loss_weights(extra, dataset, sd, opts.seed))
