@@ -18,6 +18,7 @@ LAZY_COMMANDS = {
     "report": "synfer.report:report_cli",
     "calibrate": "synfer.calibrate:calibrate_cli",
     "bootstrap": "synfer.bootstrap:bootstrap_cli",
+    "label": "synfer.label:label_cli",
 }
 
 
