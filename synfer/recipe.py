@@ -169,8 +169,12 @@ def validate_data(data: dict, registry=None, source: str = "recipe") -> Recipe:
         if isinstance(block, dict) and "plugin" in block:
             if not isinstance(block.get("weight", 1.0), (int, float)) or block.get("weight", 1.0) < 0:
                 problems.append(f"experts.{i}.weight: must be a number >= 0, got {block.get('weight')!r}")
-            member = {k: v for k, v in block.items() if k != "weight"}  # the vote weight is the ensemble's, not the plugin's
+            member = {k: v for k, v in block.items() if k not in ("weight", "align")}  # the ensemble's settings, not the plugin's
             problems += stage_problems(expert_kind(registry, block["plugin"]), member, f"experts.{i}", registry)
+            if "align" in block:
+                from synfer.align import align_problems
+
+                problems += align_problems(block["align"], f"experts.{i}.align", registry)
         else:
             problems.append(f"experts.{i}: expected a mapping with a 'plugin' key, got {block!r}")
     for i, block in enumerate(data.get("evaluators") or []):
