@@ -115,6 +115,14 @@ class ImageFolderConfig(DatasetSourceConfig):
     # its largest face, aligned (synfer.align; default 256 px at zoom 0.8, forehead to chin); no face: skipped.
     align: bool | dict = False
 
+    @field_validator("align")
+    @classmethod
+    def _align(cls, v):
+        from synfer.align import align_block
+
+        align_block(v)  # says what a valid setting looks like
+        return v
+
 
 class ImageFolderSource(_DatasetSource):
     """`root/<class>/<image>`: folder names like 'Happy', 'angry', 'Surprised' or label-space indices '0'..'7'."""

@@ -242,7 +242,7 @@ def build_tflite_graph(path: str | Path, logits: bool = True):
                     out = F.pad(x, [int(v) for pair in p[::-1] for v in pair])
                 elif name == "RESHAPE":
                     shape = self._int(ins[1]) if len(ins) > 1 and ins[1] in const else op["new_shape"]
-                    out = x.reshape([-1, *shape[1:]] if shape and shape[0] in (1, -1) else shape)  # keep the batch free
+                    out = x.reshape([x.shape[0], *shape[1:]] if shape and shape[0] in (1, -1) else shape)  # the batch stays free
                 elif name == "CONCATENATION":
                     out = act(torch.cat([self._v(vals, i) for i in ins], dim=op["axis"]), op["act"])
                 elif name == "PRELU":

@@ -111,13 +111,20 @@ def label_folder(folder: str | Path, recipe: LabelRecipe, registry=None, progres
         weight = float(block.pop("weight", 1.0))
         e = reg.build(expert_kind(reg, block["plugin"]), block)
         name = e.name if e.name not in names else f"{e.name}#{names.count(e.name) + 1}"
-        experts.append(e), names.append(name), weights.append(weight)
+        experts.append(e)
+        names.append(name)
+        weights.append(weight)
     classes = L.label_space(recipe.label_space)
     sees = np.stack([L.mapping_matrix(e.label_space, recipe.label_space).sum(0) > 0 for e in experts]).astype(float)
     weights = np.asarray(weights, dtype=float)
     out = Path(recipe.output)
     writer = DatasetWriter(out)
     files = photos(folder)
+    done = {r.get("source_file"): r["index"] for r in writer.rows}
+    moved = [str(p.relative_to(folder)) for i, p in enumerate(files) if i in writer.done and done.get(str(p.relative_to(folder))) != i]
+    if moved:  # indices are positions in the sorted file list: a changed folder would mix photos up
+        raise click.ClickException(f"{out} was labelled from a different file list (e.g. {moved[0]} is now photo {files.index(folder / moved[0])}); "
+                                   f"label into a new output, or restore the folder as it was")
     todo = [(i, p) for i, p in enumerate(files) if i not in writer.done]
     skipped = []
     for start in tqdm(range(0, len(todo), recipe.batch_size), desc="label", disable=not progress):

@@ -421,3 +421,68 @@ def test_retinaface_port_matches_the_wheels_own_network(tmp_path, monkeypatch):
         loc, conf, lm = ref(x)
         b, s, m = ours(x)
     assert (b - loc).abs().max() < 1e-4 and (s - conf[..., 1]).abs().max() < 1e-5 and (m - lm).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------ synfer label without network
+
+
+def test_label_folder_votes_without_a_preassigned_label(tmp_path):
+    import json
+
+    import click
+    import dummy_plugins
+    import yaml
+
+    from synfer.label import label_folder, load_label_recipe
+    from synfer.plugins import Registry
+    from synfer_plugins import face_detectors
+
+    reg = Registry()
+    reg.add(face_detectors)
+    reg.add(dummy_plugins)
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name, k in (("a.png", 1), ("b.png", 3), ("sub/c.png", 2)):  # dummy-expert reads EXPRESSIONS[k] from brightness
+        Image.fromarray(np.full((40, 30, 3), int(9.5 + 30 * k), np.uint8)).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({
+        "label_space": "affectnet8", "output": str(tmp_path / "out"), "face_detector": {"plugin": "whole-image"},
+        "align": {"size": 32}, "au_detector": None, "vote": {"threshold": 0.6},
+        "experts": [{"plugin": "dummy-expert", "weight": 1.0}, {"plugin": "dummy-expert", "confuse_sad": False, "weight": 2.0}],
+        "num_images": 5, "generator": {"plugin": "dummy"}}))  # generation keys are ignored, not errors
+    recipe = load_label_recipe(recipe_path, registry=reg)
+    rows = label_folder(folder, recipe, registry=reg, progress=False)
+    by = {r["source_file"]: r for r in rows}
+    assert sorted(by) == ["a.png", "b.png", "sub/c.png"]
+    assert by["a.png"]["label"] == "happy" and by["a.png"]["agreement"] == 1.0 and by["a.png"]["kept"]
+    assert by["b.png"]["label"] == "surprise"
+    # c: the weight-2 expert says sad, the weight-1 one neutral: sad wins with 2/3 of the votes
+    c = by["sub/c.png"]
+    assert c["label"] == "sad" and abs(c["agreement"] - 2 / 3) < 1e-4 and c["kept"] is (max(c["soft_label"]) >= 0.6)
+    assert set(c["predictions"]) == {"dummy-expert", "dummy-expert#2"} and c["aus"] is None
+    assert Image.open(tmp_path / "out" / c["file_name"]).size == (32, 32)
+    assert "broken.jpg (unreadable" in (tmp_path / "out" / "skipped.txt").read_text()
+    before = (tmp_path / "out" / "metadata.jsonl").read_text()
+    assert len(label_folder(folder, recipe, registry=reg, progress=False)) == 3  # a rerun finds everything done
+    assert (tmp_path / "out" / "metadata.jsonl").read_text() == before
+    assert [json.loads(line)["index"] for line in before.splitlines()] == [0, 1, 3]  # positions in the sorted file list
+    Image.fromarray(np.full((40, 30, 3), 40, np.uint8)).save(folder / "0-new.png")  # shifts every position
+    with pytest.raises(click.ClickException, match="different file list"):
+        label_folder(folder, recipe, registry=reg, progress=False)
+
+
+def test_label_recipe_problems_are_listed_together(tmp_path):
+    import yaml
+
+    from synfer.label import load_label_recipe
+    from synfer.recipe import RecipeError
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"face_detector": {"plugin": "nope"}, "experts": [{"plugin": "pyemotion", "colour": 1}],
+                                    "align": {"zoom": 5}, "typo_key": 1}))
+    with pytest.raises(RecipeError) as err:
+        load_label_recipe(path)
+    text = str(err.value)
+    for needle in ("typo_key: unknown key", "align.zoom", "face_detector.plugin: no face_detector named 'nope'", "experts.0.colour"):
+        assert needle in text, needle
