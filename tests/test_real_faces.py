@@ -281,3 +281,17 @@ def test_label_recipe_problems_are_listed_together(tmp_path):
     text = str(err.value)
     for needle in ("typo_key: unknown key", "align.zoom", "face_detector.plugin: no face_detector named 'nope'", "experts.0.colour"):
         assert needle in text, needle
+
+
+def test_a_fer_judge_can_align_first():
+    """`judge: {plugin: ..., align: ...}` shows the judge the aligned crop (whole-image: a resize)."""
+    from synfer_plugins.evaluators import build_plugin
+
+    kinds = ("guidance_classifier", "expert")
+    aligned = build_plugin({"plugin": "oracle-cnn", "align": {"plugin": "whole-image", "size": 48}}, kinds, None)
+    plain = build_plugin("oracle-cnn", kinds, None)
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 255, (40, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    expected = plain.predict([im.resize((48, 48), Image.BICUBIC) for im in photos])
+    assert np.allclose(aligned.predict(photos), expected, atol=1e-6)
+    assert not np.allclose(plain.predict(photos), expected, atol=1e-3)  # the crop really changed what the judge saw
