@@ -4,7 +4,8 @@ With 5 landmarks, a similarity transform (rotation, scale, shift; Umeyama's leas
 sends them onto a fixed template, so eyes are level and at the same place in every crop.
 The template is the common 5-point one of face recognition (eyes, nose tip, mouth corners
 in a 112 x 112 crop), shrunk by `zoom` about the crop centre: zoom 1 is that tight crop
-(brows to lower lip), zoom 0.8 shows forehead and chin as FER data sets do. Without landmarks
+(brows to lower lip, like FER2013's faces; the experts' default), zoom 0.8 shows forehead and
+chin (FEText's imagefolder crops and the face mesh use it). Without landmarks
 the box is cut out and resized. numpy + PIL only; a detector plugin is built through the
 registry, never imported.
 """
@@ -45,7 +46,7 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return m
 
 
-def align_face(image, face: DetectedFace, size: int = 224, zoom: float = 0.8):
+def align_face(image, face: DetectedFace, size: int = 224, zoom: float = 1.0):
     """A size x size RGB crop of `face` in `image` (PIL), landmarks on the template when known."""
     from PIL import Image
 
@@ -71,7 +72,7 @@ class Aligner:
     `crops(images)` returns one aligned crop per image, or None where no face was found.
     """
 
-    def __init__(self, detector: dict[str, Any] | None = None, size: int = 224, zoom: float = 0.8, registry=None):
+    def __init__(self, detector: dict[str, Any] | None = None, size: int = 224, zoom: float = 1.0, registry=None):
         from synfer.plugins import get_registry
 
         self.block = dict(detector or {"plugin": "retinaface"})

@@ -239,8 +239,8 @@ class FaceDetector(Stage):
     def detect(self, images: list["Image.Image"]) -> list[list[DetectedFace]]:
         """Faces per image, best score first (an empty list when there is none)."""
 
-    def align(self, image: "Image.Image", face: DetectedFace, size: int = 224, zoom: float = 0.8) -> "Image.Image":
-        """The size x size crop the experts and FEText expect (synfer.align.align_face)."""
+    def align(self, image: "Image.Image", face: DetectedFace, size: int = 224, zoom: float = 1.0) -> "Image.Image":
+        """The size x size crop the experts (zoom 1) and FEText (zoom 0.8) expect (synfer.align.align_face)."""
         from synfer.align import align_face
 
         return align_face(image, face, size, zoom)
