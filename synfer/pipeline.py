@@ -115,12 +115,16 @@ class Stages:
         for block in recipe.experts:
             block = dict(block)
             weight = float(block.pop("weight", 1.0))
+            align = block.pop("align", None)  # detect and align faces before this expert sees them
             expert = reg.build(expert_kind(reg, block["plugin"]), block)
             space = getattr(expert, "label_space")
             name = expert.name
             while any(m.name == name for m in members):  # the same plugin twice (e.g. two checkpoints)
                 name = f"{expert.name}#{sum(m.name.split('#')[0] == expert.name for m in members) + 1}"
-            members.append(Member(name, weight, space, lambda samples, e=expert: e.predict([s.image for s in samples])))
+            from synfer.align import aligned_predict
+
+            predict = aligned_predict(expert.predict, align, reg)
+            members.append(Member(name, weight, space, lambda samples, p=predict: p([s.image for s in samples])))
         self.ensemble = ExpertEnsemble(members, recipe.label_space, recipe.vote)
         self.evaluators = [(reg.build("evaluator", b)) for b in recipe.evaluators]
 

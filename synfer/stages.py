@@ -221,6 +221,31 @@ class Calibrator(Stage):
     def predict(self, samples: list[GeneratedSample]) -> "np.ndarray": ...
 
 
+@dataclass
+class DetectedFace:
+    """One face a `face_detector` found: pixel box, confidence, and 5 landmarks when it has them."""
+
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the input image
+    score: float
+    landmarks: list[tuple[float, float]] | None = None  # eye, eye, nose tip, mouth corner, mouth corner (image-left first)
+
+
+class FaceDetector(Stage):
+    """Finds faces in photos (image -> boxes, 5 landmarks, scores) for FEText sources and experts."""
+
+    kind = "face_detector"
+
+    @abc.abstractmethod
+    def detect(self, images: list["Image.Image"]) -> list[list[DetectedFace]]:
+        """Faces per image, best score first (an empty list when there is none)."""
+
+    def align(self, image: "Image.Image", face: DetectedFace, size: int = 224, zoom: float = 1.0) -> "Image.Image":
+        """The size x size crop the experts (zoom 1) and FEText (zoom 0.8) expect (synfer.align.align_face)."""
+        from synfer.align import align_face
+
+        return align_face(image, face, size, zoom)
+
+
 class Evaluator(Stage):
     kind = "evaluator"
 
@@ -230,5 +255,6 @@ class Evaluator(Stage):
 
 STAGE_KINDS: dict[str, type[Stage]] = {
     cls.kind: cls
-    for cls in (Source, Captioner, Prompter, Upscaler, AUDetector, Generator, GuidanceClassifier, Calibrator, Expert, Evaluator)
+    for cls in (Source, Captioner, Prompter, Upscaler, AUDetector, Generator, GuidanceClassifier, Calibrator, Expert, Evaluator,
+                FaceDetector)
 }
