@@ -130,7 +130,7 @@ class LandmarkAUDetector(AUDetector):
             self._mesh = build_tflite_graph(path, logits=False)
         return self._mesh
 
-    def landmarks(self, images) -> tuple["np.ndarray", "np.ndarray"]:  # noqa: F821
+    def landmarks(self, images) -> tuple:
         """((N, 468, 3) mesh points in pixels of the 192 x 192 aligned crop, (N,) face presence in [0, 1])."""
         import numpy as np
         import torch

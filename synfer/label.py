@@ -15,13 +15,13 @@ recipe works too: its experts, label space and vote are used, its generation key
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synfer import labels as L
-from synfer.recipe import Recipe, RecipeError, VoteConfig, expert_kind, pydantic_problems, read_yaml, stage_problems
+from synfer.recipe import Recipe, RecipeError, RecipeModel, VoteConfig, expert_kind, read_yaml, validate_recipe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -35,13 +35,18 @@ class AlignConfig(_Strict):
     zoom: float = Field(1.0, gt=0, le=2)  # 1: brows to lower lip (FER2013-like); smaller shows more of the head
 
 
-class LabelRecipe(_Strict):
+class LabelRecipe(RecipeModel):
+    """What `synfer label` reads: a detector, the crop, the experts and their vote, an AU detector."""
+
+    stage_slots: ClassVar[dict[str, str]] = {"face_detector": "face_detector", "au_detector": "au_detector"}
+    stage_lists: ClassVar[dict[str, str]] = {"experts": "expert"}
+
     label_space: str = "affectnet8"
     output: str = "out/labelled"
     face_detector: dict[str, Any] = {"plugin": "retinaface"}
     align: AlignConfig = AlignConfig()
     au_detector: dict[str, Any] | None = {"plugin": "landmarks"}  # None: no AUs
-    experts: list[dict[str, Any]] = Field(min_length=1)
+    experts: list[dict[str, Any]] = Field(min_length=1)  # as in a generation recipe ({plugin, weight, ...}); crops are aligned already
     vote: VoteConfig = VoteConfig()
     batch_size: int = Field(8, gt=0)
 
@@ -51,31 +56,18 @@ class LabelRecipe(_Strict):
         L.label_space(v)
         return v
 
+    @classmethod
+    def item_problems(cls, key, i, block, registry):
+        return Recipe.item_problems(key, i, block, registry)  # the same expert blocks (weight, align) as `synfer run`
+
 
 def load_label_recipe(path: str | Path, overrides=(), registry=None) -> LabelRecipe:
     """A label recipe (or the labelling part of a generation recipe), every problem reported at once."""
-    from synfer.plugins import get_registry
-
-    registry = registry or get_registry()
-    data = read_yaml(path, overrides)
+    problems: list[str] = []
+    data = read_yaml(path, overrides, problems)
     ignored = set(Recipe.model_fields) - set(LabelRecipe.model_fields)  # generation keys: known, not typos
     data = {k: v for k, v in data.items() if k not in ignored}
-    problems: list[str] = []
-    recipe = None
-    try:
-        recipe = LabelRecipe(**data)
-    except ValidationError as exc:
-        problems += pydantic_problems(exc)
-    problems += stage_problems("face_detector", data.get("face_detector", {"plugin": "retinaface"}), "face_detector", registry)
-    if data.get("au_detector", {"plugin": "landmarks"}) is not None:
-        problems += stage_problems("au_detector", data.get("au_detector", {"plugin": "landmarks"}), "au_detector", registry)
-    for i, block in enumerate(data.get("experts") or []):
-        if isinstance(block, dict) and "plugin" in block:
-            member = {k: v for k, v in block.items() if k not in ("weight", "align")}  # crops are aligned already
-            problems += stage_problems(expert_kind(registry, block["plugin"]), member, f"experts.{i}", registry)
-    if problems:
-        raise RecipeError(problems, str(path))
-    return recipe
+    return validate_recipe(LabelRecipe, data, registry, str(path), problems)
 
 
 def photos(folder: Path) -> list[Path]:

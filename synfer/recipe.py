@@ -148,7 +148,7 @@ class Recipe(RecipeModel):
             out.append(f"experts.{i}.weight: must be a number >= 0, got {weight!r}")
         member = {k: v for k, v in block.items() if k not in ("weight", "align")}  # the ensemble's settings, not the plugin's
         out += stage_problems(expert_kind(registry, block["plugin"]), member, f"experts.{i}", registry)
-        if "align" in block:
+        if "align" in block:  # detect and align faces before this expert sees them (synfer.align)
             from synfer.align import align_problems
 
             out += align_problems(block["align"], f"experts.{i}.align", registry)
