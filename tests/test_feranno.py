@@ -77,7 +77,12 @@ def test_train_and_predict(tiny_model, fetext, tmp_path):
 
     enc, losses, metrics = train_feranno(fetext, tiny_model, tmp_path / "fa", test=fetext, iters=16, batch_size=8, lr=3e-3, dim=16, views=2,
                                           mixup=0.4, t=7, max_res=4)
-    assert len(list((tmp_path / "fa" / "work").glob("features-*-v2.safetensors"))) == 1
+    (cache,) = (tmp_path / "fa" / "work" / "calibrator").glob("features-*-v2")  # the calibrator's own work folder
+    done = json.loads((cache / "done.json").read_text())
+    f0 = np.load(cache / "f0.npy", mmap_mode="r")
+    assert f0.dtype == np.float16 and f0.shape[0] == done["images"] == 96 and max(f0.shape[-2:]) <= 4  # pooled to max_res
+    assert done["features"] == done["attention"] == 3 and np.load(cache / "a2.npy", mmap_mode="r").shape[-1] == 4
+    assert done["bytes_per_image"] == sum(np.load(p, mmap_mode="r")[0].nbytes for p in cache.glob("*.npy"))
     assert np.mean([l for _, l in losses[-5:]]) < np.mean([l for _, l in losses[:5]])
     assert 0 <= metrics["accuracy"] <= 1
     cal = FERAnno(FERAnno.Config(weights=str(tmp_path / "fa")))
