@@ -150,6 +150,10 @@ class SDModel:
         return self.unet.dtype
 
     @property
+    def has_au_adapter(self) -> bool:
+        return self.au_adapter is not None
+
+    @property
     def pixel_space(self) -> bool:
         return self.vae is None
 
