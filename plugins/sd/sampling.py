@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from synfer import labels as L
 
 
-MICRO_BATCH = 4  # guided backward per 4 samples: ~MICRO_GIB GiB of activations at 512 px bf16 on SD 1.5 (bench/README.md)
+# Guided backward per 4 samples: SD 1.5 keeps 2.06 GiB of activations per image at 256 px fp32 (bench/README.md),
+# ~4.1 GiB at 512 px bf16 (4x the pixels, half the bytes), so ~16 GiB per micro-batch: fits a 24 GiB GPU beside
+# the weights; raise it on larger cards (32 at once would need ~130 GiB).
+MICRO_BATCH = 4
 
 
 class LayoutConfig(BaseModel):
