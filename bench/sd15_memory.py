@@ -110,6 +110,8 @@ def main():
         feats, att = extract(sd, imgs, [cfg.generic_prompt] * args.batch, torch.zeros(args.batch, len(L.AU_KEYS)), [0] * args.batch)
         old_f, _ = align_capture(feats, att, 8, "nearest")
         out["feranno_old_cache_bytes_per_image"] = (sum(f[0].numel() for f in old_f) + sum(a[0].numel() for a in att.values())) * 2
+        f8, a8 = align_capture(feats, att, 8, "scale")
+        out["feranno_cache_bytes_per_image_max_res_8"] = sum(v[0].numel() for v in f8 + a8) * 2
         out["feature_sides"] = [f.shape[-1] for f in feats]
         out["attention_groups"] = {int(k): int(v.shape[1]) for k, v in att.items()}
         del feats, att, old_f

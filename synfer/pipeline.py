@@ -108,7 +108,9 @@ class Stages:
         self.registry = reg
         self.prompter = reg.build("prompter", recipe.prompter)
         self.generator = reg.build("generator", recipe.generator)
-        self.guidance = self._on_generator_device(reg.build("guidance_classifier", recipe.guidance_classifier)) if recipe.guidance_classifier else None
+        self.guidance = None
+        if recipe.guidance_classifier:
+            self.guidance = self._on_generator_device(reg.build("guidance_classifier", recipe.guidance_classifier))
         members = []
         if recipe.calibrator:
             cal = self._on_generator_device(reg.build("calibrator", recipe.calibrator))
