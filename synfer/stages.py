@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -171,6 +171,31 @@ class Generator(Stage):
     @abc.abstractmethod
     def generate(self, requests: list[SampleRequest], guidance: "GuidanceClassifier | None" = None) -> list[GeneratedSample]: ...
 
+    def target_device(self) -> str:
+        """Where this generator runs ("cpu", "cuda:0", ...), known without loading weights. Stages that run a
+        network (guidance classifier, calibrator, experts) default to it when their recipe block sets no device."""
+        return "cpu"
+
+
+class DiffusionBackbone(Protocol):
+    """What a calibrator may read of a diffusion generator (FERAnno, paper 4.4), e.g. the `sd` generator.
+
+    Images are (N, 3, H, W) in [-1, 1] at `size`; latents are what `unet` takes; `predict_noise` is one
+    conditional UNet pass (AUs (N, 16) in [0, 1], ignored without an AU adapter)."""
+
+    size: int
+    device: Any
+    dtype: Any
+    unet: Any
+    scheduler: Any
+    has_au_adapter: bool
+
+    def encode_image(self, images: "torch.Tensor") -> "torch.Tensor": ...
+
+    def encode_text(self, prompts: list[str]) -> "torch.Tensor": ...
+
+    def predict_noise(self, latents: "torch.Tensor", t: Any, text_emb: "torch.Tensor", aus: "torch.Tensor | None" = None) -> "torch.Tensor": ...
+
 
 class GuidanceClassifier(Stage):
     """A differentiable FER classifier (Eq. 5): torch images in, logits out.
@@ -214,8 +239,8 @@ class Calibrator(Stage):
     kind = "calibrator"
     label_space: ClassVar[str]
 
-    def bind(self, generator: Generator) -> None:
-        """Hand over the generator whose UNet the calibrator reads; default: unused."""
+    def bind(self, backbone: DiffusionBackbone) -> None:
+        """Hand over the generator whose UNet the calibrator reads (a `DiffusionBackbone`); default: unused."""
 
     @abc.abstractmethod
     def predict(self, samples: list[GeneratedSample]) -> "np.ndarray": ...
