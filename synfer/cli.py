@@ -18,18 +18,18 @@ LAZY_COMMANDS = {
     "report": "synfer.report:report_cli",
     "calibrate": "synfer.calibrate:calibrate_cli",
     "bootstrap": "synfer.bootstrap:bootstrap_cli",
+    "plugin": "synfer.scaffold:plugin_cli",
+    "recipe": "synfer.recipedocs:recipe_cli",
+    "label": "synfer.label:label_cli",
 }
 
 
-VERBOSITY_ENV = "SYNFER_VERBOSITY"  # -1 quiet, 0 normal, 1 verbose; set by `synfer -q/-v`, inherited by torchrun ranks
-
-
 def verbosity() -> int:
-    """The -q/-v level of this `synfer` invocation (importable by any module, no click context needed)."""
-    try:
-        return int(os.environ.get(VERBOSITY_ENV, "0"))
-    except ValueError:
-        return 0
+    """The -q/-v level of this `synfer` invocation: -1 quiet, 0 normal, 1 verbose (synfer.logs keeps it in
+    SYNFER_VERBOSITY, so torchrun ranks and subprocesses inherit it)."""
+    from synfer.logs import verbosity as level
+
+    return level()
 
 
 class LazyGroup(click.Group):
@@ -61,11 +61,13 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synfer")
-@click.option("-v", "--verbose", is_flag=True, help="Show the full traceback of an error.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the full traceback of an error (and more log output).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes; errors only.")
 def main(verbose, quiet):
     """synfer: synthesize facial-expression datasets with diffusion models (SynFER)."""
-    os.environ[VERBOSITY_ENV] = "1" if verbose else "-1" if quiet else "0"
+    from synfer.logs import setup
+
+    setup(1 if verbose else -1 if quiet else 0)  # quiet third-party logs and warnings unless -v (synfer/logs.py)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it: every progress bar off
 
@@ -150,8 +152,7 @@ def plugins(as_json):
         return
     for r in rows:
         click.echo(f"{r['stage']:<20} {r['name']:<22} {r['provider']} {r['version']}")
-    for _, msg in reg.failures:
-        click.echo(f"warning: {msg}", err=True)
+    # failures were already warned about, once each, while the registry loaded (synfer/logs.py)
 
 
 @main.command()
