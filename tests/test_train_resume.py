@@ -27,6 +27,13 @@ def weights(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.safetensors")) if "work" not in p.parts}
 
 
+def work(out: Path) -> Path:
+    """The folder holding a training's checkpoints: OUT/work, or OUT/work/<kind> (synfer.training.kind_work_dir)."""
+    found = sorted(p.parent for p in (out / "work").rglob("last_checkpoint"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def killed(args: list[str], nth: int) -> subprocess.CompletedProcess:
     """`synfer train ...` in a subprocess, SIGKILLed after its nth iteration (and the checkpoint due then)."""
     env = {**subprocess_env(HERE), "OMP_NUM_THREADS": "1", "SYNFER_CRASH_AT": f"train_iter:{nth}"}
@@ -62,7 +69,7 @@ def test_same_seed_same_weights_and_killed_then_resumed_is_byte_identical(tmp_pa
     # and the classifier restarts from 0
     run = killed([*common, "--seed", "3", "--out", str(c)], 3)
     assert run.returncode == -9, run.stderr[-2000:]
-    assert latest_checkpoint(c / "work").name == "iter_2.pth" and not weights(c)
+    assert latest_checkpoint(work(c)).name == "iter_2.pth" and not weights(c)
     train([*common, "--seed", "3", "--out", str(c), "--resume"])
     assert weights(c) == ref
     if command == "classifier":
@@ -75,7 +82,7 @@ def truncated_latest_falls_back(common: list[str], out: Path, ref: dict) -> None
     import logging
 
     assert killed([*common, "--seed", "3", "--out", str(out)], 5).returncode == -9
-    latest = latest_checkpoint(out / "work")
+    latest = latest_checkpoint(work(out))
     assert latest.name == "iter_4.pth"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # e.g. a copy cut short
     seen = []
@@ -83,7 +90,7 @@ def truncated_latest_falls_back(common: list[str], out: Path, ref: dict) -> None
     handler.emit = lambda record: seen.append(record.getMessage())
     logging.getLogger("synfer.training").addHandler(handler)
     try:
-        assert latest_checkpoint(out / "work").name == "iter_2.pth"
+        assert latest_checkpoint(work(out)).name == "iter_2.pth"
         train([*common, "--seed", "3", "--out", str(out), "--resume"])
     finally:
         logging.getLogger("synfer.training").removeHandler(handler)
