@@ -152,7 +152,7 @@ def test_micro_batched_guidance_gives_the_one_pass_update(world):
         updates[mb] = sg(2, t, x_t, text) - text
     assert torch.allclose(updates[None].flatten(1).norm(dim=1), torch.ones(3), atol=1e-4)  # Eq. 6: a step of lambda_g per sample
     for mb in (1, 2):
-        assert torch.allclose(updates[mb], updates[None], atol=1e-5, rtol=1e-4), float((updates[mb] - updates[None]).abs().max())
+        assert torch.allclose(updates[mb], updates[None], atol=1e-4, rtol=1e-4), float((updates[mb] - updates[None]).abs().max())
 
 
 def test_feranno_reads_all_16_maps_grouped_by_scale(world):
