@@ -18,6 +18,9 @@ LAZY_COMMANDS = {
     "report": "synfer.report:report_cli",
     "calibrate": "synfer.calibrate:calibrate_cli",
     "bootstrap": "synfer.bootstrap:bootstrap_cli",
+    "plugin": "synfer.scaffold:plugin_cli",
+    "recipe": "synfer.recipedocs:recipe_cli",
+    "label": "synfer.label:label_cli",
 }
 
 
@@ -37,8 +40,13 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synfer")
-def main():
+@click.option("-v", "--verbose", is_flag=True, help="Show the full traceback of an error (and more log output).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes; errors only.")
+def main(verbose, quiet):
     """synfer: synthesize facial-expression datasets with diffusion models (SynFER)."""
+    from synfer.logs import setup
+
+    setup(1 if verbose else -1 if quiet else 0)  # quiet third-party logs and warnings unless -v (synfer/logs.py)
 
 
 def _load_recipe(path, overrides):
@@ -121,8 +129,7 @@ def plugins(as_json):
         return
     for r in rows:
         click.echo(f"{r['stage']:<20} {r['name']:<22} {r['provider']} {r['version']}")
-    for _, msg in reg.failures:
-        click.echo(f"warning: {msg}", err=True)
+    # failures were already warned about, once each, while the registry loaded (synfer/logs.py)
 
 
 @main.command()
