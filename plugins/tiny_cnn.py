@@ -299,16 +299,13 @@ def evaluate_net(net, test, task: str, label_space: str = "affectnet8", size: in
     x, y, aus, _ = load_arrays(test, label_space, size=size)
     logits = predict_logits(net, x)
     if task == "classify":
-        pred = logits.argmax(1)
-        recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
-        return {"accuracy": float((pred == y).mean()), "uar": float(np.mean(recalls)), "n": int(len(y))}
-    prob = 1 / (1 + np.exp(-logits))
-    f1 = {}
-    for j, k in enumerate(L.AU_KEYS):
-        t, p = aus[:, j] >= L.AU_ON_THRESHOLD, prob[:, j] >= L.AU_ON_THRESHOLD
-        tp, fp, fn = int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum())
-        f1[k] = 2 * tp / max(2 * tp + fp + fn, 1)
-    return {"au_f1_mean": float(np.mean(list(f1.values()))), "au_f1": f1, "n": int(len(aus))}
+        from synfer.scoring import classification_scores
+
+        return {**classification_scores(y, logits.argmax(1)), "n": int(len(y))}
+    from synfer.scoring import au_f1_scores
+
+    scores = au_f1_scores(aus, 1 / (1 + np.exp(-logits)), undefined=0.0)  # an AU absent from the test set scores 0
+    return {"au_f1_mean": scores["au_f1"], "au_f1": {k: scores[f"au_f1_{k}"] for k in L.AU_KEYS}, "n": int(len(aus))}
 
 
 def predict_logits(net, images, batch_size: int = 256):
@@ -341,10 +338,12 @@ def load_arrays(root: str | Path, label_space: str = "affectnet8", size: int | N
     rows = read_metadata(root)
     if kept_only:
         rows = [r for r in rows if r.get("kept", True)]
-    # FEText rows name the class in `expression` (their `label` is an index); generated rows in `label`.
-    key = label_key or ("expression" if rows and "expression" in rows[0] else "label")
+    # One row schema (synfer.dataset.row_label): FEText rows name the class in `expression`, generated ones in `label`.
+    from synfer.dataset import row_label
+
+    name = (lambda r: L.canonical(r[label_key]) if r.get(label_key) else None) if label_key else row_label
     classes = L.label_space(label_space)
-    rows = [r for r in rows if r.get(key) and L.canonical(r[key]) in classes][:limit]
+    rows = [r for r in rows if name(r) in classes][:limit]
     imgs = []
     for r in rows:
         with Image.open(root / r["file_name"]) as im:
@@ -353,7 +352,7 @@ def load_arrays(root: str | Path, label_space: str = "affectnet8", size: int | N
                 im = im.resize((size, size), Image.BICUBIC)
             imgs.append(np.asarray(im))
     x = np.stack(imgs) if imgs else np.zeros((0, size or 64, size or 64, 3), np.uint8)
-    y = np.array([classes.index(L.canonical(r[key])) for r in rows], dtype=np.int64)
+    y = np.array([classes.index(name(r)) for r in rows], dtype=np.int64)
     aus = np.stack([L.au_vector(r.get("aus")) for r in rows]) if rows else np.zeros((0, len(L.AU_KEYS)), np.float32)
     return x, y, aus, rows
 
