@@ -20,6 +20,7 @@ LAZY_COMMANDS = {
     "bootstrap": "synfer.bootstrap:bootstrap_cli",
     "plugin": "synfer.scaffold:plugin_cli",
     "recipe": "synfer.recipedocs:recipe_cli",
+    "label": "synfer.label:label_cli",
 }
 
 

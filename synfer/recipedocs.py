@@ -170,7 +170,7 @@ def render(registry=None) -> str:
         for field, kind in stages.items():
             kinds = (kind, "guidance_classifier") if kind == "expert" else (kind,)  # every classifier can vote
             names = ", ".join(f"[`{p.name}`](#{k}-{p.name})" for k in kinds for p in builtin_plugins(reg, k)) or "none"
-            what = "an `expert` or `guidance_classifier` plugin, plus `weight`" if kind == "expert" else f"a `{kind}` plugin"
+            what = "an `expert` or `guidance_classifier` plugin, plus `weight` and `align`" if kind == "expert" else f"a `{kind}` plugin"
             out += ["", f"`{field}`: {what}; built in: {names}."]
             documented.update(kinds)
     out += ["", "## Plugins", "", "Each block takes `plugin: NAME` plus the keys below. `synfer plugins` lists what is installed,"
@@ -209,6 +209,10 @@ def schema(registry=None) -> dict:
                 props = {"plugin": {"const": p.name}, **sub.get("properties", {})}
                 if field == "experts":
                     props["weight"] = {"type": "number", "minimum": 0, "default": 1.0}
+                    props["align"] = {"description": "detect and align faces first (synfer.align): true, or a face_detector block "
+                                      "with optional size and zoom", "anyOf": [
+                                          {"type": "boolean"},
+                                          {"type": "object", "properties": {"plugin": {"type": "string"}}, "required": ["plugin"]}]}
                 options.append({"type": "object", "title": f"{k} {p.name}", "properties": props,
                                 "required": ["plugin", *sub.get("required", [])], "additionalProperties": False})
         options.append({"type": "object", "title": "another installed plugin", "properties": {"plugin": {"type": "string"}},

@@ -336,6 +336,27 @@ class TrainOptions:
     def run_dir(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path(self.out) / "work"
 
+    def run_dir_for(self, kind: str) -> Path:
+        """This training kind's own work folder (see `kind_work_dir`)."""
+        return kind_work_dir(self.out, kind, self.work_dir)
+
+
+RUN_KIND_FILE = "synfer_run_kind.txt"
+
+
+def kind_work_dir(out, kind: str, work_dir=None) -> Path:
+    """Checkpoints and logs of one training kind: `work_dir`, or OUT/work/<kind>. Trainings that share
+    --out (the generator, then its AU adapter) thus never resume or overwrite each other's iter_N.pth.
+    The folder is claimed for `kind` on first use; reusing it for another kind is an error."""
+    run = Path(work_dir) if work_dir else Path(out) / "work" / kind
+    marker = run / RUN_KIND_FILE
+    if marker.exists() and (other := marker.read_text().strip()) != kind:
+        raise click.UsageError(f"{run} holds the checkpoints of a '{other}' training, not '{kind}': resuming or continuing there would "
+                               f"mix the two. Give this training its own --work-dir (or leave it unset: OUT/work/{kind}).")
+    run.mkdir(parents=True, exist_ok=True)
+    marker.write_text(kind + "\n")
+    return run
+
 
 def _common_options(fn):
     opts = [
@@ -493,8 +514,9 @@ train_cli.command("au-detector", help="Train the au-cnn AU detector on FEText; r
 @click.option("--condition", type=click.Choice(["generic", "sample"]), default="generic", show_default=True,
               help="Conditions of the UNet pass: one expression-free prompt with zero AUs, or each sample's own.")
 @click.option("--pool", type=int, default=4, show_default=True, help="Grid each scale is pooled to before the head (1: global average).")
-@click.option("--max-res", type=int, default=8, show_default=True,
-              help="Finer feature maps are average-pooled to this side first (the shipped FERAnno: 16, +6 points, ~3.5x the CPU time per face).")
+@click.option("--max-res", type=int, default=None,
+              help="Finer feature maps (and their attention maps) are average-pooled to this side first; default: 16, or the "
+                   "UNet's latent side if smaller (the shipped FERAnno: 16, +6 points over 8, ~3.5x the CPU time per face).")
 @click.option("--order", type=click.Choice(["coarse-to-fine", "fine-to-coarse"]), default="fine-to-coarse", show_default=True,
               help="Direction the encoder carries its state between scales (fine-to-coarse: a CNN-like pyramid; +1 to +2.5 points).")
 @click.option("--timestep", type=int, default=1, show_default=True, help="Eq. 1 timestep the faces are noised to before the UNet pass (paper: 1).")

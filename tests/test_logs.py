@@ -19,6 +19,8 @@ OWN_FILE = str(ROOT / "synfer" / "plugins.py")
 def restore():
     """setup() changes process-wide state: give every test the state it found."""
     env = dict(os.environ)
+    for key in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        os.environ.pop(key, None)  # an earlier in-process CLI test may have set them (setup only sets defaults)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     levels = {n: logging.getLogger(n).level for n in (*logs.LIBRARIES, "synfer", "synfer_plugins")}

@@ -224,7 +224,7 @@ def _train(opts, model, dataset, *, lr: float, ema: bool, name: str):
     from synfer.training import run_training
 
     return run_training(
-        model, dataset, work_dir=opts.run_dir, max_iters=opts.iters, batch_size=opts.batch_size, lr=lr,
+        model, dataset, work_dir=opts.run_dir_for(name.replace("_", "-")), max_iters=opts.iters, batch_size=opts.batch_size, lr=lr,
         lr_schedule="cosine", warmup_iters=min(100, opts.iters // 20), checkpoint_interval=opts.checkpoint_interval,
         log_interval=opts.log_interval, seed=opts.seed, resume=opts.resume, ema_momentum=0.005 if ema else None,
         bf16=opts.bf16, grad_checkpointing=opts.grad_checkpointing, num_workers=opts.num_workers, threads=opts.threads, name=name)
@@ -252,7 +252,7 @@ def train_generator(opts, **overrides) -> Path:
 
     extra = {**opts.extra, **overrides}
     rows = read_metadata(opts.data)
-    init_dir = opts.run_dir / "init_model"  # the exact starting point, so --resume rebuilds the same model
+    init_dir = opts.run_dir_for("generator") / "init_model"  # the exact starting point, so --resume rebuilds the same model
     if _is_tiny(opts.model):
         if opts.resume and init_dir.exists():
             sd = SDModel.from_pretrained(init_dir, load_au_adapter=False)
