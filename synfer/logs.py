@@ -35,6 +35,7 @@ LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEB
 
 VERBOSITY_ENV = "SYNFER_VERBOSITY"  # set by `setup`, so torchrun ranks and subprocesses inherit -q/-v
 _seen: set[tuple[str, str]] = set()
+_set_by_us: dict[str, str] = {}  # environment variables setup() wrote, with their values
 
 
 def verbosity() -> int:
@@ -57,8 +58,9 @@ def setup(verbosity: int = 0) -> None:
            "TRANSFORMERS_VERBOSITY": logging.getLevelName(advisory_level).lower()}
     if verbosity <= 0:
         env.update(HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
+    for key, value in env.items():  # a value the user set wins; one an earlier setup() set is ours to change
+        if key not in os.environ or os.environ[key] == _set_by_us.get(key):
+            os.environ[key] = _set_by_us[key] = value
 
     root = logging.getLogger()
     if not any(getattr(h, "_synfer", False) for h in root.handlers):

@@ -1,6 +1,6 @@
 """`synfer recipe docs`: docs/recipes.md and docs/recipe.schema.json, generated from the pydantic models.
 
-Every key of every recipe kind (run, FEText, downstream benchmark, bootstrap) and of every
+Every key of every recipe kind (run, FEText, downstream benchmark, label, bootstrap) and of every
 built-in plugin's Config: its type, its default and what it does. "What it does" is the comment
 on the field's own line in the source (`steps: int = 25  # DDIM steps`), so the code stays
 the one place to write it. The JSON Schema lets editors complete and check recipe YAML.
@@ -26,6 +26,7 @@ RECIPE_KINDS = [
     ("`synfer run` recipes", "synfer.recipe:Recipe", "synfer run RECIPE", "recipes/quickstart.yaml"),
     ("`synfer fetext build` recipes", "synfer.fetext:FETextRecipe", "synfer fetext build RECIPE", "recipes/fetext-procedural.yaml"),
     ("`synfer benchmark downstream` recipes", "synfer.benchmark:DownstreamConfig", "synfer benchmark downstream RECIPE", "recipes/downstream.yaml"),
+    ("`synfer label` recipes", "synfer.label:LabelRecipe", "synfer label FOLDER --recipe RECIPE", "recipes/label-photos.yaml"),
     ("`synfer bootstrap` recipes", "synfer.bootstrap:Bootstrap", "synfer bootstrap RECIPE", "recipes/bootstrap.yaml"),
 ]
 BUILTIN_PROVIDER = "synfer"  # plugins of other distributions are theirs to document

@@ -159,3 +159,11 @@ def test_log_lines_follow_the_current_stderr(restore, capsys):
     assert CliRunner().invoke(main, ["labels"]).exit_code == 0  # runs setup() under a swapped stderr
     logging.getLogger("synfer.x").warning("still visible")
     assert "warning: still visible" in capsys.readouterr().err
+
+
+def test_a_second_setup_changes_what_the_first_set(restore):
+    """In one process (click's test runner, a notebook) -v after a default setup() still turns libraries up."""
+    os.environ.pop("DIFFUSERS_VERBOSITY", None)
+    logs.setup(0)
+    logs.setup(1)
+    assert os.environ["DIFFUSERS_VERBOSITY"] == "info"

@@ -97,7 +97,7 @@ class SDGenerator(Generator):
             self.model = SDModel.from_pretrained(path, device=self.target_device(), dtype=getattr(torch, self.config.dtype))
             for module in (self.model.unet, self.model.text_encoder, self.model.vae, self.model.au_adapter):
                 if module is not None:  # sampling and guidance never train weights: no grads kept for them (~30% of
-                    module.requires_grad_(False)  # a guided backward's saved activations, MEASURED.md)
+                    module.requires_grad_(False)  # a guided backward's saved activations, docs/results.md)
                     module.eval()
             self.model.set_au_scale(self.config.au_scale)
             if self.config.channels_last:

@@ -2,7 +2,7 @@
 
 `build_sd15(folder, captions, width=...)` writes what `StableDiffusionPipeline.save_pretrained`
 writes (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) for a model shaped
-like SD 1.5 (facts in shared/MEASURED.md):
+like SD 1.5 (facts in docs/results.md, SD 1.5 scale):
 - UNet: 4 levels (3 CrossAttnDownBlock2D + DownBlock2D, mirrored up), 2 layers per block,
   16 cross-attention blocks (6 down, 1 mid, 9 up), cross-attention dim 768, 8 heads, 4 latent channels;
 - VAE: AutoencoderKL, 4 levels, 4 latent channels, scaling factor 0.18215 (x8 downsampling);
