@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from synfer import labels as L
+from synfer.contracts import GuardedClassifier, calling, label_space_of
 from synfer.dataset import DatasetWriter, merge, part_name
 from synfer.ensemble import ExpertEnsemble, Member
 from synfer.faults import crash_point
@@ -108,21 +109,23 @@ class Stages:
         self.registry = reg
         self.prompter = reg.build("prompter", recipe.prompter)
         self.generator = reg.build("generator", recipe.generator)
-        self.guidance = reg.build("guidance_classifier", recipe.guidance_classifier) if recipe.guidance_classifier else None
+        # the generator sees the classifier through its checked boundary (synfer.contracts)
+        self.guidance = GuardedClassifier(reg.build("guidance_classifier", recipe.guidance_classifier)) if recipe.guidance_classifier else None
         members = []
         if recipe.calibrator:
             cal = reg.build("calibrator", recipe.calibrator)
-            cal.bind(self.generator)
-            members.append(Member(cal.name, recipe.vote.calibrator_weight, cal.label_space, cal.predict))
+            with calling(cal, "bind"):
+                cal.bind(self.generator)
+            members.append(Member(cal.name, recipe.vote.calibrator_weight, label_space_of(cal), cal.predict, cal, cal.outputs))
         for block in recipe.experts:
             block = dict(block)
             weight = float(block.pop("weight", 1.0))
             expert = reg.build(expert_kind(reg, block["plugin"]), block)
-            space = getattr(expert, "label_space")
             name = expert.name
             while any(m.name == name for m in members):  # the same plugin twice (e.g. two checkpoints)
                 name = f"{expert.name}#{sum(m.name.split('#')[0] == expert.name for m in members) + 1}"
-            members.append(Member(name, weight, space, lambda samples, e=expert: e.predict([s.image for s in samples])))
+            members.append(Member(name, weight, label_space_of(expert), lambda samples, e=expert: e.predict([s.image for s in samples]),
+                                  expert, getattr(expert, "outputs", "probabilities")))
         self.ensemble = ExpertEnsemble(members, recipe.label_space, recipe.vote)
         self.evaluators = [(reg.build("evaluator", b)) for b in recipe.evaluators]
 
@@ -205,7 +208,8 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
     if recipe.grid and rows:
         write_grid(out, rows, classes)
     for ev in stages.evaluators:
-        summary.metrics.update(ev.evaluate(out))
+        with calling(ev, "evaluate"):
+            summary.metrics.update(ev.evaluate(out))
     if summary.metrics:
         from synfer.evaluate import merge_metrics
 

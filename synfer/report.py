@@ -21,7 +21,7 @@ from synfer import labels as L
 
 REPORT = "report.html"
 
-# What each headline metric means (synfer_plugins.evaluators); shown next to the numbers.
+# What each headline metric means (the built-in evaluators plugin); shown next to the numbers.
 METRIC_NOTES = {
     "fid": "Fréchet distance to the reference set (default features: oracle-cnn penultimate layer, offline; "
            "not comparable with published Inception FID). Lower is closer.",

@@ -84,8 +84,16 @@ def test_duplicate_names_name_both_providers(registry):
     from synfer.hookspecs import hookimpl
 
     hookimpl(mod.register_stages)
-    with pytest.raises(PluginError, match="two generator plugins are named 'dummy'.*DummyGenerator.*Clash"):
-        registry.add(mod, provider="clash-dist")
+    registry.add(mod, provider="clash-dist")  # both stay installed; a recipe names the one it means
+    with pytest.raises(PluginError, match=r"2 plugins answer to generator 'dummy': generator 'dummy' \(from tests\) and "
+                                          r"generator 'dummy' \(from clash-dist\).*`plugin: tests:dummy` or `plugin: clash-dist:dummy`"):
+        registry.get("generator", "dummy")
+    assert registry.get("generator", "clash-dist:dummy") is Clash
+    assert registry.get("generator", "tests:dummy") is dummy_plugins.DummyGenerator
+    twice = type(sys)("twice_mod")  # one provider cannot give two classes one name
+    twice.register_stages = hookimpl(lambda register: (register(Clash), register(dummy_plugins.DummyGenerator)))
+    with pytest.raises(PluginError, match="two generator plugins are named 'dummy'.*both from twice-dist; rename one"):
+        registry.add(twice, provider="twice-dist")
 
 
 def test_misspelled_hook_is_caught():
