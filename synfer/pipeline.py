@@ -182,9 +182,12 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
               disable=not progress or (rank != 0 and world > 1)) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            for r, p in zip(batch, stages.prompter.prompt(batch)):
+            with calling(stages.prompter, "prompt"):
+                prompts = stages.prompter.prompt(batch)
+            for r, p in zip(batch, prompts):
                 r.prompt = p
-            samples = stages.generator.generate(batch, guidance=stages.guidance)
+            with calling(stages.generator, "generate"):
+                samples = stages.generator.generate(batch, guidance=stages.guidance)
             failed += len(batch) - len(samples)  # dropped by the generator (non-finite even after retries)
             crash_point("generate")
             if samples:

@@ -31,6 +31,8 @@ FAULTS = {
     "acme-ck": "fault_plugins.unknown_space",
     "acme-lazy": "fault_plugins.missing_predict",
     "acme-declared": "fault_plugins.declared_space",
+    "acme-commands": "fault_plugins.commands",
+    "acme-broken-commands": "fault_plugins.commands:broken",
 }
 LEFT_OUT = {  # entry point -> what its one warning says
     "acme-typo": "implements unknown hook(s) register_stage",
@@ -204,3 +206,31 @@ def test_cli_beside_the_faults(dists):
     only = json.loads(subprocess.run(SYNFER + ["plugins", "--json"], capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout)
     assert only["failed"] == [] and {r["provider"] for r in only["plugins"]} == {"synfer", "acme-declared"}
     assert len(only["skipped"]) == len(FAULTS) - 1 + 1  # the other faults and the example plugin
+
+
+def test_a_run_records_which_samples_a_7_class_classifier_could_not_guide(faulty, tmp_path):
+    """End to end on the shipped tiny generator: contempt (outside fer2013) is written `guided: false`."""
+    pytest.importorskip("torch")
+    from synfer.dataset import read_metadata
+    from synfer.pipeline import run_recipe
+
+    reg, _ = faulty
+    recipe = validate_data({"num_images": 4, "expressions": ["happy", "contempt"], "output": str(tmp_path / "out"), "grid": False, "report": False,
+                            "generator": {"plugin": "sd", "steps": 2, "batch_size": 4, "semantic_guidance": {"start": 0.0}},
+                            "guidance_classifier": {"plugin": "fault-7class"}}, reg)
+    run_recipe(recipe, registry=reg, progress=False)
+    rows = read_metadata(tmp_path / "out")
+    assert {r["preassigned_label"] for r in rows} == {"happy", "contempt"}
+    for r in rows:
+        assert r["semantic_guidance"]["classifier"] == "fault-7class"
+        assert r.get("guided", True) is (r["preassigned_label"] != "contempt"), r
+
+
+def test_plugins_own_their_commands_and_a_failing_hook_costs_only_its_own(dists):
+    env = subprocess_env(HERE, *dists)
+    out = subprocess.run(SYNFER + ["-p", "no:acme", "-p", "no:acme-experts", "train", "acme-model"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout == "trained\n", out.stderr
+    assert out.stderr.count("could not add its commands") == 1 and "no command group 'no-such-group'" in out.stderr
+    helps = subprocess.run(SYNFER + ["train", "--help"], capture_output=True, text=True, env=env, cwd=ROOT).stdout
+    assert all(c in helps for c in ("acme-model", "classifier", "au-detector")), helps
+    assert subprocess.run(SYNFER + ["acme-hello"], capture_output=True, text=True, env=env, cwd=ROOT).stdout == "hello from acme-commands\n"
