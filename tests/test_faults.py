@@ -209,14 +209,17 @@ def test_cli_beside_the_faults(dists):
 
 
 def test_a_run_records_which_samples_a_7_class_classifier_could_not_guide(faulty, tmp_path):
-    """End to end on the shipped tiny generator: contempt (outside fer2013) is written `guided: false`."""
+    """End to end on a tiny generator: contempt (outside fer2013) is written `guided: false`."""
     pytest.importorskip("torch")
     from synfer.dataset import read_metadata
     from synfer.pipeline import run_recipe
+    from test_generator import tiny
 
     reg, _ = faulty
+    tiny().save_pretrained(tmp_path / "model")
     recipe = validate_data({"num_images": 4, "expressions": ["happy", "contempt"], "output": str(tmp_path / "out"), "grid": False, "report": False,
-                            "generator": {"plugin": "sd", "steps": 2, "batch_size": 4, "semantic_guidance": {"start": 0.0}},
+                            "generator": {"plugin": "sd", "model": str(tmp_path / "model"), "steps": 2, "batch_size": 4,
+                                          "semantic_guidance": {"start": 0.0}},
                             "guidance_classifier": {"plugin": "fault-7class"}}, reg)
     run_recipe(recipe, registry=reg, progress=False)
     rows = read_metadata(tmp_path / "out")
