@@ -1,19 +1,15 @@
 """A plugin that declares its own label space (hook register_label_spaces) and an expert in it: loads and votes."""
-import numpy as np
-
+from fault_plugins import Plain, uniform
 from synfer import hookimpl
-from synfer.stages import Expert, StageConfig
+from synfer.stages import Expert
 
 
-class CKExpert(Expert):
+class CKExpert(Plain, Expert):
     name = "fault-ck-declared"
     label_space = "ckplus6"
 
-    class Config(StageConfig):
-        pass
-
     def predict(self, images):
-        p = np.full((len(images), 6), 0.04)
+        p = uniform(images, 6) * 0.24
         p[:, 0] = 0.8  # anger
         return p
 

@@ -1,19 +1,14 @@
 """An expert without `predict` (misspelled `predcit`): refused at registration."""
-import numpy as np
-
+from fault_plugins import Plain, uniform
 from synfer import hookimpl
-from synfer.stages import Expert, StageConfig
+from synfer.stages import Expert
 
 
-class Lazy(Expert):
+class Lazy(Plain, Expert):
     name = "fault-nopredict"
-    label_space = "affectnet8"
-
-    class Config(StageConfig):
-        pass
 
     def predcit(self, images):
-        return np.full((len(images), 8), 1 / 8)
+        return uniform(images)
 
 
 @hookimpl

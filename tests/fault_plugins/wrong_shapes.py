@@ -1,16 +1,12 @@
 """Plugins that register fine and then return the wrong thing (checked where the core calls them)."""
 import numpy as np
 
+from fault_plugins import Plain
 from synfer import hookimpl
-from synfer.stages import Expert, GuidanceClassifier, StageConfig
+from synfer.stages import Expert, GuidanceClassifier
 
 
-class _Expert(Expert):
-    label_space = "affectnet8"
-
-    class Config(StageConfig):
-        pass
-
+class _Expert(Plain, Expert):
     def probs(self, n):
         p = np.full((n, 8), 0.02)
         p[:, 1] = 0.86  # happy
@@ -50,12 +46,7 @@ class LogitExpert(_Expert):
         return np.log(self.probs(len(images))) + 3.0
 
 
-class _Guidance(GuidanceClassifier):
-    label_space = "affectnet8"
-
-    class Config(StageConfig):
-        pass
-
+class _Guidance(Plain, GuidanceClassifier):
     def logits(self, images, classes=8):
         import torch
 
