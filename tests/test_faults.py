@@ -237,3 +237,17 @@ def test_plugins_own_their_commands_and_a_failing_hook_costs_only_its_own(dists)
     helps = subprocess.run(SYNFER + ["train", "--help"], capture_output=True, text=True, env=env, cwd=ROOT).stdout
     assert all(c in helps for c in ("acme-model", "classifier", "au-detector")), helps
     assert subprocess.run(SYNFER + ["acme-hello"], capture_output=True, text=True, env=env, cwd=ROOT).stdout == "hello from acme-commands\n"
+
+
+def test_tiny_cnn_trained_on_fer2013_guides_in_fer2013(faulty, tmp_path):
+    """The fixed pattern: label_space is read from the weights' config.json before any weight loads."""
+    torch = pytest.importorskip("torch")
+    from synfer_plugins.tiny_cnn import build_net, save_net
+
+    save_net(build_net(7, width=8, size=16), tmp_path, {"num_outputs": 7, "width": 8, "size": 16, "label_space": "fer2013"})
+    clf = faulty[0].build("guidance_classifier", {"plugin": "synfer:tiny-cnn", "weights": str(tmp_path)})
+    guarded = GuardedClassifier(clf)
+    assert guarded.label_space == "fer2013" and getattr(clf, "_net", None) is None  # known, nothing loaded
+    targets, mask = guidance_targets(guarded, [SampleRequest(0, 0, "happy", {}), SampleRequest(1, 1, "neutral", {})])
+    assert targets == [3, 6] and mask == [True, True]
+    assert guarded.forward(torch.zeros(2, 3, 16, 16, requires_grad=True)).shape == (2, 7)
