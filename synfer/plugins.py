@@ -131,6 +131,11 @@ class Registry:
         typos = [a for a in dir(module) if self.pm.parse_hookimpl_opts(module, a) is not None and a not in HOOKS]
         if typos:
             raise PluginError(f"{provider} implements unknown hook(s) {', '.join(typos)}; synfer's hooks are {', '.join(HOOKS)}")
+        unmarked = [h for h in HOOKS if callable(getattr(module, h, None)) and not self._is_hook(module, h)]
+        if unmarked:
+            raise PluginError(f"{provider} defines {', '.join(unmarked)} without the @synfer.hookimpl marker; add it, or nothing is called")
+        if not any(self._is_hook(module, h) for h in HOOKS):
+            raise PluginError(f"{provider} implements none of synfer's hooks ({', '.join(HOOKS)}); is the entry point the right module?")
         spaces: dict[str, tuple[str, ...]] = {}
         found: list[type] = []
         with calling(f"plugin {provider}", "register_label_spaces"):

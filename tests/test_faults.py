@@ -251,3 +251,12 @@ def test_tiny_cnn_trained_on_fer2013_guides_in_fer2013(faulty, tmp_path):
     targets, mask = guidance_targets(guarded, [SampleRequest(0, 0, "happy", {}), SampleRequest(1, 1, "neutral", {})])
     assert targets == [3, 6] and mask == [True, True]
     assert guarded.forward(torch.zeros(2, 3, 16, 16, requires_grad=True)).shape == (2, 7)
+
+
+def test_hooks_without_the_marker_or_none_at_all_are_errors():
+    mod = type(sys)("unmarked")
+    mod.register_stages = lambda register: None  # @synfer.hookimpl forgotten: pluggy would never call it
+    with pytest.raises(PluginError, match="defines register_stages without the @synfer.hookimpl marker"):
+        Registry().add(mod, provider="acme-unmarked")
+    with pytest.raises(PluginError, match="implements none of synfer's hooks"):
+        Registry().add(type(sys)("empty"), provider="acme-empty")
