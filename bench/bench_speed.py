@@ -62,7 +62,7 @@ import torch
 n, bs, steps, cfg = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
 t1 = time.perf_counter()
 from diffusers import StableDiffusionPipeline
-from synfer_plugins.sd_generator import SDModel, TINY_MODEL_DIR
+from synfer_plugins.sd.model import SDModel, TINY_MODEL_DIR
 m = SDModel.from_pretrained(TINY_MODEL_DIR)
 pipe = StableDiffusionPipeline(vae=None, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet, scheduler=m.scheduler,
                                safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
@@ -130,7 +130,7 @@ def unet_speed(batch_sizes=(1, 16), repeats: int = 10) -> list[dict]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from synfer_plugins.sd_generator import TINY_MODEL_DIR, SDModel
+    from synfer_plugins.sd.model import TINY_MODEL_DIR, SDModel
 
     m = SDModel.from_pretrained(TINY_MODEL_DIR)
     m.unet.eval()

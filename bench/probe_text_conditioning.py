@@ -20,7 +20,7 @@ def main():
 
     from synfer.dataset import read_metadata
     from synfer.stages import SampleRequest
-    from synfer_plugins.sd_generator import SDGenerator
+    from synfer_plugins.sd.generator import SDGenerator
     from synfer_plugins.tiny_cnn import MODELS, load_arrays, load_net, predict_logits
 
     ap = argparse.ArgumentParser()

@@ -11,7 +11,7 @@ from synfer.dataset import DatasetWriter
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from synfer_plugins.sd_generator import create_tiny_model
+    from synfer_plugins.sd.model import create_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-sd")
     sd = create_tiny_model(["a photo of a happy person", "a sad person", "a photo of a person"], size=16,
@@ -33,8 +33,8 @@ def fetext(tmp_path_factory):
 
 
 def test_capture_counts_and_shapes(tiny_model):
-    from synfer_plugins.feranno import UNetCapture, noise_to_t1
-    from synfer_plugins.sd_generator import SDModel
+    from synfer_plugins.feranno.capture import UNetCapture, noise_to_t1
+    from synfer_plugins.sd.model import SDModel
 
     sd = SDModel.from_pretrained(tiny_model)
     n_cross = sum(1 for k in sd.unet.attn_processors if k.endswith("attn2.processor"))
@@ -55,7 +55,7 @@ def test_capture_counts_and_shapes(tiny_model):
     assert dict(sd.unet.attn_processors).keys() == before.keys()
     with torch.no_grad():  # the capture does not change the UNet's output
         assert torch.allclose(sd.predict_noise(x_t, ts, sd.encode_text(["a happy person", "a sad person"])), ref, atol=1e-5)
-    from synfer_plugins.feranno import build_encoder
+    from synfer_plugins.feranno.encoder import build_encoder
 
     for order in ("coarse-to-fine", "fine-to-coarse"):  # both directions read every scale; gradients reach every carry conv
         torch.manual_seed(0)
@@ -69,8 +69,9 @@ def test_capture_counts_and_shapes(tiny_model):
 
 
 def test_train_and_predict(tiny_model, fetext, tmp_path):
-    from synfer_plugins.feranno import FERAnno, train_feranno
-    from synfer_plugins.sd_generator import SDGenerator
+    from synfer_plugins.feranno.stage import FERAnno
+    from synfer_plugins.feranno.train import train_feranno
+    from synfer_plugins.sd.generator import SDGenerator
     from synfer.stages import GeneratedSample, SampleRequest
     from PIL import Image
 
@@ -97,7 +98,7 @@ def test_train_and_predict(tiny_model, fetext, tmp_path):
 
 
 def test_shifted_views_move_each_face_a_little():
-    from synfer_plugins.feranno import shifted_views
+    from synfer_plugins.feranno.train import shifted_views
 
     x = np.zeros((5, 12, 12, 3), np.uint8)
     x[:, 6, 6] = 255
@@ -112,7 +113,7 @@ def test_feature_cache_key_follows_the_weights(tmp_path):
     """Retraining the AU adapter (or the UNet) in place must not reuse features captured with the old weights."""
     import os
 
-    from synfer_plugins.feranno import model_key
+    from synfer_plugins.feranno.train import model_key
 
     (tmp_path / "m" / "unet").mkdir(parents=True)
     (tmp_path / "d").mkdir()

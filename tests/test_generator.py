@@ -6,8 +6,9 @@ torch = pytest.importorskip("torch")
 
 from synfer.labels import AU_KEYS, au_dict, sample_aus  # noqa: E402
 from synfer.stages import SampleRequest  # noqa: E402
-from synfer_plugins.au_adapter import AUAdapter  # noqa: E402
-from synfer_plugins.sd_generator import SDGenerator, SDModel, build_word_tokenizer, create_tiny_model  # noqa: E402
+from synfer_plugins.sd.au_adapter import AUAdapter  # noqa: E402
+from synfer_plugins.sd.generator import SDGenerator
+from synfer_plugins.sd.model import SDModel, build_word_tokenizer, create_tiny_model  # noqa: E402
 
 CAPTIONS = [f"a photo of a {e} face, the person looks {e}" for e in ("happy", "sad", "surprised", "neutral")]
 EXPRESSIONS = ("happy", "sad", "surprise", "neutral")
@@ -42,7 +43,7 @@ def test_tokenizer_is_word_level(tmp_path):
     ids = tok(["a happy face"], padding="max_length", max_length=12).input_ids[0]
     assert tok.convert_ids_to_tokens(ids[:5]) == ["<|startoftext|>", "a", "happy", "face", "<|endoftext|>"]
     tok.save_pretrained(tmp_path)
-    from synfer_plugins.sd_generator import load_tokenizer
+    from synfer_plugins.sd.model import load_tokenizer
 
     assert load_tokenizer(tmp_path)(["a happy face"], padding="max_length", max_length=12).input_ids[0] == ids
 

@@ -20,8 +20,8 @@ def test_sd15_recipe_on_tiny_models(tmp_path):
     from PIL import Image
 
     from synfer.pipeline import run_recipe
-    from synfer_plugins.feranno import train_feranno
-    from synfer_plugins.sd_generator import create_tiny_model
+    from synfer_plugins.feranno.train import train_feranno
+    from synfer_plugins.sd.model import create_tiny_model
 
     torch.set_num_threads(1)
     sd = create_tiny_model(["a photo of a happy person", "a photo of a person"], size=16, block_out_channels=(8, 16), text_dim=16)

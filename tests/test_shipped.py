@@ -45,8 +45,8 @@ def test_cli_files_identical_for_batch_size_1_and_8(tmp_path, fetext):
 
 
 def test_inversion_reconstructs_a_fetext_face(fetext):
-    from synfer_plugins.sampling import LayoutConfig, LayoutInit, invert
-    from synfer_plugins.sd_generator import SDGenerator
+    from synfer_plugins.sd.sampling import LayoutConfig, LayoutInit, invert
+    from synfer_plugins.sd.generator import SDGenerator
 
     torch.set_num_threads(1)
     g = SDGenerator(SDGenerator.Config(steps=25, guidance_scale=1.0, device="cpu"))

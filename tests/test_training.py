@@ -94,7 +94,7 @@ def test_ema_weights_are_deployed(tmp_path):
 
 
 def test_expression_map_finds_the_mouth(tmp_path):
-    from synfer_plugins.sd_training import FETextDataset, expression_map
+    from synfer_plugins.sd.training import FETextDataset, expression_map
 
     ds = FETextDataset(make_fetext(tmp_path / "fetext", n=24), 32)
     emap = expression_map(ds, 16)
@@ -106,8 +106,8 @@ def test_expression_map_finds_the_mouth(tmp_path):
 
 @pytest.mark.parametrize("weights", [{}, {"focus": 10.0, "snr_gamma": 5.0}], ids=["plain", "focus+min-snr"])
 def test_diffusion_loss_falls_through_mmengine(tmp_path, weights):
-    from synfer_plugins.sd_generator import create_tiny_model
-    from synfer_plugins.sd_training import DiffusionTrainModel, FETextDataset, expression_map
+    from synfer_plugins.sd.model import create_tiny_model
+    from synfer_plugins.sd.training import DiffusionTrainModel, FETextDataset, expression_map
 
     data = make_fetext(tmp_path / "fetext", n=16)
     sd = create_tiny_model(["a photo of a happy face"], size=16, block_out_channels=(16, 32), text_dim=32, max_length=16)
@@ -131,7 +131,7 @@ def test_diffusion_loss_falls_through_mmengine(tmp_path, weights):
 
 def test_cli_generator_au_adapter_vae_then_generate(tmp_path):
     from synfer.stages import SampleRequest
-    from synfer_plugins.sd_generator import SDGenerator
+    from synfer_plugins.sd.generator import SDGenerator
 
     data = make_fetext(tmp_path / "fetext", n=12)
     cli = CliRunner()

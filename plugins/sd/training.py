@@ -248,7 +248,7 @@ def _loss_weights(extra: dict, dataset: FETextDataset, sd, seed: int) -> dict:
 
 def train_generator(opts, **overrides) -> Path:
     """Fine-tune (or, for the tiny model, train from scratch) the diffusion model on FEText; returns OUT."""
-    from synfer_plugins.sd_generator import SDModel, create_tiny_model
+    from synfer_plugins.sd.model import SDModel, create_tiny_model
 
     extra = {**opts.extra, **overrides}
     rows = read_metadata(opts.data)
@@ -284,8 +284,8 @@ def train_generator(opts, **overrides) -> Path:
 
 def train_au_adapter(opts, **overrides) -> Path:
     """Train the AU adapter on a frozen model; writes au_adapter.* into OUT (the whole model if OUT is elsewhere)."""
-    from synfer_plugins.au_adapter import AUAdapter
-    from synfer_plugins.sd_generator import SDModel
+    from synfer_plugins.sd.au_adapter import AUAdapter
+    from synfer_plugins.sd.model import SDModel
 
     extra = {**opts.extra, **overrides}
     sd = SDModel.from_pretrained(opts.model, load_au_adapter=False)
@@ -311,7 +311,7 @@ def train_vae(opts, **overrides) -> Path | None:
     """Fine-tune a latent model's VAE on FEText; a pixel-space model has none (prints why, returns None)."""
     import click
 
-    from synfer_plugins.sd_generator import SDModel
+    from synfer_plugins.sd.model import SDModel
 
     if _is_tiny(opts.model) or not (Path(opts.model) / "vae").is_dir():
         click.echo(f"skipped: {opts.model or 'the tiny default model'} is a pixel-space model (no vae/ folder); "

@@ -1,20 +1,7 @@
-"""The "sd" generator: Stable-Diffusion-architecture sampler with text + AU conditioning (paper 4.2-4.3).
+"""The "sd" generator stage: Stable-Diffusion-architecture sampler with text + AU conditioning (paper 4.2-4.3).
 
-Loads any SD 1.x-format folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
-`scheduler/`) with diffusers/transformers `from_pretrained` from local disk, plus an
-optional AU adapter (`au_adapter.safetensors` + `au_adapter.json`, see au_adapter.py).
-A folder without `vae/` is a pixel-space model: the "latents" are the image in [-1, 1].
-
-The shipped default is a tiny pixel-space model (`create_tiny_model`), trained by
-`synfer train generator` on the procedural FEText. Its config comes from measurements on
-a 2-core CPU (shared/MEASURED.md): 32x32 pixels, channels (32, 64, 64), one layer per
-block, attention only at 16x16 and 8x8 (attention at full resolution is ruinous on a
-CPU), 1.7M parameters, 0.64 s per training step of 32; ten minutes of training gave
-recognisable faces with 75.5% oracle expression accuracy, better than the 64x64
-pixel-unshuffle variant (69%, noisier) and cheaper than a latent model that would
-need a VAE trained first. Its text encoder is a 2-layer CLIP text model over a
-WordLevel vocabulary of the FEText captions (a CLIPTokenizer without merges would
-split words into characters).
+The model itself (loading, text/image encoding, one UNet pass) is `SDModel` in model.py;
+layout initialization and semantic guidance are in sampling.py; training in training.py.
 
 Sampling is batched, but every sample's starting noise comes from its own
 `torch.Generator().manual_seed(request.seed)`, so an image does not depend on the
@@ -27,251 +14,21 @@ batch it was drawn in. Hooks for the method's other parts:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from pydantic import Field
 
-from synfer import hookimpl
-from synfer.labels import AU_KEYS, au_vector, sample_seed
+from synfer.labels import sample_seed
 from synfer.stages import GeneratedSample, Generator, SampleRequest, StageConfig, missing_path
-from synfer_plugins.sampling import GuidanceConfig, LayoutConfig, LayoutInit, SemanticGuidance
+from synfer_plugins.sd.model import TINY_MODEL_DIR, SDModel
+from synfer_plugins.sd.sampling import GuidanceConfig, LayoutConfig, LayoutInit, SemanticGuidance
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL_DIR = Path(__file__).parent / "models" / "tiny-sd"
-MODEL_INFO = "synfer_model.json"  # marks folders made by synfer (kind, pixel space, training notes)
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "<|startoftext|>", "<|endoftext|>")
-
 OnStep = Callable[[int, "object", "object", "object"], "object | None"]
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def build_word_tokenizer(captions: Sequence[str], max_length: int = 64, max_vocab: int = 4096):
-    """A WordLevel tokenizer over the caption vocabulary, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    norm = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    pre = pre_tokenizers.Whitespace()
-    counts: Counter[str] = Counter()
-    for c in captions:
-        counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(c or "")))
-    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][: max_vocab - len(SPECIAL_TOKENS)]
-    vocab = {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = norm, pre
-    bos, eos = SPECIAL_TOKENS[2], SPECIAL_TOKENS[3]
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="[UNK]", pad_token="[PAD]",
-                                   model_max_length=max_length)
-
-
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer: CLIP BPE for real SD folders, else the saved fast tokenizer."""
-    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
-
-    cfg_path = folder / "tokenizer_config.json"
-    cls_name = json.loads(cfg_path.read_text()).get("tokenizer_class", "") if cfg_path.exists() else ""
-    if cls_name.startswith("CLIPTokenizer") or ((folder / "merges.txt").exists() and not (folder / "tokenizer.json").exists()):
-        return CLIPTokenizer.from_pretrained(str(folder))
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
-
-
-# ---------------------------------------------------------------- the model
-
-
-class SDModel:
-    """The components of one diffusion model folder, with the few operations every stage needs."""
-
-    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, au_adapter=None, info: dict | None = None):
-        self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae = unet, text_encoder, tokenizer, scheduler, vae
-        self.au_adapter = None
-        self.info = dict(info or {})
-        if au_adapter is not None:
-            self.set_au_adapter(au_adapter)
-
-    # ------------------------------------------------------------ files
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", dtype=None, load_au_adapter: bool = True) -> "SDModel":
-        import torch
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        from synfer_plugins.au_adapter import AUAdapter
-
-        path = Path(path)
-        missing = [d for d in ("unet", "text_encoder", "tokenizer") if not (path / d).is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"{path} is not a diffusion model folder: missing {', '.join(d + '/' for d in missing)} (expected the SD 1.x layout: "
-                "unet/, text_encoder/, tokenizer/, scheduler/, optional vae/). Train one with 'synfer train generator --data FETEXT --out DIR'.")
-        dtype = dtype or torch.float32
-        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(str(path / "vae"), torch_dtype=dtype) if (path / "vae").is_dir() else None
-        scheduler = DDIMScheduler.from_pretrained(str(path / "scheduler")) if (path / "scheduler").is_dir() else DDIMScheduler()
-        info = json.loads((path / MODEL_INFO).read_text()) if (path / MODEL_INFO).exists() else {}
-        adapter = AUAdapter.load(path, dtype=dtype) if load_au_adapter and AUAdapter.exists(path) else None
-        model = cls(unet, text_encoder, load_tokenizer(path / "tokenizer"), scheduler, vae, adapter, info)
-        return model.to(device)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the SD 1.x layout (+ au_adapter files); the UNet is saved without the adapter in it."""
-        from synfer_plugins.au_adapter import AUAdapter
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if self.au_adapter is not None:
-            AUAdapter.detach(self.unet)
-        try:
-            self.unet.save_pretrained(str(path / "unet"))
-        finally:
-            if self.au_adapter is not None:
-                self.au_adapter.attach(self.unet)
-        self.text_encoder.save_pretrained(str(path / "text_encoder"))
-        self.tokenizer.save_pretrained(str(path / "tokenizer"))
-        self.scheduler.save_pretrained(str(path / "scheduler"))
-        if self.vae is not None:
-            self.vae.save_pretrained(str(path / "vae"))
-        if self.au_adapter is not None:
-            self.au_adapter.save(path)
-        else:  # an adapter left from earlier UNet weights no longer fits them: 'synfer train au-adapter' again
-            from synfer_plugins.au_adapter import CONFIG_NAME, WEIGHTS_NAME
-
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                (path / name).unlink(missing_ok=True)
-        if self.info:
-            (path / MODEL_INFO).write_text(json.dumps(self.info, indent=2) + "\n")
-
-    def to(self, device=None, dtype=None) -> "SDModel":
-        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for m in (self.unet, self.text_encoder, self.vae, self.au_adapter):
-            if m is not None and kw:
-                m.to(**kw)
-        return self
-
-    # ------------------------------------------------------------ properties
-    @property
-    def device(self):
-        return self.unet.device
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    @property
-    def pixel_space(self) -> bool:
-        return self.vae is None
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_size(self) -> int:
-        s = self.unet.config.sample_size
-        return (s if isinstance(s, int) else s[0]) * self.vae_scale_factor
-
-    @property
-    def max_length(self) -> int:
-        return min(int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings))
-
-    def set_au_adapter(self, adapter) -> None:
-        from synfer_plugins.au_adapter import AUAdapter
-
-        if self.au_adapter is not None:
-            AUAdapter.detach(self.unet)
-        self.au_adapter = adapter
-        if adapter is not None:
-            adapter.to(device=self.unet.device, dtype=self.unet.dtype)
-            adapter.attach(self.unet)
-
-    def set_au_scale(self, scale: float) -> None:
-        if self.au_adapter is not None:
-            self.au_adapter.set_scale(scale)
-
-    # ------------------------------------------------------------ operations
-    def tokenize(self, prompts: Sequence[str]):
-        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                              return_tensors="pt").input_ids
-
-    def encode_text(self, prompts: Sequence[str] | None = None, input_ids=None):
-        """(B, L, D) CLIP hidden states, the UNet's cross-attention context (SD: no attention mask)."""
-        if input_ids is None:
-            input_ids = self.tokenize(prompts)
-        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
-
-    def encode_image(self, images, sample_generator=None):
-        """Images (B, 3, H, W) in [-1, 1] -> scaled latents; identity in pixel space. Differentiable."""
-        if self.vae is None:
-            return images
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        z = dist.sample(sample_generator) if sample_generator is not None else dist.mean
-        return z * self.vae.config.scaling_factor
-
-    def decode(self, latents):
-        """Scaled latents -> images in [-1, 1] (not clamped); identity in pixel space. Differentiable."""
-        if self.vae is None:
-            return latents
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-
-    def au_tensor(self, aus: Sequence[dict[str, float] | None]):
-        import numpy as np
-        import torch
-
-        return torch.from_numpy(np.stack([au_vector(a) for a in aus])).to(device=self.device, dtype=self.dtype)
-
-    def predict_noise(self, latents, t, text_emb, aus=None, **unet_kwargs):
-        """One conditional UNet pass. With an AU adapter, `aus` (B, 16) in [0, 1] (None: all zero)."""
-        import torch
-
-        added = None
-        if self.au_adapter is not None:
-            if aus is None:
-                aus = torch.zeros(latents.shape[0], len(AU_KEYS), device=latents.device, dtype=text_emb.dtype)
-            added = self.au_adapter.added_cond_kwargs(aus.to(text_emb.dtype))
-        return self.unet(latents, t, encoder_hidden_states=text_emb, added_cond_kwargs=added, **unet_kwargs).sample
-
-
-# ---------------------------------------------------------------- the tiny default
-
-
-def create_tiny_model(captions: Sequence[str], *, size: int = 32, max_length: int = 64, seed: int = 0,
-                      block_out_channels: tuple[int, ...] = (32, 64, 64), text_dim: int = 64) -> SDModel:
-    """A fresh pixel-space model (random weights) with a vocabulary built from `captions`.
-
-    Defaults as measured in MEASURED.md: 32x32, (32, 64, 64), attention at 16x16 and 8x8 only,
-    1.7M UNet parameters; cosine noise schedule (better than SD's scaled-linear at low resolution).
-    """
-    import torch
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = build_word_tokenizer(captions, max_length=max_length)
-    n = len(block_out_channels)
-    unet = UNet2DConditionModel(
-        sample_size=size, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=tuple(block_out_channels),
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=text_dim, attention_head_dim=4, norm_num_groups=8)  # attention_head_dim = number of heads
-    vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=max_length, projection_dim=text_dim, pad_token_id=vocab["[PAD]"],
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"]))
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True, set_alpha_to_one=False,
-                              steps_offset=1, prediction_type="epsilon", timestep_spacing="leading")
-    info = {"kind": "synfer-tiny-sd", "pixel_space": True, "size": size, "train_text_encoder": True}
-    return SDModel(unet, text_encoder, tokenizer, scheduler, vae=None, info=info)
-
 
 # ---------------------------------------------------------------- the generator stage
 
@@ -526,23 +283,18 @@ class SDGenerator(Generator):
     # ------------------------------------------------------------ training (called by `synfer train`)
     @classmethod
     def train_generator(cls, opts, **kwargs):
-        from synfer_plugins.sd_training import train_generator
+        from synfer_plugins.sd.training import train_generator
 
         return train_generator(opts, **kwargs)
 
     @classmethod
     def train_au_adapter(cls, opts, **kwargs):
-        from synfer_plugins.sd_training import train_au_adapter
+        from synfer_plugins.sd.training import train_au_adapter
 
         return train_au_adapter(opts, **kwargs)
 
     @classmethod
     def train_vae(cls, opts, **kwargs):
-        from synfer_plugins.sd_training import train_vae
+        from synfer_plugins.sd.training import train_vae
 
         return train_vae(opts, **kwargs)
-
-
-@hookimpl
-def register_stages(register):
-    register(SDGenerator)
