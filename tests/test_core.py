@@ -148,7 +148,7 @@ def test_cli_import_does_not_load_torch():
     assert " torch" not in out.stderr
 
 
-@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["validate", "recipes/quickstart.yaml"]])
+@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["validate", "recipes/quickstart.yaml"], ["train", "--help"]])
 def test_light_commands_do_not_import_torch(args):
     code = ("import sys, runpy; sys.argv=['synfer']+%r\n"
             "try:\n    runpy.run_module('synfer.cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
