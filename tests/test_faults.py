@@ -189,6 +189,7 @@ def test_a_plugin_declared_label_space_votes(faulty):
     assert int(p.argmax()) == L.label_space("affectnet8").index("anger") and p[L.label_space("affectnet8").index("neutral")] == 0
 
 
+@pytest.mark.slow  # subprocesses or a diffusion run
 def test_cli_beside_the_faults(dists):
     env = subprocess_env(HERE, *dists)
     out = subprocess.run(SYNFER + ["plugins", "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
@@ -208,6 +209,7 @@ def test_cli_beside_the_faults(dists):
     assert len(only["skipped"]) == len(FAULTS) - 1 + 1  # the other faults and the example plugin
 
 
+@pytest.mark.slow  # subprocesses or a diffusion run
 def test_a_run_records_which_samples_a_7_class_classifier_could_not_guide(faulty, tmp_path):
     """End to end on a tiny generator: contempt (outside fer2013) is written `guided: false`."""
     pytest.importorskip("torch")
@@ -229,6 +231,7 @@ def test_a_run_records_which_samples_a_7_class_classifier_could_not_guide(faulty
         assert r.get("guided", True) is (r["preassigned_label"] != "contempt"), r
 
 
+@pytest.mark.slow  # subprocesses or a diffusion run
 def test_plugins_own_their_commands_and_a_failing_hook_costs_only_its_own(dists):
     env = subprocess_env(HERE, *dists)
     out = subprocess.run(SYNFER + ["-p", "no:acme", "-p", "no:acme-experts", "train", "acme-model"], capture_output=True, text=True, env=env, cwd=ROOT)
