@@ -80,6 +80,7 @@ class Registry:
         self.skipped: list[tuple[str, str]] = []  # (entry point, why): SYNFER_PLUGINS / SYNFER_DISABLE_PLUGINS
         self.failed_names: dict[str, str] = {}  # stage name -> why its plugin was left out
         self.spaces: dict[str, str] = {}  # plugin-declared label space -> provider
+        self._provider: dict[int, str] = {}  # id(registered module) -> provider, for messages
 
     @property
     def plugins(self) -> dict[tuple[str, str], PluginInfo]:
@@ -154,6 +155,7 @@ class Registry:
                 self.failed_names[str(getattr(cls, "name", ""))] = f"{provider}: {problems[0]}"
             raise PluginContractError("; ".join(dict.fromkeys(problems)))
         self.pm.register(module)
+        self._provider[id(module)] = provider
         for name, classes in spaces.items():
             L.LABEL_SPACES[name] = tuple(L.canonical(c) for c in classes)
             self.spaces[name] = provider
@@ -239,8 +241,9 @@ class Registry:
             try:
                 impl.function(cli=cli)
             except Exception as exc:
-                msg = f"synfer plugin {impl.plugin_name} could not add its commands: {type(exc).__name__}: {exc}"
-                self.failures.append((impl.plugin_name, msg))
+                who = self._provider.get(id(impl.plugin), impl.plugin_name)
+                msg = f"synfer plugin {who} could not add its commands: {type(exc).__name__}: {exc}"
+                self.failures.append((who, msg))
                 warnings.warn(msg, PluginWarning, stacklevel=2)
 
 
