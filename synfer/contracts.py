@@ -188,6 +188,8 @@ class GuardedClassifier:
         return self._space
 
     def __getattr__(self, name):
+        if name in ("_stage", "_space"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self._stage, name)
 
     def __setattr__(self, name, value):
