@@ -171,11 +171,36 @@ def check_logits(stage, images, logits, space: str):
     return logits
 
 
-class GuardedClassifier:
-    """A guidance classifier as the generator sees it: the same object, with forward() checked and its errors named."""
+class Guarded:
+    """A stage as the core calls it: the same object (attributes pass through), with the contract
+    methods' errors re-raised as one line naming the plugin."""
+
+    methods: tuple[str, ...] = ()
+
+    def __init__(self, stage, *methods: str):
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_methods", methods or self.methods)
+
+    def __getattr__(self, name):
+        if name in ("_stage", "_methods", "_space"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        value = getattr(self._stage, name)
+        if name in self._methods:
+            def call(*args, **kwargs):
+                with calling(self._stage, name):
+                    return value(*args, **kwargs)
+            return call
+        return value
+
+    def __setattr__(self, name, value):
+        setattr(self._stage, name, value)
+
+
+class GuardedClassifier(Guarded):
+    """A guidance classifier as the generator sees it, with forward() checked as well."""
 
     def __init__(self, stage):
-        object.__setattr__(self, "_stage", stage)
+        super().__init__(stage, "forward")
         object.__setattr__(self, "_space", label_space_of(stage))
 
     def forward(self, images):
@@ -186,14 +211,6 @@ class GuardedClassifier:
     @property
     def label_space(self) -> str:
         return self._space
-
-    def __getattr__(self, name):
-        if name in ("_stage", "_space"):  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self._stage, name)
-
-    def __setattr__(self, name, value):
-        setattr(self._stage, name, value)
 
 
 def guidance_targets(classifier, requests) -> tuple[list[int], list[bool]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from synfer import labels as L
-from synfer.contracts import GuardedClassifier, calling, label_space_of
+from synfer.contracts import Guarded, GuardedClassifier, calling, label_space_of
 from synfer.dataset import DatasetWriter, merge, part_name
 from synfer.ensemble import ExpertEnsemble, Member
 from synfer.faults import crash_point
@@ -107,15 +107,16 @@ class Stages:
 
         reg = registry or get_registry()
         self.registry = reg
-        self.prompter = reg.build("prompter", recipe.prompter)
-        self.generator = reg.build("generator", recipe.generator)
-        # the generator sees the classifier through its checked boundary (synfer.contracts)
+        # stages as the core calls them: errors raised inside name their plugin (synfer.contracts)
+        self.prompter = Guarded(reg.build("prompter", recipe.prompter), "prompt")
+        generator = reg.build("generator", recipe.generator)
+        self.generator = Guarded(generator, "generate")
         self.guidance = GuardedClassifier(reg.build("guidance_classifier", recipe.guidance_classifier)) if recipe.guidance_classifier else None
         members = []
         if recipe.calibrator:
             cal = reg.build("calibrator", recipe.calibrator)
             with calling(cal, "bind"):
-                cal.bind(self.generator)
+                cal.bind(generator)
             members.append(Member(cal.name, recipe.vote.calibrator_weight, label_space_of(cal), cal.predict, cal, cal.outputs))
         for block in recipe.experts:
             block = dict(block)
@@ -127,7 +128,7 @@ class Stages:
             members.append(Member(name, weight, label_space_of(expert), lambda samples, e=expert: e.predict([s.image for s in samples]),
                                   expert, getattr(expert, "outputs", "probabilities")))
         self.ensemble = ExpertEnsemble(members, recipe.label_space, recipe.vote)
-        self.evaluators = [(reg.build("evaluator", b)) for b in recipe.evaluators]
+        self.evaluators = [Guarded(reg.build("evaluator", b), "evaluate") for b in recipe.evaluators]
 
 
 def label_batch(stages: Stages, samples, classes) -> list[LabelledSample]:
@@ -182,12 +183,9 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
               disable=not progress or (rank != 0 and world > 1)) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            with calling(stages.prompter, "prompt"):
-                prompts = stages.prompter.prompt(batch)
-            for r, p in zip(batch, prompts):
+            for r, p in zip(batch, stages.prompter.prompt(batch)):
                 r.prompt = p
-            with calling(stages.generator, "generate"):
-                samples = stages.generator.generate(batch, guidance=stages.guidance)
+            samples = stages.generator.generate(batch, guidance=stages.guidance)
             failed += len(batch) - len(samples)  # dropped by the generator (non-finite even after retries)
             crash_point("generate")
             if samples:
@@ -211,8 +209,7 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
     if recipe.grid and rows:
         write_grid(out, rows, classes)
     for ev in stages.evaluators:
-        with calling(ev, "evaluate"):
-            summary.metrics.update(ev.evaluate(out))
+        summary.metrics.update(ev.evaluate(out))
     if summary.metrics:
         from synfer.evaluate import merge_metrics
 

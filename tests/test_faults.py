@@ -264,3 +264,13 @@ def test_hooks_without_the_marker_or_none_at_all_are_errors():
         Registry().add(mod, provider="acme-unmarked")
     with pytest.raises(PluginError, match="implements none of synfer's hooks"):
         Registry().add(type(sys)("empty"), provider="acme-empty")
+
+
+def test_errors_inside_any_stage_name_it_in_one_line(registry, tmp_path):
+    """The generator, prompter and evaluators are called through synfer.contracts.Guarded by the pipeline."""
+    from synfer.pipeline import run_recipe
+
+    recipe = validate_data({"num_images": 2, "output": str(tmp_path / "o"), "grid": False, "report": False,
+                            "generator": {"plugin": "dummy", "steps": 0}}, registry)
+    with pytest.raises(PluginCallError, match=r"^generator 'dummy' \(from tests\) failed in generate\(\): ValueError: steps must be > 0$"):
+        run_recipe(recipe, registry=registry, progress=False)
