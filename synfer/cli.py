@@ -55,7 +55,8 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
-            return click.Command(name, help=f"(unavailable: {exc})", callback=lambda: sys.exit(f"synfer {name} is unavailable: {exc}"))
+            why = f"synfer {name} is unavailable: {exc}"  # `exc` is unbound once the except block ends
+            return click.Command(name, help=f"(unavailable: {exc})", callback=lambda: sys.exit(why))
 
 
 def _select_plugins(ctx, param, values):

@@ -4,9 +4,7 @@ import json
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from PIL import Image
