@@ -39,7 +39,24 @@ __all__ = ["PluginError", "PluginCallError", "PluginContractError", "PluginInfo"
 
 
 class PluginWarning(UserWarning):
-    pass
+    """A plugin left out, or its commands; shown as one line `warning: ...`, once per plugin."""
+
+
+def _warn(msg: str, where: str) -> None:
+    # one location per plugin: the default filter then shows each plugin's warning once, not only the first
+    warnings.warn_explicit(msg, PluginWarning, filename=f"synfer-plugin:{where}", lineno=0, module="synfer.plugins")
+
+
+_formatwarning = warnings.formatwarning
+
+
+def _format(message, category, filename, lineno, line=None):
+    if issubclass(category, PluginWarning):
+        return f"warning: {message}\n"
+    return _formatwarning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _format
 
 
 def _norm(name: str) -> str:
@@ -121,7 +138,7 @@ class Registry:
         if strict:
             raise PluginError(msg) from exc
         self.failures.append((ep.name, msg))
-        warnings.warn(msg, PluginWarning, stacklevel=3)
+        _warn(msg, ep.name)
 
     def add(self, module, provider: str | None = None, version: str = "?", entry_point: str = "") -> None:
         """Check a module (or object) with hookimpls whole, then register it and the stages it hands over.
@@ -244,7 +261,7 @@ class Registry:
                 who = self._provider.get(id(impl.plugin), impl.plugin_name)
                 msg = f"synfer plugin {who} could not add its commands: {type(exc).__name__}: {exc}"
                 self.failures.append((who, msg))
-                warnings.warn(msg, PluginWarning, stacklevel=2)
+                _warn(msg, f"{who}:commands")
 
 
 _REGISTRY: Registry | None = None

@@ -198,6 +198,8 @@ def test_cli_beside_the_faults(dists):
     bad = subprocess.run(SYNFER + ["validate", "recipes/quickstart.yaml"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode != 0 and "2 plugins answer to guidance_classifier 'tiny-cnn'" in bad.stderr
     assert "Traceback" not in bad.stderr
+    for name in LEFT_OUT:  # each left-out plugin warned about once, in one line
+        assert bad.stderr.count(f"warning: synfer plugin {name!r}") == 1, bad.stderr
     ok = subprocess.run(SYNFER + ["-p", "no:acme", "-p", "no:acme-experts", "validate", "recipes/quickstart.yaml"],
                         capture_output=True, text=True, env=env, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
