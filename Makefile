@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
 
 venv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/pytest -q -x --durations=15
+
+# The quick loop while editing: everything but the tests marked `slow` (subprocess runs, real
+# trainings). `make test` still runs everything; `-m "not network"` also skips PyPI fetches.
+test-fast: venv
+	$(VENV)/bin/pytest -q -x -m "not slow" --durations=10
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -1,8 +1,7 @@
 """Evaluators of a generated dataset (paper 5.1): FID, FER accuracy, AU F1, diversity, label quality.
 
-Each evaluator prints and returns named numbers. The scoring itself lives in small pure
-functions (`frechet_distance`, `fer_accuracy_scores`, `au_f1_scores`, `mean_pairwise_distance`,
-`label_quality_scores`) so that they are tested on hand-made inputs.
+Each evaluator prints and returns named numbers. The scoring itself lives in the pure
+functions of `synfer.scoring` (re-exported here), tested on hand-made inputs.
 
 Judges are plugins: the FER judge is any guidance_classifier or expert (default `oracle-cnn`,
 the independent judge of the procedural world), the AU judge any AU detector (default
@@ -22,106 +21,13 @@ from pydantic import Field
 
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.stages import Evaluator, StageConfig
+from synfer.dataset import row_label
+from synfer.scoring import au_f1_scores, fer_accuracy_scores, frechet_distance, label_quality_scores, mean_pairwise_distance
+from synfer.stages import Evaluator, StageConfig, missing_path
+
+__all__ = ["au_f1_scores", "fer_accuracy_scores", "frechet_distance", "label_quality_scores", "mean_pairwise_distance"]  # re-exported
 
 JudgeBlock = str | dict[str, Any]
-
-
-# ---------------------------------------------------------------- pure scoring
-
-
-def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
-    """Eq. of FID: ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), sqrtm from scipy."""
-    import numpy as np
-    from scipy import linalg
-
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"FID needs at least 2 images per set, got {len(a)} and {len(b)}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():  # singular product (few images): offset the diagonals, as pytorch-fid does
-        off = np.eye(s_a.shape[0]) * eps
-        covmean = linalg.sqrtm((s_a + off) @ (s_b + off))
-    covmean = covmean.real
-    diff = mu_a - mu_b
-    return float(max(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean), 0.0))
-
-
-def fer_accuracy_scores(labels: list[str], predicted: list[str | None]) -> dict[str, float]:
-    """Share of images whose judged class equals their label; per class too.
-    `None` predictions (label outside the judge's classes) are left out and counted."""
-    scored = [(t, p) for t, p in zip(labels, predicted) if p is not None]
-    out: dict[str, float] = {"fer_accuracy": sum(t == p for t, p in scored) / len(scored) if scored else 0.0,
-                             "fer_accuracy_n": float(len(scored))}
-    if len(scored) < len(labels):
-        out["fer_accuracy_unscored"] = float(len(labels) - len(scored))
-    for c in sorted({t for t, _ in scored}):
-        hits = [t == p for t, p in scored if t == c]
-        out[f"fer_accuracy_{c}"] = sum(hits) / len(hits)
-    return out
-
-
-def au_f1_scores(target, predicted, threshold: float = L.AU_ON_THRESHOLD) -> dict[str, float]:
-    """Per-AU F1 of (N, len(AU_KEYS)) intensities in [0, 1], both binarised at `threshold` (AU on
-    when intensity >= threshold). An AU that is never on in either is undefined and left out of
-    the mean `au_f1`. `au_accuracy` is the share of all (image, AU) occurrences judged right."""
-    import numpy as np
-
-    t = np.asarray(target, np.float64) >= threshold
-    p = np.asarray(predicted, np.float64) >= threshold
-    out: dict[str, float] = {}
-    f1s = []
-    for j, key in enumerate(L.AU_KEYS):
-        tp = int((t[:, j] & p[:, j]).sum())
-        fp = int((~t[:, j] & p[:, j]).sum())
-        fn = int((t[:, j] & ~p[:, j]).sum())
-        if tp + fp + fn == 0:
-            continue
-        out[f"au_f1_{key}"] = 2 * tp / (2 * tp + fp + fn)
-        f1s.append(out[f"au_f1_{key}"])
-    return {"au_f1": float(np.mean(f1s)) if f1s else 0.0, "au_accuracy": float((t == p).mean()) if t.size else 0.0, **out}
-
-
-def mean_pairwise_distance(feats, metric: str = "cosine") -> float:
-    """Mean distance over all pairs of rows (0 for identical rows)."""
-    import numpy as np
-    from scipy.spatial.distance import pdist
-
-    feats = np.asarray(feats, np.float64)
-    if len(feats) < 2:
-        return 0.0
-    if metric == "cosine":  # 1 - cos = |a - b|^2 / 2 on unit vectors (zero vectors stay zero, not NaN)
-        norms = np.linalg.norm(feats, axis=1, keepdims=True)
-        unit = np.where(norms > 0, feats / np.maximum(norms, 1e-12), 0.0)
-        return float((pdist(unit, "sqeuclidean") / 2).mean())
-    return float(pdist(feats, metric).mean())
-
-
-def label_quality_scores(rows: list[dict], verdicts: list[str | None]) -> dict[str, float]:
-    """The judge's verdict as ground truth: how often the preassigned label and the final
-    (calibrated) label agree with it, over kept samples and over all samples; plus how often a
-    relabelling moved a sample to the judge's class (`..._relabelled_fixed`)."""
-    def acc(pairs):
-        pairs = [(a, v) for a, v in pairs if v is not None]
-        return sum(a == v for a, v in pairs) / len(pairs) if pairs else 0.0
-
-    kept = [(r, v) for r, v in zip(rows, verdicts) if r.get("kept", True)]
-    relab = [(r, v) for r, v in kept if r["label"] != r["preassigned_label"]]
-    out = {
-        "label_quality_preassigned": acc([(r["preassigned_label"], v) for r, v in kept]),
-        "label_quality_final": acc([(r["label"], v) for r, v in kept]),
-        "label_quality_preassigned_all": acc([(r["preassigned_label"], v) for r, v in zip(rows, verdicts)]),
-        "label_quality_final_all": acc([(r["label"], v) for r, v in zip(rows, verdicts)]),
-        "label_quality_kept_share": len(kept) / len(rows) if rows else 0.0,
-        "label_quality_relabelled": float(len(relab)),
-    }
-    if relab:
-        out["label_quality_relabelled_fixed"] = acc([(r["label"], v) for r, v in relab])
-    out["label_quality"] = out["label_quality_final"]
-    out["label_quality_gain"] = out["label_quality_final"] - out["label_quality_preassigned"]
-    return out
 
 
 # ---------------------------------------------------------------- data and judges
@@ -151,12 +57,6 @@ def load_images(root: str | Path, rows: list[dict]):
         with Image.open(Path(root) / r["file_name"]) as im:
             out.append(im.convert("RGB"))
     return out
-
-
-def row_label(row: dict) -> str | None:
-    """Final label of a generated row, `expression` of a real/FEText row, canonical."""
-    name = row.get("label") or row.get("expression")
-    return L.canonical(name) if name else None
 
 
 def build_plugin(block: JudgeBlock, kinds: tuple[str, ...], device: str | None):
@@ -278,6 +178,11 @@ class FID(Evaluator):
 
     class Config(_FeatureConfig):
         reference: str | None = None  # a real dataset folder (or image folder); the CLI's --reference wins
+
+    @classmethod
+    def problems(cls, config):
+        return missing_path(config, "reference", "a real dataset folder (images/ + metadata.jsonl) or a folder of images",
+                            "Build one with 'synfer fetext build' or point reference at your real set.")
 
     def evaluate(self, dataset, reference=None):
         ref = reference or self.config.reference

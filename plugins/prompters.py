@@ -1,10 +1,9 @@
 """Prompter plugins: enrich "a photo of a {expression} person" into a detailed prompt (paper Fig. 2)."""
 from __future__ import annotations
 
-import numpy as np
-
 from synfer import hookimpl
 from synfer import labels as L
+from synfer.seeds import stream_rng
 from synfer.stages import Prompter, SampleRequest, StageConfig
 
 COARSE = "a photo of a {expression} person"
@@ -48,7 +47,7 @@ class TemplatePrompter(Prompter):
             raise ValueError(f"prompter.style={self.config.style!r}; expected 'fetext' or 'short'")
         out = []
         for r in requests:
-            rng = np.random.default_rng([r.seed, 7])
+            rng = stream_rng(r.seed, "prompt")
             parts = [f"a photo of {APPEARANCE[rng.integers(len(APPEARANCE))]}",
                      f"with a {EMOTION_WORDS[r.expression]} expression"]
             if self.config.mention_aus:
@@ -66,7 +65,7 @@ class TemplatePrompter(Prompter):
         from synfer_plugins.captioners import template_caption
         from synfer_plugins.procedural import sample_identity
 
-        attrs = asdict(sample_identity(int(np.random.default_rng([r.seed, 7]).integers(2**30))))
+        attrs = asdict(sample_identity(int(stream_rng(r.seed, "prompt").integers(2**30))))
         record = FaceRecord(image=None, expression=r.expression, aus=r.aus if self.config.mention_aus else None, attributes=attrs)
         return template_caption(record, seed=r.seed, max_movements=self.config.max_aus)
 

@@ -313,16 +313,13 @@ def evaluate_net(net, test, task: str, label_space: str = "affectnet8", size: in
     x, y, aus, _ = load_arrays(test, label_space, size=size)
     logits = predict_logits(net, x)
     if task == "classify":
-        pred = logits.argmax(1)
-        recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
-        return {"accuracy": float((pred == y).mean()), "uar": float(np.mean(recalls)), "n": int(len(y))}
-    prob = 1 / (1 + np.exp(-logits))
-    f1 = {}
-    for j, k in enumerate(L.AU_KEYS):
-        t, p = aus[:, j] >= L.AU_ON_THRESHOLD, prob[:, j] >= L.AU_ON_THRESHOLD
-        tp, fp, fn = int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum())
-        f1[k] = 2 * tp / max(2 * tp + fp + fn, 1)
-    return {"au_f1_mean": float(np.mean(list(f1.values()))), "au_f1": f1, "n": int(len(aus))}
+        from synfer.scoring import classification_scores
+
+        return {**classification_scores(y, logits.argmax(1)), "n": int(len(y))}
+    from synfer.scoring import au_f1_scores
+
+    scores = au_f1_scores(aus, 1 / (1 + np.exp(-logits)), undefined=0.0)  # an AU absent from the test set scores 0
+    return {"au_f1_mean": scores["au_f1"], "au_f1": {k: scores[f"au_f1_{k}"] for k in L.AU_KEYS}, "n": int(len(aus))}
 
 
 def predict_logits(net, images, batch_size: int = 256):

@@ -22,10 +22,12 @@ def load_arrays(root: str | Path, label_space: str = "affectnet8", size: int | N
     rows = read_metadata(root)
     if kept_only:
         rows = [r for r in rows if r.get("kept", True)]
-    # FEText rows name the class in `expression` (their `label` is an index); generated rows in `label`.
-    key = label_key or ("expression" if rows and "expression" in rows[0] else "label")
+    # One row schema (synfer.dataset.row_label): FEText rows name the class in `expression`, generated ones in `label`.
+    from synfer.dataset import row_label
+
+    name = (lambda r: L.canonical(r[label_key]) if r.get(label_key) else None) if label_key else row_label
     classes = L.label_space(label_space)
-    rows = [r for r in rows if r.get(key) and L.canonical(r[key]) in classes][:limit]
+    rows = [r for r in rows if name(r) in classes][:limit]
     imgs = []
     for r in rows:
         with Image.open(root / r["file_name"]) as im:
@@ -34,6 +36,6 @@ def load_arrays(root: str | Path, label_space: str = "affectnet8", size: int | N
                 im = im.resize((size, size), Image.BICUBIC)
             imgs.append(np.asarray(im))
     x = np.stack(imgs) if imgs else np.zeros((0, size or 64, size or 64, 3), np.uint8)
-    y = np.array([classes.index(L.canonical(r[key])) for r in rows], dtype=np.int64)
+    y = np.array([classes.index(name(r)) for r in rows], dtype=np.int64)
     aus = np.stack([L.au_vector(r.get("aus")) for r in rows]) if rows else np.zeros((0, len(L.AU_KEYS)), np.float32)
     return x, y, aus, rows

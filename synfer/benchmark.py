@@ -10,26 +10,26 @@ a line per setting, a band for real only) and prints a table.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import click
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from synfer import labels as L
+from synfer.dataset import write_json
+from synfer.recipe import LabelSpaceName, RecipeModel
+from synfer.seeds import stream_rng
 
 SETTINGS = ("real", "synthetic", "real+synthetic")
 
 
-class DownstreamConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DownstreamConfig(RecipeModel):
 
     real_train: str  # FEText-format folder (metadata.jsonl with `expression`)
     synthetic: str  # a generated dataset (final `label`, `kept`)
     real_test: str  # held-out real set, FEText format
-    label_space: str = "affectnet8"
+    label_space: LabelSpaceName = "affectnet8"
     classifier: str = "tiny-cnn"  # a guidance classifier plugin that can be trained from arrays (TrainableClassifier)
     real_per_class: int = Field(50, gt=0)  # real training images per class (the data-scarce regime)
     scales: list[float] = [1, 2, 5]  # synthetic images per class = scale x real_per_class
@@ -44,12 +44,6 @@ class DownstreamConfig(BaseModel):
     threads: int | None = Field(None, gt=0)  # torch.set_num_threads
     output: str | None = None  # folder for downstream.json/png; default: the synthetic dataset folder
 
-    @field_validator("label_space")
-    @classmethod
-    def _space(cls, v):
-        L.label_space(v)
-        return v
-
     @field_validator("scales")
     @classmethod
     def _scales(cls, v):
@@ -59,14 +53,11 @@ class DownstreamConfig(BaseModel):
 
 
 def load_config(path: str | Path, overrides=()) -> DownstreamConfig:
-    from synfer.recipe import RecipeError, apply_overrides, pydantic_problems
+    from synfer.recipe import read_yaml, validate_recipe
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    data = apply_overrides(data, list(overrides))
-    try:
-        return DownstreamConfig(**data)
-    except ValidationError as exc:
-        raise RecipeError(pydantic_problems(exc), str(path)) from None
+    problems: list[str] = []
+    data = read_yaml(path, overrides, problems)
+    return validate_recipe(DownstreamConfig, data, source=str(path), problems=problems)
 
 
 def per_class_subset(y, per_class: int, rng):
@@ -82,10 +73,9 @@ def per_class_subset(y, per_class: int, rng):
 
 def scores(y_true, y_pred, num_classes: int) -> dict[str, float]:
     """Accuracy (WAR) and unweighted average recall over the classes present in the test set."""
-    import numpy as np
+    from synfer.scoring import classification_scores
 
-    recalls = [float((y_pred[y_true == c] == c).mean()) for c in range(num_classes) if (y_true == c).any()]
-    return {"accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0, "uar": float(np.mean(recalls)) if recalls else 0.0}
+    return classification_scores(y_true, y_pred, num_classes)
 
 
 def trainable(name: str):
@@ -143,11 +133,11 @@ def run_downstream(cfg: DownstreamConfig, echo=print) -> dict:
     runs = []
     plan = [("real", 0.0)] + [(s, k) for s in SETTINGS[1:] for k in cfg.scales]
     for seed in cfg.seeds:
-        rng = np.random.default_rng([seed, 7])
+        rng = stream_rng(seed, "benchmark.real")
         real_idx = per_class_subset(y_real, cfg.real_per_class, rng)
         for setting, scale in plan:
             # one permutation per seed: the 2x synthetic subset contains the 1x one
-            syn_idx = per_class_subset(y_syn, int(round(scale * cfg.real_per_class)), np.random.default_rng([seed, 11])) if scale else []
+            syn_idx = per_class_subset(y_syn, int(round(scale * cfg.real_per_class)), stream_rng(seed, "benchmark.synthetic")) if scale else []
             parts_x = ([x_real[real_idx]] if setting != "synthetic" else []) + ([x_syn[syn_idx]] if scale else [])
             parts_y = ([y_real[real_idx]] if setting != "synthetic" else []) + ([y_syn[syn_idx]] if scale else [])
             x, y = np.concatenate(parts_x), np.concatenate(parts_y)
@@ -161,7 +151,7 @@ def run_downstream(cfg: DownstreamConfig, echo=print) -> dict:
               "counts": {"real_train": int(len(y_real)), "synthetic": int(len(y_syn)), "real_test": int(len(y_test))}}
     out = Path(cfg.output or cfg.synthetic)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "downstream.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "downstream.json", result)
     plot_downstream(result, out / "downstream.png")
     return result
 

@@ -63,5 +63,7 @@ def bootstrap_cli(recipe, only, dry_run):
             raise click.ClickException(f"step {step.name!r} failed (exit {result.returncode}); fix it and rerun: finished steps are skipped")
         times[step.name] = round(time.time() - t0, 1)
         times_path.parent.mkdir(parents=True, exist_ok=True)
-        times_path.write_text(json.dumps(times, indent=2))
+        from synfer.dataset import write_json
+
+        write_json(times_path, times)
         click.echo(f"[done] {step.name}: {times[step.name]:.0f} s")

@@ -6,7 +6,6 @@ reads the generator's UNet). Metadata is rewritten atomically; images are untouc
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -17,7 +16,7 @@ def calibrate_dataset(dataset: str | Path, recipe, registry=None, batch_size: in
     from tqdm.auto import tqdm
 
     from synfer import labels as L
-    from synfer.dataset import METADATA, read_metadata
+    from synfer.dataset import METADATA, atomic_write, read_metadata, row_label, write_json
     from synfer.pipeline import Stages, calibration_counts, label_batch
     from synfer.stages import GeneratedSample, SampleRequest
 
@@ -30,20 +29,16 @@ def calibrate_dataset(dataset: str | Path, recipe, registry=None, batch_size: in
         chunk = rows[start:start + batch_size]
         samples = []
         for r in chunk:
-            req = SampleRequest(index=r["index"], seed=r.get("seed", 0), expression=L.canonical(r.get("preassigned_label") or r["label"]),
+            req = SampleRequest(index=r["index"], seed=r.get("seed", 0), expression=L.canonical(r.get("preassigned_label") or row_label(r)),
                                 aus=r.get("aus") or {}, prompt=r.get("prompt", ""), layout_source=r.get("layout_source"))
             with Image.open(root / r["file_name"]) as im:
                 samples.append(GeneratedSample(request=req, image=im.convert("RGB")))
         for r, ls in zip(chunk, label_batch(stages, samples, classes)):
             new = ls.metadata(r["file_name"])
             out_rows.append({**r, **{k: new[k] for k in ("preassigned_label", "label", "soft_label", "agreement", "kept", "predictions")}})
-    tmp = root / (METADATA + ".tmp")
-    with open(tmp, "w") as f:
-        for r in out_rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, root / METADATA)
+    atomic_write(root / METADATA, "".join(json.dumps(r) + "\n" for r in out_rows))
     counts = calibration_counts(out_rows)
-    (root / "calibration.json").write_text(json.dumps({k: dict(v) for k, v in counts.items()}, indent=2))
+    write_json(root / "calibration.json", {k: dict(v) for k, v in counts.items()})
     return counts
 
 

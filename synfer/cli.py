@@ -90,7 +90,8 @@ def _load_recipe(path, overrides):
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--limit", type=int, default=None, help="Generate only the first N samples (a quick look).")
-def run(recipe, overrides, limit):
+@click.option("--force", is_flag=True, help="Resume into an output written by a recipe that draws other samples (see recipe.json).")
+def run(recipe, overrides, limit, force):
     """Run a recipe: plan -> generate -> calibrate -> write -> evaluate.
 
     OVERRIDES are key=value pairs, e.g. generator.steps=10 num_images=16 output=out/x
@@ -98,7 +99,12 @@ def run(recipe, overrides, limit):
     r = _load_recipe(recipe, overrides)
     from synfer.pipeline import run_recipe
 
-    summary = run_recipe(r, limit=limit)
+    from synfer.resume import ResumeMismatch
+
+    try:
+        summary = run_recipe(r, limit=limit, force=force)
+    except ResumeMismatch as exc:
+        raise click.ClickException(str(exc))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 has the merged summary
         click.echo(summary.table())
 
@@ -123,6 +129,17 @@ def merge_cmd(dataset):
 def validate(recipe, overrides):
     """Check a recipe without loading any weights; lists every problem at once."""
     r = _load_recipe(recipe, overrides)
+    from pathlib import Path
+
+    from synfer.resume import ResumeMismatch, check_resume
+
+    if Path(r.output).is_dir():  # a rerun into this output would stop: say so now
+        from synfer.dataset import collect_rows
+
+        try:
+            check_resume(r, r.output, collect_rows(Path(r.output)), write=False)
+        except ResumeMismatch as exc:
+            raise click.ClickException(f"{recipe}: {exc}")
     click.echo(f"{recipe}: ok ({r.num_images} images -> {r.output})")
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from synfer.faults import crash_point
 
@@ -28,6 +30,63 @@ PARTS = ".parts"
 
 class DatasetError(Exception):
     pass
+
+
+class DatasetRow(BaseModel):
+    """One line of `metadata.jsonl`, as every reader sees it (report, evaluators, calibrate, benchmark).
+
+    Two kinds of rows share the file format:
+    - generated rows (`synfer run`): `label` is the final class *name*, beside `preassigned_label`
+      and `kept`;
+    - labelled rows (`synfer fetext build`, real sets): `expression` is the class name and `label`
+      its *index* in the build's label space (kept for `datasets.load_dataset` users).
+    Read the class through `row_label()`, never through `label` directly. Other keys (aus,
+    prompt, predictions, ...) pass through untouched; the on-disk format is unchanged.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    file_name: str
+    index: int | None = None
+    label: str | int | None = None
+    expression: str | None = None
+    preassigned_label: str | None = None
+    kept: bool = True
+    aus: dict[str, float] | None = None
+
+    @property
+    def generated(self) -> bool:
+        return self.preassigned_label is not None
+
+
+def row_label(row: dict | DatasetRow) -> str | None:
+    """The class of a row, canonical: a generated row's final `label`, a labelled row's
+    `expression`; None for an unlabelled row. An index `label` without `expression` (a
+    hand-made row) is refused: the index means nothing without its label space."""
+    from synfer import labels as L
+
+    get = row.get if isinstance(row, dict) else lambda k, d=None: getattr(row, k, d)
+    label, expression = get("label"), get("expression")
+    if isinstance(label, str) and label:
+        return L.canonical(label)
+    if expression:
+        return L.canonical(expression)
+    if label is not None and not isinstance(label, bool):
+        raise DatasetError(f"row {get('file_name')!r} has an index label ({label!r}) but no 'expression': "
+                           "write the class name in 'expression' (as 'synfer fetext build' does)")
+    return None
+
+
+def parse_rows(rows: list[dict], path: Path | str = METADATA) -> list[dict]:
+    """Check every row against `DatasetRow`; a bad row fails with its line number and what is wrong."""
+    for n, r in enumerate(rows, 1):
+        try:
+            DatasetRow.model_validate(r)
+        except ValidationError as exc:
+            what = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise DatasetError(f"{path}: row {n} is not a synfer dataset row ({what}); expected at least "
+                               "file_name (and label/expression for labelled sets)") from None
+    return rows
 
 
 def image_name(index: int, ext: str = "png") -> str:
@@ -67,14 +126,36 @@ def _repair(path: Path, root: Path) -> list[dict]:
     return kept
 
 
+def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes]], None], sync: bool = True) -> Path:
+    """The one way synfer replaces a file: write `<dir>/.<name>.tmp`, fsync (unless `sync` is
+    False), rename over `path`. A kill at any moment leaves the old file or the new one, never
+    half of one. `data` is text (UTF-8), bytes, or a function that writes into the open file
+    (e.g. `lambda f: image.save(f, format="PNG")`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj, **kwargs) -> Path:
+    """`obj` as indented JSON, atomically."""
+    return atomic_write(path, json.dumps(obj, indent=2, **kwargs))
+
+
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    """Atomic: temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def part_name(rank: int) -> str:
@@ -123,14 +204,8 @@ class DatasetWriter:
 
     def _put_image(self, index: int, image, sync: bool) -> str:
         name = image_name(index, self.ext)
-        final = self.root / name
-        tmp = final.with_name(f".{final.name}.tmp")
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG" if self.ext == "png" else self.ext.upper(), compress_level=self.compress_level)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
+        fmt = "PNG" if self.ext == "png" else self.ext.upper()
+        atomic_write(self.root / name, lambda f: image.save(f, format=fmt, compress_level=self.compress_level), sync=sync)
         return name
 
     def _append(self, rows: list[dict]) -> None:
@@ -187,6 +262,7 @@ def read_metadata(root: str | os.PathLike, verify: bool = True) -> list[dict]:
     if not path.exists():
         raise DatasetError(f"{root} is not a synfer dataset: no {METADATA}. Build one with 'synfer run' or 'synfer fetext build'.")
     rows, _ = _read_lines(path)
+    parse_rows(rows, path)
     if verify:
         missing = [r["file_name"] for r in rows if not (root / r["file_name"]).exists()]
         if missing:

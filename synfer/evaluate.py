@@ -17,11 +17,10 @@ METRICS = "metrics.json"
 def merge_metrics(dataset: str | Path, metrics: dict[str, float]) -> Path:
     """Write `metrics` into DATASET/metrics.json, keeping keys already there that were not recomputed."""
     path = Path(dataset) / METRICS
+    from synfer.dataset import write_json
+
     old = json.loads(path.read_text()) if path.exists() else {}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**old, **metrics}, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    return write_json(path, {**old, **metrics}, sort_keys=True)
 
 
 def evaluate_dataset(dataset: str | Path, reference: str | Path | None = None, evaluators=None, device: str | None = None,

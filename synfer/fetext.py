@@ -15,66 +15,45 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field
 
 from synfer import labels as L
-from synfer.recipe import RecipeError, pydantic_problems, stage_problems
+from synfer.recipe import LabelSpaceName, OutputDir, RecipeError, RecipeModel, Seed, validate_recipe
 
 SUMMARY_FILE = "fetext_summary.json"
 STAGE_BLOCKS = {"upscaler": "upscaler", "captioner": "captioner", "au_detector": "au_detector"}
 
 
-class FETextRecipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FETextRecipe(RecipeModel):
+    stage_slots: ClassVar[dict[str, str]] = STAGE_BLOCKS
+    stage_lists: ClassVar[dict[str, str]] = {"sources": "source"}
 
-    output: str = "out/fetext"  # dataset folder (images/ + metadata.jsonl)
+    output: OutputDir = "out/fetext"  # dataset folder (images/ + metadata.jsonl)
     size: int = Field(64, ge=8)  # every face is aligned to size x size (resolution alignment)
-    label_space: str = "affectnet8"  # classes kept; the `label` column indexes this space
+    label_space: LabelSpaceName = "affectnet8"  # classes kept; the `label` column indexes this space
     sources: list[dict[str, Any]] = Field(min_length=1)  # each {plugin: name, ...config}, read in order
     upscaler: dict[str, Any] = {"plugin": "lanczos"}
     captioner: dict[str, Any] = {"plugin": "template"}
     au_detector: dict[str, Any] | None = {"plugin": "ground-truth"}  # None: keep the AUs the source gives
     batch_size: int = Field(64, gt=0)
-    seed: int = 0  # handed to every stage whose Config has a `seed` the recipe leaves unset
+    seed: Seed = 0  # handed to every stage whose Config has a `seed` the recipe leaves unset
     limit: int | None = Field(None, gt=0)  # stop after this many records in total
 
-    @field_validator("label_space")
-    @classmethod
-    def _space(cls, v):
-        L.label_space(v)
-        return v
 
-
-def validate_fetext(data: dict, registry=None, source: str = "recipe") -> FETextRecipe:
+def validate_fetext(data: dict, registry=None, source: str = "recipe", problems=()) -> FETextRecipe:
     """Check the recipe and every stage block without loading weights; all problems at once."""
-    from synfer.plugins import get_registry
-
-    registry = registry or get_registry()
-    problems: list[str] = []
-    recipe = None
-    try:
-        recipe = FETextRecipe(**data)
-    except ValidationError as exc:
-        problems += pydantic_problems(exc)
-    sources = data.get("sources")
-    for i, block in enumerate(sources if isinstance(sources, list) else []):
-        problems += stage_problems("source", block, f"sources.{i}", registry)
-    for key, kind in STAGE_BLOCKS.items():
-        block = data.get(key, FETextRecipe.model_fields[key].default)
-        if block is not None:
-            problems += stage_problems(kind, block, key, registry)
-    if problems:
-        raise RecipeError(problems, source)
-    return recipe
+    return validate_recipe(FETextRecipe, data, registry, source, problems)
 
 
 def load_fetext_recipe(path: str | Path, overrides=(), registry=None) -> FETextRecipe:
     from synfer.recipe import read_yaml
 
-    return validate_fetext(read_yaml(path, overrides), registry, str(path))
+    problems: list[str] = []
+    data = read_yaml(path, overrides, problems)
+    return validate_fetext(data, registry, str(path), problems)
 
 
 def build_stage(registry, kind: str, block: dict, seed: int):
@@ -256,7 +235,9 @@ def build_fetext(recipe: FETextRecipe, registry=None, progress: bool = True) -> 
     summary.total = len(writer.rows)
     summary.per_class = Counter(str(r.get("expression")) for r in writer.rows)
     summary.per_source = Counter(str(r.get("source")) for r in writer.rows)
-    (Path(recipe.output) / SUMMARY_FILE).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    from synfer.dataset import atomic_write
+
+    atomic_write(Path(recipe.output) / SUMMARY_FILE, json.dumps(summary.as_dict(), indent=2) + "\n")
     return summary
 
 

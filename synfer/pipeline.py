@@ -6,7 +6,6 @@ on the batch size, the number of workers, or an interruption and resume.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -14,14 +13,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from synfer import labels as L
 from synfer.contracts import Guarded, GuardedClassifier, calling, label_space_of
-from synfer.dataset import DatasetWriter, merge, part_name
+from synfer.dataset import DatasetWriter, atomic_write, collect_rows, merge, part_name, write_json
 from synfer.ensemble import ExpertEnsemble, Member
 from synfer.faults import crash_point
 from synfer.recipe import Recipe, expert_kind
+from synfer.seeds import stream_rng
 from synfer.stages import LabelledSample, SampleRequest
 
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -48,7 +46,7 @@ def plan(recipe: Recipe, limit: int | None = None) -> list[SampleRequest]:
     for index in range(n):
         seed = L.sample_seed(recipe.seed, index)
         expression = expression_for(index, mix)
-        aus = prior.sample(expression, np.random.default_rng([seed, 1]))
+        aus = prior.sample(expression, stream_rng(seed, "plan.aus"))
         out.append(SampleRequest(index=index, seed=seed, expression=expression, aus=L.au_dict(aus)))
     return out
 
@@ -157,13 +155,14 @@ def _distributed(world: int):
     return dist
 
 
-def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress: bool = True) -> RunSummary:
+def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress: bool = True, force: bool = False) -> RunSummary:
     """Generate, label and write every planned sample not yet on disk, then merge, summarise, evaluate.
 
     Under torchrun each rank takes the indices `index % world == rank` and appends to its own
     metadata part; rank 0 merges after a barrier and runs the summary steps alone. Every step
     after generation rewrites its file whole (atomically), so a rerun after a crash ends with the
-    same files as an uninterrupted run.
+    same files as an uninterrupted run. A rerun whose recipe would draw other samples than the
+    one recorded in `<output>/recipe.json` stops (synfer.resume); `force` continues anyway.
     """
     from tqdm.auto import tqdm
 
@@ -171,6 +170,10 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dist = _distributed(world)
     out = Path(recipe.output)
+    from synfer.resume import check_resume
+
+    out.mkdir(parents=True, exist_ok=True)
+    check_resume(recipe, out, collect_rows(out), force=force, registry=registry, write=rank == 0)  # before anything is written
     writer = DatasetWriter(out, part=part_name(rank) if world > 1 else None)
     full = plan(recipe, limit)
     mine = shard(full, rank, world)
@@ -205,7 +208,7 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
             return RunSummary(str(out), len(full), generated, resumed, time.time() - t0, failed=failed)
     rows = merge(out)
     summary = RunSummary(str(out), len(full), generated, resumed, 0.0, calibration_counts(rows), failed=failed)
-    _write_json(out / "calibration.json", {k: dict(v) for k, v in summary.per_class.items()})
+    write_json(out / "calibration.json", {k: dict(v) for k, v in summary.per_class.items()})
     if recipe.grid and rows:
         write_grid(out, rows, classes)
     for ev in stages.evaluators:
@@ -220,12 +223,6 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
         write_report(out)
     summary.seconds = time.time() - t0
     return summary
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def write_grid(out: Path, rows: list[dict], classes, per_class: int = 8, name: str = "grid.png", path: Path | None = None) -> Path:
@@ -245,7 +242,5 @@ def write_grid(out: Path, rows: list[dict], classes, per_class: int = 8, name: s
             with Image.open(out / r["file_name"]) as im:
                 grid.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (label_w + x * size, y * size))
     path = path or out.parent / f"{out.name}-{name}"  # beside the folder: imagefolder loaders see only the samples
-    tmp = path.with_name(path.name + ".tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the old grid, never half a PNG
+    atomic_write(path, lambda f: grid.save(f, format="PNG"), sync=False)  # a kill mid-save leaves the old grid, never half a PNG
     return path

@@ -1,20 +1,21 @@
 """Recipes: YAML -> a validated `Recipe`, with key=value overrides from the CLI.
 
-Validation builds every stage's Config without loading weights and reports every
-problem in one error, each with its path (`generator.steps: ...`).
+Every recipe kind (run, FEText, downstream benchmark) is a `RecipeModel` and goes through
+`validate_recipe`: its fields (shared types `LabelSpaceName`, `Seed`, `Mix`, `OutputDir`),
+every stage block against its plugin's Config (no weights loaded), then cheap checks. Every
+problem shows in one error, each with its path (`generator.steps: ...`); a malformed
+override is a problem quoting the override.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synfer import labels as L
-
-# Stage blocks a recipe may hold: recipe key -> stage kind.
-SINGLE_STAGES = {"prompter": "prompter", "generator": "generator", "guidance_classifier": "guidance_classifier", "calibrator": "calibrator"}
 
 
 class RecipeError(ValueError):
@@ -23,14 +24,79 @@ class RecipeError(ValueError):
         super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+# A run of more images than this is refused: 7x the paper's largest set (1.4 million), and
+# more than one output folder should hold (split it into several runs with their own seeds).
+MAX_IMAGES = 10_000_000
+
+
+def _known_space(v: str) -> str:
+    L.label_space(v)
+    return v
+
+
+def _mix_weights(v):
+    """A mix is a non-empty list of class names, or name -> weight with weights >= 0 summing above 0."""
+    if v is None:
+        return v
+    names = list(v)
+    if not names:
+        raise ValueError("the expression mix is empty; name at least one class, or leave it out for every class equally")
+    for name in names:
+        L.canonical(name)  # unknown names fail here, listing the known ones
+    if isinstance(v, dict):
+        bad = {k: w for k, w in v.items() if not (w >= 0 and w < float("inf"))}
+        if bad:
+            raise ValueError(f"expression weights must be finite numbers >= 0, got {bad}")
+        if sum(v.values()) <= 0:
+            raise ValueError(f"expression weights sum to 0 ({v}): no class could be drawn; give at least one class a weight above 0")
+    return v
+
+
+def _not_a_file(v: str) -> str:
+    path = Path(v)
+    if path.exists() and not path.is_dir():
+        raise ValueError("this is a file; expected a folder (new, or one this recipe wrote before). Pick another output=...")
+    return v
+
+
+LabelSpaceName = Annotated[str, AfterValidator(_known_space)]  # a key of synfer.labels.LABEL_SPACES
+Seed = Annotated[int, Field(ge=0)]  # numpy seed sequences take only non-negative integers
+OutputDir = Annotated[str, AfterValidator(_not_a_file)]  # a dataset folder, existing or not, never a file
+Mix = Annotated[dict[str, float] | list[str] | None, AfterValidator(_mix_weights)]  # None = every class equally
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class RecipeModel(_Strict):
+    """A recipe kind (run, FEText, benchmark): its own fields, plus the stage blocks it holds.
+
+    `stage_slots` maps a key holding one `{plugin: name, ...}` block to its stage kind,
+    `stage_lists` a key holding a list of them. `validate_recipe` checks them all against the
+    plugins' Configs; `problems()` adds the cheap checks of a valid recipe (paths, ...)."""
+
+    stage_slots: ClassVar[dict[str, str]] = {}
+    stage_lists: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def item_problems(cls, key: str, i: int, block: Any, registry) -> list[str]:
+        return stage_problems(cls.stage_lists[key], block, f"{key}.{i}", registry)
+
+    def problems(self) -> list[str]:
+        return []
 
 
 class AUPriorConfig(_Strict):
     low: float = Field(0.45, ge=0, le=1)   # intensity range of prototype AUs
     high: float = Field(1.0, ge=0, le=1)
     extra_rate: float = Field(0.0, ge=0, le=1)  # chance of each non-prototype AU switching on weakly
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high}); expected low <= high (the intensity range of prototype AUs)")
+        return self
 
 
 class VoteConfig(_Strict):
@@ -49,12 +115,16 @@ class VoteConfig(_Strict):
         return v
 
 
-class Recipe(_Strict):
-    seed: int = 0
-    num_images: int = Field(64, gt=0)
-    label_space: str = "affectnet8"
-    expressions: dict[str, float] | list[str] | None = None  # the mix; None = every class equally
-    output: str = "out/run"
+class Recipe(RecipeModel):
+    stage_slots: ClassVar[dict[str, str]] = {"prompter": "prompter", "generator": "generator",
+                                             "guidance_classifier": "guidance_classifier", "calibrator": "calibrator"}
+    stage_lists: ClassVar[dict[str, str]] = {"experts": "expert", "evaluators": "evaluator"}
+
+    seed: Seed = 0
+    num_images: int = Field(64, gt=0, le=MAX_IMAGES)
+    label_space: LabelSpaceName = "affectnet8"
+    expressions: Mix = None  # the mix; None = every class equally
+    output: OutputDir = "out/run"
     au_prior: AUPriorConfig = AUPriorConfig()
     prompter: dict[str, Any] = {"plugin": "template"}
     generator: dict[str, Any]
@@ -66,14 +136,26 @@ class Recipe(_Strict):
     grid: bool = True  # write <output>-grid.png next to the dataset
     report: bool = True  # write <output>/report.html (synfer report)
 
-    @field_validator("label_space")
     @classmethod
-    def _space(cls, v):
-        L.label_space(v)
-        return v
+    def item_problems(cls, key, i, block, registry):
+        if key != "experts":
+            return super().item_problems(key, i, block, registry)
+        if not (isinstance(block, dict) and "plugin" in block):
+            return [f"experts.{i}: expected a mapping with a 'plugin' key, got {block!r}"]
+        out = []
+        weight = block.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            out.append(f"experts.{i}.weight: must be a number >= 0, got {weight!r}")
+        member = {k: v for k, v in block.items() if k != "weight"}  # the vote weight is the ensemble's, not the plugin's
+        return out + stage_problems(expert_kind(registry, block["plugin"]), member, f"experts.{i}", registry)
+
+    def problems(self) -> list[str]:
+        space = L.label_space(self.label_space)
+        out = [f"expressions: {c!r} is not in label space {self.label_space} ({', '.join(space)})" for c in self.mix() if c not in space]
+        return out
 
     def mix(self) -> dict[str, float]:
-        """Normalised expression mix in the recipe's label space."""
+        """Normalised expression mix in the recipe's label space (classes of weight 0 left out)."""
         space = L.label_space(self.label_space)
         if self.expressions is None:
             raw = {c: 1.0 for c in space}
@@ -85,31 +167,68 @@ class Recipe(_Strict):
         return {c: w / total for c, w in raw.items() if w > 0}
 
 
+# ---------------------------------------------------------------- overrides
+
+
+def _override_problem(item: str, what: str) -> str:
+    return f"override {item!r}: {what}"
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=value` -> (['a', 'b', '0', 'c'], value parsed as YAML); RecipeError quoting `item` otherwise."""
     if "=" not in item:
-        raise RecipeError([f"override {item!r}: expected key=value, e.g. generator.steps=10"], "command line")
+        raise RecipeError([_override_problem(item, "expected key=value, e.g. generator.steps=10")], "command line")
     key, value = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value != "" else None
+    path = key.strip().split(".")
+    if not key.strip() or any(not p.strip() for p in path):
+        raise RecipeError([_override_problem(item, "the key has an empty part; expected dotted names like generator.steps=10 "
+                                                   "or experts.0.weight=2")], "command line")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise RecipeError([_override_problem(item, f"the value {value!r} is not valid YAML ({first}); quote it, "
+                                                   "or close the bracket, e.g. key=[1, 2]")], "command line") from None
+    return [p.strip() for p in path], parsed
 
 
-def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """`a.b.c=value` sets data['a']['b']['c'] (value parsed as YAML); list items by index (`experts.0.weight=2`)."""
-    data = dict(data)
+def _list_index(item: str, node: list, key: str, where: str) -> int:
+    if not key.lstrip("-").isdigit():
+        raise RecipeError([_override_problem(item, f"{where} is a list: expected an item number (0..{len(node) - 1}), got {key!r}")], "command line")
+    i = int(key)
+    if not 0 <= i < len(node):
+        have = f"items 0..{len(node) - 1}" if node else "no items"
+        raise RecipeError([_override_problem(item, f"{where} has {have}, so there is no item {i}; add the item in the recipe file first")],
+                          "command line")
+    return i
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], problems: list[str] | None = None) -> dict:
+    """`a.b.c=value` sets data['a']['b']['c'] (value parsed as YAML); list items by index (`experts.0.weight=2`).
+
+    A malformed override is a RecipeError quoting it; with a `problems` list, its line is
+    appended there instead and the other overrides still apply (so `validate` lists all)."""
+    data = copy.deepcopy(dict(data))
     for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for i, key in enumerate(path[:-1]):
+        try:
+            path, value = parse_override(item)
+            node = data
+            for i, key in enumerate(path[:-1]):
+                where = ".".join(path[:i]) or "the recipe"
+                if isinstance(node, list):
+                    node = node[_list_index(item, node, key, where)]
+                    continue
+                if not isinstance(node.get(key), (dict, list)):
+                    node[key] = {}
+                node = node[key]
             if isinstance(node, list):
-                node = node[int(key)]
-                continue
-            if not isinstance(node.get(key), (dict, list)):
-                node[key] = {}
-            node[key] = dict(node[key]) if isinstance(node[key], dict) else list(node[key])
-            node = node[key]
-        if isinstance(node, list):
-            node[int(path[-1])] = value
-        else:
-            node[path[-1]] = value
+                node[_list_index(item, node, path[-1], ".".join(path[:-1]))] = value
+            else:
+                node[path[-1]] = value
+        except RecipeError as exc:
+            if problems is None:
+                raise
+            problems += exc.problems
     return data
 
 
@@ -150,46 +269,42 @@ def expert_kind(registry, name: str) -> str:
     return "expert" if ("expert", name) in registry.plugins or ("guidance_classifier", name) not in registry.plugins else "guidance_classifier"
 
 
-def validate_data(data: dict, registry=None, source: str = "recipe") -> Recipe:
+def validate_recipe(model: type[RecipeModel], data: dict, registry=None, source: str = "recipe", problems=()):
+    """The one validation path of every recipe kind: the model's own fields, every stage block
+    against its plugin's Config (even when the top level failed), then the model's cheap checks.
+    Every problem shows at once, `problems` (e.g. from overrides) first."""
     from synfer.plugins import get_registry
 
-    registry = registry or get_registry()
-    problems: list[str] = []
+    if registry is None and (model.stage_slots or model.stage_lists):
+        registry = get_registry()
+    problems = list(problems)
     recipe = None
     try:
-        recipe = Recipe(**data)
+        recipe = model(**data)
     except ValidationError as exc:
         problems += pydantic_problems(exc)
-    # Stage blocks are checked even when the top level failed, so every error shows at once.
-    for key, kind in SINGLE_STAGES.items():
-        block = data.get(key, Recipe.model_fields[key].default)
-        if block is not None and isinstance(block, dict):
+    for key, kind in model.stage_slots.items():
+        block = data.get(key, model.model_fields[key].default)
+        if isinstance(block, dict):
             problems += stage_problems(kind, block, key, registry)
-    for i, block in enumerate(data.get("experts") or []):
-        if isinstance(block, dict) and "plugin" in block:
-            if not isinstance(block.get("weight", 1.0), (int, float)) or block.get("weight", 1.0) < 0:
-                problems.append(f"experts.{i}.weight: must be a number >= 0, got {block.get('weight')!r}")
-            member = {k: v for k, v in block.items() if k != "weight"}  # the vote weight is the ensemble's, not the plugin's
-            problems += stage_problems(expert_kind(registry, block["plugin"]), member, f"experts.{i}", registry)
-        else:
-            problems.append(f"experts.{i}: expected a mapping with a 'plugin' key, got {block!r}")
-    for i, block in enumerate(data.get("evaluators") or []):
-        problems += stage_problems("evaluator", block, f"evaluators.{i}", registry)
+    for key in model.stage_lists:
+        items = data.get(key)
+        for i, block in enumerate(items if isinstance(items, list) else []):
+            problems += model.item_problems(key, i, block, registry)
     if recipe is not None:
-        space = L.label_space(recipe.label_space)
-        try:
-            for c in recipe.mix():
-                if c not in space:
-                    problems.append(f"expressions: {c!r} is not in label space {recipe.label_space} ({', '.join(space)})")
-        except ValueError as exc:
-            problems.append(f"expressions: {exc}")
+        problems += recipe.problems()
     if problems:
         raise RecipeError(problems, source)
     return recipe
 
 
-def read_yaml(path: str | Path, overrides=()) -> dict:
-    """A recipe file as a mapping, with key=value overrides applied; clear errors otherwise."""
+def validate_data(data: dict, registry=None, source: str = "recipe", problems=()) -> Recipe:
+    return validate_recipe(Recipe, data, registry, source, problems)
+
+
+def read_yaml(path: str | Path, overrides=(), problems: list[str] | None = None) -> dict:
+    """A recipe file as a mapping, with key=value overrides applied; clear errors otherwise
+    (override problems go to `problems` when given, see `apply_overrides`)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -197,8 +312,10 @@ def read_yaml(path: str | Path, overrides=()) -> dict:
         raise RecipeError([f"not valid YAML: {exc}"], str(path))
     if not isinstance(data, dict):
         raise RecipeError([f"expected a mapping at the top level, got {type(data).__name__}"], str(path))
-    return apply_overrides(data, overrides)
+    return apply_overrides(data, overrides, problems)
 
 
 def load_recipe(path: str | Path, overrides=(), registry=None) -> Recipe:
-    return validate_data(read_yaml(path, overrides), registry, str(path))
+    problems: list[str] = []
+    data = read_yaml(path, overrides, problems)
+    return validate_data(data, registry, str(path), problems)

@@ -18,10 +18,11 @@ from pathlib import Path
 import click
 
 from synfer import labels as L
+from synfer.dataset import row_label as _label
 
 REPORT = "report.html"
 
-# What each headline metric means (the built-in evaluators plugin); shown next to the numbers.
+# What each headline metric means (the built-in evaluator plugins); shown next to the numbers.
 METRIC_NOTES = {
     "fid": "Fréchet distance to the reference set (default features: oracle-cnn penultimate layer, offline; "
            "not comparable with published Inception FID). Lower is closer.",
@@ -65,11 +66,6 @@ def _fig_b64(fig) -> str:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return _png_b64(buf.getvalue())
-
-
-def _label(row: dict) -> str | None:
-    name = row.get("label") or row.get("expression")
-    return L.canonical(name) if name else None
 
 
 def _ordered(names) -> list[str]:
@@ -130,7 +126,7 @@ def calibration_section(root: Path, rows: list[dict]) -> str:
 
 def confusion_section(rows: list[dict]) -> str:
     """Preassigned (rows) vs final label (columns); dropped samples get their own column."""
-    gen = [r for r in rows if "preassigned_label" in r and r.get("label")]
+    gen = [r for r in rows if r.get("preassigned_label") and _label(r)]
     if not gen:
         return "<section id='confusion'><h2>Preassigned vs final labels</h2><p class='muted'>not a generated set: no preassigned labels</p></section>"
     import matplotlib
@@ -139,11 +135,11 @@ def confusion_section(rows: list[dict]) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    classes = _ordered({L.canonical(r["preassigned_label"]) for r in gen} | {L.canonical(r["label"]) for r in gen})
+    classes = _ordered({L.canonical(r["preassigned_label"]) for r in gen} | {_label(r) for r in gen})
     cols = classes + ["dropped"]
     m = np.zeros((len(classes), len(cols)), int)
     for r in gen:
-        j = cols.index(L.canonical(r["label"])) if r.get("kept", True) else len(classes)
+        j = cols.index(_label(r)) if r.get("kept", True) else len(classes)
         m[classes.index(L.canonical(r["preassigned_label"])), j] += 1
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(cols), 0.8 + 0.5 * len(classes)), constrained_layout=True)
     ax.imshow(m / np.maximum(m.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
@@ -218,7 +214,7 @@ def downstream_section(root: Path, downstream) -> str:
 def write_report(dataset_dir: str | Path, downstream: str | Path | None = None, per_class: int = 6,
                  output: str | Path | None = None) -> Path:
     """Write `<dataset_dir>/report.html` (or `output`) and return its path."""
-    from synfer.dataset import read_metadata
+    from synfer.dataset import atomic_write, read_metadata
 
     root = Path(dataset_dir)
     rows = read_metadata(root)
@@ -235,11 +231,7 @@ def write_report(dataset_dir: str | Path, downstream: str | Path | None = None, 
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
-    path = Path(output) if output else root / REPORT
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(Path(output) if output else root / REPORT, page, sync=False)
 
 
 @click.command("report")

@@ -6,8 +6,11 @@ import time
 import numpy as np
 from PIL import Image
 
+from pydantic import Field
+
 from synfer import hookimpl
 from synfer import labels as L
+from synfer.resume import NOT_SAMPLES
 from synfer.stages import Evaluator, Expert, GeneratedSample, Generator, GuidanceClassifier, StageConfig
 
 
@@ -20,7 +23,7 @@ class DummyGenerator(Generator):
         batch_size: int = 4
         size: int = 16
         steps: int = 1
-        delay: float = 0.0  # seconds per batch, so a test can kill a run half-way
+        delay: float = Field(0.0, json_schema_extra=NOT_SAMPLES)  # seconds per batch, so a test can kill a run half-way
 
     def generate(self, requests, guidance=None):
         if self.config.steps <= 0:

@@ -48,14 +48,20 @@ def test_downstream_end_to_end(tmp_path):
     recipe.write_text(yaml.safe_dump({"real_train": str(real), "synthetic": str(syn), "real_test": str(test),
                                       "real_per_class": 4, "scales": [1, 2], "seeds": [0, 1], "iters": 3,
                                       "batch_size": 8, "size": 16, "width": 8}))
-    res = CliRunner().invoke(bench.benchmark_cli, ["downstream", str(recipe), "seeds=[0]", f"output={tmp_path / 'out'}"])
+    res = CliRunner().invoke(bench.benchmark_cli, ["downstream", str(recipe), "scales=[2]", f"output={tmp_path / 'out'}"])
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "out" / "downstream.json").read_text())
-    assert len(result["runs"]) == 5  # real + 2 scales x (synthetic, real+synthetic), one seed
+    assert len(result["runs"]) == 6  # (real, synthetic, real+synthetic) x two seeds
     got = {(r["setting"], r["scale"]): r["train_images"] for r in result["summary"]}
-    assert got == {("real", 0.0): 12, ("synthetic", 1): 12, ("synthetic", 2): 24, ("real+synthetic", 1): 24, ("real+synthetic", 2): 36}
-    for r in result["summary"]:
-        assert 0 <= r["accuracy_mean"] <= 1 and 0 <= r["uar_mean"] <= 1 and r["accuracy_std"] == 0
+    assert got == {("real", 0.0): 12, ("synthetic", 2): 24, ("real+synthetic", 2): 36}
+    for r in result["summary"]:  # mean and std over the two seeds' runs, exactly
+        runs = [x for x in result["runs"] if (x["setting"], x["scale"]) == (r["setting"], r["scale"])]
+        assert sorted(x["seed"] for x in runs) == [0, 1] and r["seeds"] == 2
+        for m in ("accuracy", "uar"):
+            v = np.array([x[m] for x in runs])
+            assert r[f"{m}_mean"] == pytest.approx(v.mean()) and r[f"{m}_std"] == pytest.approx(v.std())
+    # every accuracy is a share of the 15 test images
+    assert all(round(x["accuracy"] * 15, 6) == round(x["accuracy"] * 15) for x in result["runs"])
     with Image.open(tmp_path / "out" / "downstream.png") as im:
         assert im.size[0] > 300
     assert "real+synthetic" in res.output and "UAR" in res.output

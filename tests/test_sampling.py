@@ -98,3 +98,10 @@ def test_guided_generation_is_batch_size_invariant(model_dir, classifier):
         assert out[0].extra["semantic_guidance"]["lambda_g"] == 0.3
     for a, b in zip(imgs[1], imgs[3]):
         assert np.array_equal(a, b)
+    # the moved embedding is what the later steps denoise with: guided != unguided, and a zero
+    # step (lambda_g 0, same callback) gives back the unguided pixels exactly
+    # (first sample only: each sample is denoised on its own, so it is the same sample as in the batch)
+    g = generator(model_dir, steps=6, batch_size=3, semantic_guidance=dict(start=0.5, lambda_g=0.0))
+    zero = np.asarray(g.generate(requests(1), guidance=classifier)[0].image)
+    plain = np.asarray(g.generate(requests(1), guidance=None)[0].image)
+    assert np.array_equal(zero, plain) and not np.array_equal(imgs[3][0], plain)

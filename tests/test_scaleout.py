@@ -48,6 +48,7 @@ def _run(recipe: Path, env, *extra) -> subprocess.CompletedProcess:
 POINTS = ["generate:2", "calibrate:2", "write:2", "merge", "merged"]
 
 
+@pytest.mark.slow  # subprocess runs
 def test_kill9_at_each_point_then_rerun_gives_identical_files(tmp_path):
     ref_out = tmp_path / "ref" / "ds"
     ref_out.parent.mkdir()
@@ -68,6 +69,7 @@ def test_kill9_at_each_point_then_rerun_gives_identical_files(tmp_path):
         assert all(got[k] == ref[k] for k in ref), (point, [k for k in ref if got[k] != ref[k]])
 
 
+@pytest.mark.slow  # subprocess runs
 def test_torchrun_two_processes_equal_one(tmp_path):
     """`torchrun --nproc-per-node 2 -m synfer run` (gloo) writes the same bytes as one process:
     the shipped tiny model with semantic guidance, FERAnno and an expert vote."""
@@ -90,6 +92,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert not (two / PARTS).exists()
 
 
+@pytest.mark.slow  # subprocess runs
 def test_parts_merge_idempotent_and_resume_across_world_sizes(tmp_path):
     from PIL import Image
 

@@ -27,6 +27,7 @@ def fetext(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # subprocess runs
 def test_cli_files_identical_for_batch_size_1_and_8(tmp_path, fetext):
     outs = []
     for bs in (1, 8):

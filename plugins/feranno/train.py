@@ -201,5 +201,6 @@ def evaluate_feranno(sd, enc, enc_cfg, test, label_space, size, cfg, batch_size:
         with torch.no_grad():
             preds.append(enc([v.float() for v in f], {k: v.float() for k, v in at.items()}).argmax(1).cpu().numpy())
     pred = np.concatenate(preds)
-    recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
-    return {"accuracy": float((pred == y).mean()), "uar": float(np.mean(recalls)), "n": int(len(y))}
+    from synfer.scoring import classification_scores
+
+    return {**classification_scores(y, pred), "n": int(len(y))}

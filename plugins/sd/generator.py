@@ -62,9 +62,14 @@ class SDGenerator(Generator):
 
     @classmethod
     def problems(cls, config):
-        return missing_path(config, "model", "a diffusers SD 1.x folder (unet/, text_encoder/, tokenizer/, scheduler/[, vae/])",
-                            "Fix generator.model, leave it null for the shipped tiny model, or train one with "
-                            "'synfer train generator --data FETEXT --out FOLDER'.")
+        out = missing_path(config, "model", "a diffusers SD 1.x folder (unet/, text_encoder/, tokenizer/, scheduler/[, vae/])",
+                           "Fix generator.model, leave it null for the shipped tiny model, or train one with "
+                           "'synfer train generator --data FETEXT --out FOLDER'.")
+        lay = config.layout
+        if lay.enabled and lay.source and not Path(lay.source).exists():
+            out.append(f"layout.source: {lay.source!r} does not exist; expected a FEText folder (images/ + metadata.jsonl) to invert "
+                       "faces from. Build one with 'synfer fetext build' (make demo builds out/fetext-quick), or set layout.enabled=false.")
+        return out
 
     # ------------------------------------------------------------ loading (lazy: validating never loads weights)
     @property

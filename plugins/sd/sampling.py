@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synfer import labels as L
 from synfer.contracts import guidance_targets
+from synfer.seeds import stream_rng
 
 
 class LayoutConfig(BaseModel):
@@ -59,10 +60,8 @@ class LayoutInit:
         self.files = [r["file_name"] for r in rows]
 
     def pick(self, request) -> str:
-        import numpy as np
-
         files = self.by_class.get(L.canonical(request.expression)) or self.files
-        return files[int(np.random.default_rng([request.seed, 11]).integers(len(files)))]
+        return files[int(stream_rng(request.seed, "layout.pick").integers(len(files)))]
 
     def load_images(self, files, size: int):
         import numpy as np

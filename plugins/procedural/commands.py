@@ -5,8 +5,6 @@ from pathlib import Path
 
 import click
 
-from synfer import hookimpl
-
 
 @click.command("preview")
 @click.option("--out", default="docs/preview.png", show_default=True, type=click.Path(dir_okay=False))
@@ -15,13 +13,8 @@ from synfer import hookimpl
 @click.option("--seed", default=0, show_default=True)
 def preview(out, size, identities, seed):
     """Write a grid of procedural faces: one row per expression, one column per identity."""
-    from synfer_plugins.procedural import preview_grid
+    from synfer_plugins.procedural.source import preview_grid
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     preview_grid(out, size=size, identities=identities, seed=seed)
     click.echo(f"wrote {out}")
-
-
-@hookimpl
-def register_commands(cli):
-    cli.subgroup("fetext").add_command(preview)
