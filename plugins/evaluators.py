@@ -65,11 +65,17 @@ def build_plugin(block: JudgeBlock, kinds: tuple[str, ...], device: str | None):
 
     reg = get_registry()
     block = {"plugin": block} if isinstance(block, str) else dict(block)
+    align = block.pop("align", None)  # FER judges may detect and align faces first, as experts may (synfer.align)
     kind = next((k for k in kinds if (k, block["plugin"]) in reg.plugins), kinds[0])
     cls = reg.get(kind, block["plugin"])  # teaching error naming what is installed
     if device and "device" in cls.Config.model_fields and "device" not in block:
         block["device"] = device
-    return reg.build(kind, block)
+    plugin = reg.build(kind, block)
+    if align and kind != "au_detector":
+        from synfer.align import aligned_predict
+
+        plugin.predict = aligned_predict(plugin.predict, align, reg)
+    return plugin
 
 
 def judge_labels(judge, images, batch_size: int = 256) -> list[str]:

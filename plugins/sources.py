@@ -111,6 +111,17 @@ class _DatasetSource(Source):
 class ImageFolderConfig(DatasetSourceConfig):
     classes: dict[str, str] = {}  # folder name -> expression, for folders canonical() cannot read
     ignore_unknown: bool = False  # skip folders with unknown names instead of failing
+    # Unaligned photos: true (RetinaFace) or a face_detector block with optional size/zoom; each image becomes
+    # its largest face, aligned (synfer.align; default 256 px at zoom 0.8, forehead to chin); no face: skipped.
+    align: bool | dict = False
+
+    @field_validator("align")
+    @classmethod
+    def _align(cls, v):
+        from synfer.align import align_block
+
+        align_block(v)  # says what a valid setting looks like
+        return v
 
 
 class ImageFolderSource(_DatasetSource):
@@ -138,6 +149,11 @@ class ImageFolderSource(_DatasetSource):
             raise ValueError(f"imagefolder source: cannot read the class of folder(s) {unknown} under {root}; "
                              f"name them after an expression ({', '.join(L.EXPRESSIONS)}), map them with "
                              f"`classes: {{{unknown[0]}: happy}}`, or set `ignore_unknown: true`")
+        aligner = None
+        if self.config.align:
+            from synfer.align import aligner_for
+
+            aligner = aligner_for(self.config.align, size=256, zoom=0.8)
         for folder, expression in mapped.items():
             if expression is None:
                 continue
@@ -146,6 +162,10 @@ class ImageFolderSource(_DatasetSource):
                 if not self._keep(expression):
                     continue
                 image = self._load(path)
+                if image is not None and aligner is not None:
+                    image = aligner.crops([image])[0]
+                    if image is None:
+                        self.skipped.append(f"{path} (no face found)")
                 if image is None:
                     continue
                 yield FaceRecord(image=image, expression=expression, source=self.tag,

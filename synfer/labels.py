@@ -47,7 +47,7 @@ AU_KEYS: tuple[str, ...] = tuple(f"AU{i}" for i in AU_IDS)
 # Detectors/adapters that use FACS 0-5 or binary occurrence convert at their boundary.
 AU_SCALE = "intensity-0-1"
 
-# Prior FAU-FE knowledge (EMFACS prototypes, DESIGN.md). AU16 is outside the set;
+# Prior FAU-FE knowledge (EMFACS prototypes; paper Sec. 4.1, ref. [21]). AU16 is outside the set;
 # disgust uses the common 9, 10, 15, 17 variant. Contempt is unilateral 12 + 14.
 FAU_FE_PRIOR: dict[str, tuple[int, ...]] = {
     "happy": (6, 12),

@@ -109,24 +109,38 @@ class Stages:
         self.prompter = Guarded(reg.build("prompter", recipe.prompter), "prompt")
         generator = reg.build("generator", recipe.generator)
         self.generator = Guarded(generator, "generate")
-        self.guidance = GuardedClassifier(reg.build("guidance_classifier", recipe.guidance_classifier)) if recipe.guidance_classifier else None
+        self.guidance = None
+        if recipe.guidance_classifier:  # the generator sees it through its checked boundary
+            self.guidance = GuardedClassifier(self._on_generator_device(reg.build("guidance_classifier", recipe.guidance_classifier)))
         members = []
         if recipe.calibrator:
-            cal = reg.build("calibrator", recipe.calibrator)
+            cal = self._on_generator_device(reg.build("calibrator", recipe.calibrator))
             with calling(cal, "bind"):
                 cal.bind(generator)
             members.append(Member(cal.name, recipe.vote.calibrator_weight, label_space_of(cal), cal.predict, cal, cal.outputs))
         for block in recipe.experts:
             block = dict(block)
             weight = float(block.pop("weight", 1.0))
-            expert = reg.build(expert_kind(reg, block["plugin"]), block)
+            align = block.pop("align", None)  # detect and align faces before this expert sees them
+            expert = self._on_generator_device(reg.build(expert_kind(reg, block["plugin"]), block))
             name = expert.name
             while any(m.name == name for m in members):  # the same plugin twice (e.g. two checkpoints)
                 name = f"{expert.name}#{sum(m.name.split('#')[0] == expert.name for m in members) + 1}"
-            members.append(Member(name, weight, label_space_of(expert), lambda samples, e=expert: e.predict([s.image for s in samples]),
+            from synfer.align import aligned_predict
+
+            predict = aligned_predict(expert.predict, align, reg)
+            members.append(Member(name, weight, label_space_of(expert), lambda samples, p=predict: p([s.image for s in samples]),
                                   expert, getattr(expert, "outputs", "probabilities")))
         self.ensemble = ExpertEnsemble(members, recipe.label_space, recipe.vote)
         self.evaluators = [Guarded(reg.build("evaluator", b), "evaluate") for b in recipe.evaluators]
+
+    def _on_generator_device(self, stage):
+        """A stage whose Config has a `device` the recipe left unset runs where the generator runs (no CPU
+        classifier reading CUDA images in guidance; experts and calibrator beside the UNet)."""
+        cfg = stage.config
+        if "device" in type(cfg).model_fields and "device" not in cfg.model_fields_set:
+            stage.config = cfg.model_copy(update={"device": self.generator.target_device()})
+        return stage
 
 
 def label_batch(stages: Stages, samples, classes) -> list[LabelledSample]:
@@ -151,8 +165,17 @@ def _distributed(world: int):
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # NCCL needs each rank on its own GPU before the group forms
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(days=7))
     return dist
+
+
+def _reduce_device(dist):
+    """Where collective tensors must live: the rank's GPU under NCCL (it reduces no CPU tensors), else the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress: bool = True, force: bool = False) -> RunSummary:
@@ -201,7 +224,7 @@ def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress
     if dist is not None:  # totals over ranks; rank 0 merges and summarises once everyone is done
         import torch
 
-        counts = torch.tensor([generated, resumed, failed], dtype=torch.long)
+        counts = torch.tensor([generated, resumed, failed], dtype=torch.long, device=_reduce_device(dist))
         dist.all_reduce(counts)  # also the barrier
         generated, resumed, failed = counts.tolist()
         if rank != 0:

@@ -39,24 +39,13 @@ __all__ = ["PluginError", "PluginCallError", "PluginContractError", "PluginInfo"
 
 
 class PluginWarning(UserWarning):
-    """A plugin left out, or its commands; shown as one line `warning: ...`, once per plugin."""
+    """A plugin left out, or its commands: warned once per plugin (the CLI prints it as one line, synfer/logs.py)."""
 
 
 def _warn(msg: str, where: str) -> None:
     # one location per plugin: the default filter then shows each plugin's warning once, not only the first
     warnings.warn_explicit(msg, PluginWarning, filename=f"synfer-plugin:{where}", lineno=0, module="synfer.plugins")
 
-
-_formatwarning = warnings.formatwarning
-
-
-def _format(message, category, filename, lineno, line=None):
-    if issubclass(category, PluginWarning):
-        return f"warning: {message}\n"
-    return _formatwarning(message, category, filename, lineno, line)
-
-
-warnings.formatwarning = _format
 
 
 def _norm(name: str) -> str:

@@ -146,8 +146,13 @@ class Recipe(RecipeModel):
         weight = block.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             out.append(f"experts.{i}.weight: must be a number >= 0, got {weight!r}")
-        member = {k: v for k, v in block.items() if k != "weight"}  # the vote weight is the ensemble's, not the plugin's
-        return out + stage_problems(expert_kind(registry, block["plugin"]), member, f"experts.{i}", registry)
+        member = {k: v for k, v in block.items() if k not in ("weight", "align")}  # the ensemble's settings, not the plugin's
+        out += stage_problems(expert_kind(registry, block["plugin"]), member, f"experts.{i}", registry)
+        if "align" in block:  # detect and align faces before this expert sees them (synfer.align)
+            from synfer.align import align_problems
+
+            out += align_problems(block["align"], f"experts.{i}.align", registry)
+        return out
 
     def problems(self) -> list[str]:
         space = L.label_space(self.label_space)

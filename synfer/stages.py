@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -173,6 +173,31 @@ class Generator(Stage):
     @abc.abstractmethod
     def generate(self, requests: list[SampleRequest], guidance: "GuidanceClassifier | None" = None) -> list[GeneratedSample]: ...
 
+    def target_device(self) -> str:
+        """Where this generator runs ("cpu", "cuda:0", ...), known without loading weights. Stages that run a
+        network (guidance classifier, calibrator, experts) default to it when their recipe block sets no device."""
+        return "cpu"
+
+
+class DiffusionBackbone(Protocol):
+    """What a calibrator may read of a diffusion generator (FERAnno, paper 4.4), e.g. the `sd` generator.
+
+    Images are (N, 3, H, W) in [-1, 1] at `size`; latents are what `unet` takes; `predict_noise` is one
+    conditional UNet pass (AUs (N, 16) in [0, 1], ignored without an AU adapter)."""
+
+    size: int
+    device: Any
+    dtype: Any
+    unet: Any
+    scheduler: Any
+    has_au_adapter: bool
+
+    def encode_image(self, images: "torch.Tensor") -> "torch.Tensor": ...
+
+    def encode_text(self, prompts: list[str]) -> "torch.Tensor": ...
+
+    def predict_noise(self, latents: "torch.Tensor", t: Any, text_emb: "torch.Tensor", aus: "torch.Tensor | None" = None) -> "torch.Tensor": ...
+
 
 class GuidanceClassifier(Stage):
     """A differentiable FER classifier (Eq. 5): torch images in, logits out.
@@ -228,11 +253,36 @@ class Calibrator(Stage):
     label_space: ClassVar[str]
     outputs: ClassVar[str] = "probabilities"  # or "logits"
 
-    def bind(self, generator: Generator) -> None:
-        """Hand over the generator whose UNet the calibrator reads; default: unused."""
+    def bind(self, backbone: DiffusionBackbone) -> None:
+        """Hand over the generator whose UNet the calibrator reads (a `DiffusionBackbone`); default: unused."""
 
     @abc.abstractmethod
     def predict(self, samples: list[GeneratedSample]) -> "np.ndarray": ...
+
+
+@dataclass
+class DetectedFace:
+    """One face a `face_detector` found: pixel box, confidence, and 5 landmarks when it has them."""
+
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the input image
+    score: float
+    landmarks: list[tuple[float, float]] | None = None  # eye, eye, nose tip, mouth corner, mouth corner (image-left first)
+
+
+class FaceDetector(Stage):
+    """Finds faces in photos (image -> boxes, 5 landmarks, scores) for FEText sources and experts."""
+
+    kind = "face_detector"
+
+    @abc.abstractmethod
+    def detect(self, images: list["Image.Image"]) -> list[list[DetectedFace]]:
+        """Faces per image, best score first (an empty list when there is none)."""
+
+    def align(self, image: "Image.Image", face: DetectedFace, size: int = 224, zoom: float = 1.0) -> "Image.Image":
+        """The size x size crop the experts (zoom 1) and FEText (zoom 0.8) expect (synfer.align.align_face)."""
+        from synfer.align import align_face
+
+        return align_face(image, face, size, zoom)
 
 
 class Evaluator(Stage):
@@ -244,5 +294,6 @@ class Evaluator(Stage):
 
 STAGE_KINDS: dict[str, type[Stage]] = {
     cls.kind: cls
-    for cls in (Source, Captioner, Prompter, Upscaler, AUDetector, Generator, GuidanceClassifier, Calibrator, Expert, Evaluator)
+    for cls in (Source, Captioner, Prompter, Upscaler, AUDetector, Generator, GuidanceClassifier, Calibrator, Expert, Evaluator,
+                FaceDetector)
 }

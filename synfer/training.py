@@ -137,8 +137,11 @@ def run_training(
     from mmengine.dataset import InfiniteSampler
     from mmengine.hooks import CheckpointHook, EMAHook, LoggerHook
     from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
-    from mmengine.runner import Runner
     from torch.utils.data import default_collate
+
+    from synfer.logs import runner_class
+
+    Runner = runner_class()  # mmengine's Runner; console: one progress bar unless -v, full log in work_dir
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -305,6 +308,23 @@ _EMAHook = _LazyClass(_ema_hook_class)
 
 
 # ---------------------------------------------------------------- the command line
+
+
+RUN_KIND_FILE = "synfer_run_kind.txt"
+
+
+def kind_work_dir(out, kind: str, work_dir=None) -> Path:
+    """Checkpoints and logs of one training kind: `work_dir`, or OUT/work/<kind>. Trainings that share
+    --out (the generator, then its AU adapter) thus never resume or overwrite each other's iter_N.pth.
+    The folder is claimed for `kind` on first use; reusing it for another kind is an error."""
+    run = Path(work_dir) if work_dir else Path(out) / "work" / kind
+    marker = run / RUN_KIND_FILE
+    if marker.exists() and (other := marker.read_text().strip()) != kind:
+        raise click.UsageError(f"{run} holds the checkpoints of a '{other}' training, not '{kind}': resuming or continuing there would "
+                               f"mix the two. Give this training its own --work-dir (or leave it unset: OUT/work/{kind}).")
+    run.mkdir(parents=True, exist_ok=True)
+    marker.write_text(kind + "\n")
+    return run
 
 
 @click.group("train")

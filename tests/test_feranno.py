@@ -77,7 +77,12 @@ def test_train_and_predict(tiny_model, fetext, tmp_path):
 
     enc, losses, metrics = train_feranno(fetext, tiny_model, tmp_path / "fa", test=fetext, iters=16, batch_size=8, lr=3e-3, dim=16, views=2,
                                           mixup=0.4, t=7, max_res=4)
-    assert len(list((tmp_path / "fa" / "work").glob("features-*-v2.safetensors"))) == 1
+    (cache,) = (tmp_path / "fa" / "work" / "calibrator").glob("features-*-v2")  # the calibrator's own work folder
+    done = json.loads((cache / "done.json").read_text())
+    f0 = np.load(cache / "f0.npy", mmap_mode="r")
+    assert f0.dtype == np.float16 and f0.shape[0] == done["images"] == 96 and max(f0.shape[-2:]) <= 4  # pooled to max_res
+    assert done["features"] == done["attention"] == 3 and np.load(cache / "a2.npy", mmap_mode="r").shape[-1] == 4
+    assert done["bytes_per_image"] == sum(np.load(p, mmap_mode="r")[0].nbytes for p in cache.glob("*.npy"))
     assert np.mean([l for _, l in losses[-5:]]) < np.mean([l for _, l in losses[:5]])
     # held-out numbers over all 48 faces: the accuracy is a share of 48
     assert metrics["n"] == 48 and round(metrics["accuracy"] * 48, 6).is_integer()
@@ -132,3 +137,44 @@ def test_feature_cache_key_follows_the_weights(tmp_path):
     adapter.write_bytes(b"a2")
     os.utime(adapter, ns=(1, 1))
     assert model_key(tmp_path / "m", tmp_path / "d") != key
+
+
+def test_bind_takes_a_diffusion_backbone_and_loads_nothing():
+    from synfer_plugins.feranno.stage import FERAnno
+    from synfer_plugins.sd.generator import SDGenerator
+
+    class PixelsOnly:  # a generator without a UNet to read
+        size = 32
+
+    with pytest.raises(TypeError, match="lacks device, dtype, unet, scheduler, has_au_adapter, encode_image"):
+        FERAnno().bind(PixelsOnly())
+    gen = SDGenerator(SDGenerator.Config(model="/no/such/model"))
+    FERAnno().bind(gen)  # checked on the class: binding does not load (or need) the weights
+    assert gen.model is None
+
+
+SHIPPED_BEFORE_SD_SCALE = [  # the shipped FERAnno on the probe below, computed before the per-scale attention reading
+    [0.3126500, 0.0042925, 0.1151179, 0.0567823, 0.4867905, 0.0119947, 0.0101124, 0.0022597],
+    [0.2816441, 0.0010376, 0.2673611, 0.0764520, 0.2663304, 0.0700568, 0.0203931, 0.0167250],
+    [0.0235583, 0.0138391, 0.0098569, 0.2748686, 0.6628576, 0.0076210, 0.0045663, 0.0028325]]
+
+
+def test_shipped_feranno_reads_as_it_was_trained():
+    """Its config.json says attention 'nearest' (trained at max_res 16 on the 32 px toy): same numbers as before."""
+    from PIL import Image
+
+    from synfer.stages import GeneratedSample, SampleRequest
+    from synfer_plugins.feranno.stage import MODELS, FERAnno
+    from synfer_plugins.sd.generator import SDGenerator
+    from synfer_plugins.sd.model import TINY_MODEL_DIR
+
+    if not (MODELS / "feranno" / "config.json").exists() or not TINY_MODEL_DIR.exists():
+        pytest.skip("shipped models not built")
+    assert json.loads((MODELS / "feranno" / "config.json").read_text())["attention"] == "nearest"
+    torch.set_num_threads(1)
+    cal = FERAnno()
+    cal.bind(SDGenerator())
+    rng = np.random.default_rng(0)
+    reqs = [SampleRequest(index=i, seed=i, expression="happy", aus=L.au_dict(L.sample_aus("happy", i)), prompt="a happy person") for i in range(6)]
+    samples = [GeneratedSample(r, Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))) for r in reqs]
+    assert np.allclose(cal.predict(samples)[:3], SHIPPED_BEFORE_SD_SCALE, atol=2e-7)

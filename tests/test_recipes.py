@@ -34,6 +34,10 @@ def _load_any(path: Path):
         return load_fetext_recipe(path)
     if "real_train" in data:
         return load_config(path)
+    if "face_detector" in data:  # a `synfer label` recipe
+        from synfer.label import load_label_recipe
+
+        return load_label_recipe(path)
     return load_recipe(path)
 
 

@@ -141,7 +141,7 @@ def test_cli_generator_au_adapter_vae_then_generate(tmp_path):
     assert r.exit_code == 0, r.output
     for sub in ("unet", "text_encoder", "tokenizer", "scheduler", "synfer_model.json"):
         assert (tmp_path / "gen" / sub).exists(), sub
-    assert latest_checkpoint(tmp_path / "gen" / "work").name == "iter_2.pth"
+    assert latest_checkpoint(tmp_path / "gen" / "work" / "generator").name == "iter_2.pth"  # its own work folder
 
     r = cli.invoke(main, ["train", "au-adapter", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "gen"), "--iters", "2", "--expression-focus", "5", "--snr-gamma", "5", *common])
     assert r.exit_code == 0, r.output

@@ -74,15 +74,17 @@ class UNetCapture:
         self.unet.set_attn_processor(self._procs)
         self.store.enabled = False
 
-    def collect(self, num_scales: int = 4):
-        """-> (features: list of (B,C,h,w) low->high res, attention: {res: (B,T,res,res)}); frees the store."""
+    def collect(self, num_scales: int | None = None):
+        """-> (features: list of (B,C,h,w) low->high res, attention: {res: (B,T,res,res)}); frees the store.
+        Features: the `num_scales` finest decoder resolutions (None: all of them, 4 in SD 1.5); attention:
+        every cross-attention map, averaged per resolution (SD 1.5: 16 maps in 4 groups, paper 4.4)."""
         import torch
 
         feats = {}
         for f in self.features:  # the last map at each resolution is the most refined
             feats[f.shape[-1]] = f
         res_sorted = sorted(feats)
-        picked = res_sorted[-num_scales:] if len(res_sorted) >= num_scales else res_sorted
+        picked = res_sorted[-num_scales:] if num_scales and len(res_sorted) >= num_scales else res_sorted
         features = [feats[r] for r in picked]
         groups: dict[int, list] = {}
         for m in self.store.maps:
@@ -103,15 +105,53 @@ def noise_to_t1(sd, images, seeds, t: int = 1):
     return sd.scheduler.add_noise(x0, eps, ts), ts
 
 
-def extract(sd, images, prompts, aus, seeds, t: int = 1, num_scales: int = 4):
-    """One UNet pass under capture -> (features low->high res, {res: attention maps}). No gradients."""
+def extract(sd, images, prompts, aus, seeds, t: int = 1, num_scales: int | None = None):
+    """One UNet pass of a DiffusionBackbone (synfer.stages) under capture -> (features low->high res,
+    {res: attention maps}), on the backbone's device. No gradients."""
     import torch
 
     with torch.no_grad(), UNetCapture(sd.unet) as cap:
         x_t, ts = noise_to_t1(sd, images, seeds, t)
-        text = sd.encode_text(prompts)
-        sd.predict_noise(x_t, ts, text, aus if sd.au_adapter is not None else None)
+        text = sd.encode_text(list(prompts))
+        sd.predict_noise(x_t, ts, text, aus.to(x_t.device, x_t.dtype) if sd.has_au_adapter else None)
         return cap.collect(num_scales)
+
+
+DEFAULT_MAX_RES = 16  # the encoder's cross-attention costs (h*w)^2: finer scales are pooled to 16x16 (256 positions)
+READS = ("scale", "nearest")
+
+
+def default_max_res(sides) -> int:
+    """What the encoder reads by default: every decoder scale at its own side, up to DEFAULT_MAX_RES."""
+    return min(DEFAULT_MAX_RES, max(sides))
+
+
+def align_capture(features, attention: dict, max_res: int, read: str = "scale"):
+    """What the encoder reads of a capture: per scale i, features and one attention map, both at
+    r_i = min(side_i, max_res). -> (features [(B,C,r_i,r_i)], attention [(B,T,r_i,r_i)]).
+
+    `scale` (the default since SD-scale FERAnno): scale i reads the attention maps of its own
+    resolution (nearest one there is), average-pooled to r_i: every cross-attention layer counts.
+    `nearest` (encoders whose config.json names no `attention`, e.g. the shipped tiny one): the maps
+    nearest to r_i, bilinearly resized; once every scale is pooled to a small max_res this reads
+    only the coarsest maps (in SD 1.5 at max_res 8: the mid block's, 1 of 16)."""
+    import torch.nn.functional as F
+
+    if read not in READS:
+        raise ValueError(f"FERAnno attention read {read!r}: expected one of {', '.join(READS)}")
+    feats, atts = [], []
+    for f in features:
+        side = f.shape[-1]
+        r = min(side, max_res)
+        feats.append(F.adaptive_avg_pool2d(f, r) if side != r else f)
+        want = side if read == "scale" else r
+        src = min(attention, key=lambda k: (abs(k - want), -k))
+        a = attention[src]
+        if src != r:
+            a = (F.adaptive_avg_pool2d(a, r) if read == "scale" and src > r else
+                 F.interpolate(a, size=(r, r), mode="bilinear", align_corners=False))
+        atts.append(a)
+    return feats, atts
 
 
 def condition_inputs(cfg, prompts, aus, n):

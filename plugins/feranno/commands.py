@@ -18,8 +18,9 @@ import click
 @click.option("--condition", type=click.Choice(["generic", "sample"]), default="generic", show_default=True,
               help="Conditions of the UNet pass: one expression-free prompt with zero AUs, or each sample's own.")
 @click.option("--pool", type=int, default=4, show_default=True, help="Grid each scale is pooled to before the head (1: global average).")
-@click.option("--max-res", type=int, default=8, show_default=True,
-              help="Finer feature maps are average-pooled to this side first (the shipped FERAnno: 16, +6 points, ~3.5x the CPU time per face).")
+@click.option("--max-res", type=int, default=None,
+              help="Finer feature maps (and their attention maps) are average-pooled to this side first; default: 16, or the "
+                   "UNet's latent side if smaller (the shipped FERAnno: 16, +6 points over 8, ~3.5x the CPU time per face).")
 @click.option("--order", type=click.Choice(["coarse-to-fine", "fine-to-coarse"]), default="fine-to-coarse", show_default=True,
               help="Direction the encoder carries its state between scales (fine-to-coarse: a CNN-like pyramid; +1 to +2.5 points).")
 @click.option("--timestep", type=int, default=1, show_default=True, help="Eq. 1 timestep the faces are noised to before the UNet pass (paper: 1).")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synfer.checkpoints import load_state
+from synfer_plugins.feranno.capture import align_capture
 
 ORDERS = ("coarse-to-fine", "fine-to-coarse")
 
@@ -54,11 +55,11 @@ class FERAnnoEncoder(nn.Module):
     """The dual-branch encoder of Fig. 4 for the given capture shapes (see `build_encoder`)."""
 
     def __init__(self, feat_channels: list[int], feat_res: list[int], tokens: int, num_classes: int, dim: int = 64, heads: int = 4,
-                 pool: int = 1, max_res: int = 16, order: str = "coarse-to-fine"):
+                 pool: int = 1, max_res: int = 16, order: str = "coarse-to-fine", attention: str = "scale"):
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"FERAnno encoder order {order!r}: expected 'coarse-to-fine' or 'fine-to-coarse'")
-        self.order, self.pool = order, pool
+        self.order, self.pool, self.attention_read = order, pool, attention
         self.res = list(feat_res)
         self.feat_in = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in feat_channels)
         self.att_in = nn.ModuleList(nn.Conv2d(tokens, dim, 1) for _ in feat_channels)
@@ -72,19 +73,17 @@ class FERAnnoEncoder(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Dropout(0.1), nn.Linear(width, num_classes))
         self.max_cross_res = max_res
 
-    def _att_for(self, attention: dict, r: int):
-        """The attention maps nearest to resolution r, resized to r."""
-        src = min(attention, key=lambda k: (abs(k - r), -k))
-        a = attention[src]
-        return a if src == r else F.interpolate(a, size=(r, r), mode="bilinear", align_corners=False)
-
     def forward(self, features, attention):
+        """`features` low->high res and `attention` either a capture's {res: maps} or, already aligned by
+        `capture.align_capture` (e.g. from the feature cache), one map per scale at that scale's side."""
+        if isinstance(attention, dict):
+            features, attention = align_capture(features, attention, self.max_cross_res, self.attention_read)
         pooled, f_prev, a_prev = [], None, None
         steps = list(enumerate(features))
         for i, feat in (steps if self.order == "coarse-to-fine" else steps[::-1]):
             r = min(feat.shape[-1], self.max_cross_res)
             f = self.feat_in[i](F.adaptive_avg_pool2d(feat, r) if feat.shape[-1] != r else feat)
-            a = self.att_in[i](self._att_for(attention, r))
+            a = self.att_in[i](attention[i])
             if f_prev is not None:
                 j = i - 1 if self.order == "coarse-to-fine" else i  # carry_*[j] joins scales j and j + 1
                 f = f + self.carry_f[j](_resize(f_prev, r))
@@ -96,7 +95,7 @@ class FERAnnoEncoder(nn.Module):
 
 
 def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, num_classes: int, dim: int = 64, heads: int = 4,
-                  pool: int = 1, max_res: int = 16, order: str = "coarse-to-fine") -> FERAnnoEncoder:
+                  pool: int = 1, max_res: int = 16, order: str = "coarse-to-fine", attention: str = "scale") -> FERAnnoEncoder:
     """The dual-branch encoder of Fig. 4 for the given capture shapes.
 
     `order` is the direction the 1x1 convs carry the fused state between scales: `coarse-to-fine`
@@ -105,8 +104,9 @@ def build_encoder(feat_channels: list[int], feat_res: list[int], tokens: int, nu
 
     Each scale's fused maps are average-pooled to a `pool` x `pool` grid before the head: 1 is
     a global average; 4 keeps where on the face a feature fires (mouth corners vs brows).
-    Scales finer than `max_res` are average-pooled to it first (the cross-attention costs (h*w)^2)."""
-    return FERAnnoEncoder(feat_channels, feat_res, tokens, num_classes, dim, heads, pool, max_res, order)
+    Scales finer than `max_res` are average-pooled to it first (the cross-attention costs (h*w)^2).
+    `attention` is how each scale picks its attention maps (see `capture.align_capture`)."""
+    return FERAnnoEncoder(feat_channels, feat_res, tokens, num_classes, dim, heads, pool, max_res, order, attention)
 
 
 def save_encoder(enc, folder, config: dict):
@@ -125,7 +125,8 @@ def load_encoder(folder, device="cpu"):
                                 f"Train one with 'synfer train calibrator --data FETEXT --model GENERATOR --out {folder}'.")
     cfg = json.loads((folder / "config.json").read_text())
     enc = build_encoder(cfg["feat_channels"], cfg["feat_res"], cfg["tokens"], cfg["num_classes"], cfg["dim"], pool=cfg.get("pool", 1),
-                        max_res=cfg.get("max_res", 16), order=cfg.get("order", "coarse-to-fine"))
+                        max_res=cfg.get("max_res", 16), order=cfg.get("order", "coarse-to-fine"),
+                        attention=cfg.get("attention", "nearest"))  # encoders trained before `attention` existed read "nearest"
     load_state(enc, folder / "model.safetensors", folder / "model.safetensors",
                "FERAnno is tied to the UNet it was trained on: retrain it with 'synfer train calibrator --model GENERATOR'.")
     return enc.to(device).eval(), cfg

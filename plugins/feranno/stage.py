@@ -16,7 +16,7 @@ MODELS = Path(__file__).parent.parent / "models"
 
 class FERAnnoConfig(StageConfig):
     weights: str | None = None  # FERAnno folder (encoder + config); None: the shipped `feranno`
-    device: str = "cpu"
+    device: str | None = None  # where the encoder runs; None: the generator's device
     t: int | None = None  # Eq. 1 timestep the image is noised to before the UNet pass; None: the one it was trained at
     condition: str | None = None  # generic | sample (see capture.condition_inputs); None: the one it was trained with
     generic_prompt: str = "a photo of a person"
@@ -40,8 +40,17 @@ class FERAnno(Calibrator):
         return missing_path(config, "weights", "a FERAnno folder (config.json + model.safetensors)",
                             "Train one with 'synfer train calibrator --data FETEXT --model GENERATOR --out FOLDER'.")
 
-    def bind(self, generator) -> None:
-        self.gen = generator
+    def bind(self, backbone) -> None:
+        """The generator whose UNet FERAnno reads: anything with the DiffusionBackbone attributes (synfer.stages)."""
+        from synfer.stages import DiffusionBackbone
+
+        wanted = [n for n in (*DiffusionBackbone.__annotations__, "encode_image", "encode_text", "predict_noise")
+                  if not hasattr(type(backbone), n) and n not in vars(backbone)]  # on the class: binding loads no weights
+        if wanted:
+            raise TypeError(f"calibrator 'feranno' reads a diffusion UNet, but the generator {type(backbone).__name__} lacks "
+                            f"{', '.join(wanted)} (the DiffusionBackbone protocol in synfer.stages). Use the 'sd' generator, "
+                            "or drop the calibrator from the recipe.")
+        self.gen = backbone
 
     @property
     def label_space(self) -> str:
@@ -61,7 +70,8 @@ class FERAnno(Calibrator):
         if self._enc is None:
             from synfer_plugins.feranno.encoder import load_encoder
 
-            self._enc, self._cfg = load_encoder(self.config.weights or MODELS / "feranno", self.config.device)
+            device = self.config.device or (str(self.gen.device) if self.gen is not None else "cpu")
+            self._enc, self._cfg = load_encoder(self.config.weights or MODELS / "feranno", device)
         return self._enc
 
     def _read_as(self):
@@ -78,15 +88,15 @@ class FERAnno(Calibrator):
         if self.gen is None:
             raise RuntimeError("FERAnno needs the generator whose UNet it reads: call bind(generator) first "
                                "(synfer run does this from the recipe's generator block)")
-        sd = self.gen.load()
         enc, cfg = self.encoder, self._read_as()
+        dev = next(enc.parameters()).device
         out = []
         for i in range(0, images.shape[0], cfg.batch_size):
             sl = slice(i, i + cfg.batch_size)
             p, a = condition_inputs(cfg, prompts[sl], aus[sl], images[sl].shape[0])
-            feats, att = extract(sd, images[sl], p, a.to(sd.device, sd.dtype), seeds[sl], cfg.t, self._cfg["num_scales"])
+            feats, att = extract(self.gen, images[sl], p, a, seeds[sl], cfg.t, self._cfg["num_scales"])
             with torch.no_grad():
-                out.append(torch.softmax(enc([f.float() for f in feats], {k: v.float() for k, v in att.items()}), -1).cpu())
+                out.append(torch.softmax(enc([f.to(dev).float() for f in feats], {k: v.to(dev).float() for k, v in att.items()}), -1).cpu())
             del feats, att  # the captured maps are freed after each batch
         return torch.cat(out).numpy()
 

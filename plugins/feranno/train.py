@@ -7,6 +7,7 @@ Imported only by `synfer train calibrator` and tests (this module imports torch)
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModel
 
 from synfer.arrays import load_arrays
-from synfer_plugins.feranno.capture import condition_inputs, extract
+from synfer_plugins.feranno.capture import align_capture, condition_inputs, default_max_res, extract
 from synfer_plugins.feranno.encoder import build_encoder, save_encoder
 from synfer_plugins.feranno.stage import FERAnnoConfig
 
@@ -39,49 +40,65 @@ def model_key(model_path, data_path) -> str:
 # ------------------------------------------------------------------ training
 
 
-def captures(sd, x, aus, captions, cfg, seeds, batch_size: int, num_scales: int = 4, progress: bool = False):
+def captures(sd, x, aus, captions, cfg, seeds, batch_size: int, num_scales: int | None = None, progress: bool = False):
     """Per batch of a uint8 image array (N,H,W,3): the UNet capture under `cfg`'s condition."""
     from tqdm.auto import tqdm
 
     for i in tqdm(range(0, len(x), batch_size), desc="FERAnno features", disable=not progress):
         imgs = torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         p, a = condition_inputs(cfg, captions[i:i + batch_size], torch.from_numpy(aus[i:i + batch_size]), len(imgs))
-        yield extract(sd, imgs, p, a.to(sd.device, sd.dtype), seeds[i:i + batch_size], cfg.t, num_scales)
+        yield extract(sd, imgs, p, a, seeds[i:i + batch_size], cfg.t, num_scales)
 
 
-def extract_dataset(sd, x, aus, captions, cfg, seeds, batch_size: int = 128, max_res: int = 16, progress: bool = True):
-    """Features and attention maps of a whole image array, pooled to at most `max_res` (what the
-    encoder sees) and stored in fp16: (list of (N,C,r,r), {res: (N,T,res,res)})."""
-
-    feats, att = None, None
-    for f, at in captures(sd, x, aus, captions, cfg, seeds, batch_size, progress=progress):
-        f = [v if v.shape[-1] <= max_res else F.adaptive_avg_pool2d(v, max_res) for v in f]
-        if feats is None:
-            feats, att = [[] for _ in f], {k: [] for k in at}
-        for j, v in enumerate(f):
-            feats[j].append(v.half().cpu())
-        for k, v in at.items():
-            att[k].append(v.half().cpu())
-    return [torch.cat(v) for v in feats], {k: torch.cat(v) for k, v in att.items()}
+def extract_dataset(sd, x, aus, captions, cfg, seeds, max_res: int, attention: str = "scale", folder=None, batch_size: int = 128,
+                    num_scales: int | None = None, progress: bool = True):
+    """What the encoder reads of every image (`capture.align_capture`: per scale, features and one attention
+    map at min(side, max_res)), as float16 arrays (features [(N,C,r,r)], attention [(N,T,r,r)]).
+    With `folder` they are .npy files filled batch by batch and returned memory-mapped: neither RAM nor
+    the device ever holds the whole set."""
+    arrays, n = None, len(x)
+    for start, (f, at) in zip(range(0, n, batch_size), captures(sd, x, aus, captions, cfg, seeds, batch_size, num_scales, progress)):
+        f, a = align_capture(f, at, max_res, attention)
+        if arrays is None:
+            shapes = [(f"f{j}", v.shape[1:]) for j, v in enumerate(f)] + [(f"a{j}", v.shape[1:]) for j, v in enumerate(a)]
+            arrays = [np.lib.format.open_memmap(str(Path(folder) / f"{name}.npy"), mode="w+", dtype=np.float16, shape=(n, *shape))
+                      if folder is not None else np.empty((n, *shape), np.float16) for name, shape in shapes]
+        for arr, v in zip(arrays, f + a):
+            arr[start:start + len(v)] = v.half().cpu().numpy()
+    for arr in arrays:
+        if isinstance(arr, np.memmap):
+            arr.flush()
+    k = len(arrays) // 2
+    return arrays[:k], arrays[k:]
 
 
 def cached_features(cache_dir, key: str, compute):
-    """`compute()` once per key, kept as a safetensors file in `cache_dir` (None: not cached)."""
+    """`compute(folder)` once per key into `cache_dir`/features-<key>/ (f<i>.npy, a<i>.npy, float16),
+    then opened memory-mapped; `compute(None)` (arrays in RAM) when `cache_dir` is None."""
     if cache_dir is None:
-        return compute()
-    from safetensors.torch import load_file, save_file
+        return compute(None)
+    import shutil
 
-    path = Path(cache_dir) / f"features-{key}.safetensors"
-    if path.exists():
-        d = load_file(str(path))
-        feats = [d[k] for k in sorted((k for k in d if k.startswith("f")), key=lambda k: int(k[1:]))]
-        return feats, {int(k[1:]): d[k] for k in d if k.startswith("a")}
-    feats, att = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({**{f"f{i}": v.contiguous() for i, v in enumerate(feats)}, **{f"a{k}": v.contiguous() for k, v in att.items()}}, str(tmp))
-    tmp.replace(path)
-    return feats, att
+    folder = Path(cache_dir) / f"features-{key}"
+    done = folder / "done.json"
+    if not done.exists():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        feats, att = compute(tmp)
+        info = {"features": len(feats), "attention": len(att), "images": int(len(feats[0])),
+                "bytes_per_image": int(sum(a.nbytes for a in feats + att) // len(feats[0]))}
+        del feats, att
+        (tmp / "done.json").write_text(json.dumps(info, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    info = json.loads(done.read_text())
+    load = lambda name: np.load(str(folder / f"{name}.npy"), mmap_mode="r")  # noqa: E731
+    return [load(f"f{i}") for i in range(info["features"])], [load(f"a{i}") for i in range(info["attention"])]
+
+
+def cache_bytes_per_image(feats, att) -> int:
+    return int(sum(a.nbytes for a in list(feats) + list(att)) // len(feats[0]))
 
 
 def shifted_views(x, views: int, seed: int = 0, max_shift: int = 2):
@@ -98,24 +115,25 @@ def shifted_views(x, views: int, seed: int = 0, max_shift: int = 2):
 
 
 class FERAnnoTrainModel(BaseModel):
-    """Cross-entropy (label smoothing 0.05, optional mixup) of the encoder on cached captures, by row index."""
+    """Cross-entropy (label smoothing 0.05, optional mixup) of the encoder on cached captures, by row index.
+    Only each batch's rows are read from the (memory-mapped) arrays and moved to the device."""
 
-    def __init__(self, enc, feats: list, att: dict, targets, mixup: float = 0.0):
+    def __init__(self, enc, feats: list, att: list, targets, mixup: float = 0.0):
         super().__init__()
         self.enc, self.mixup = enc, mixup
         self.feats, self.att, self.targets = feats, att, targets  # plain attributes: not parameters, not in checkpoints
 
     def forward(self, index, mode="loss"):
         device = self.targets.device
-        index = index.to(device)
-        f = [v[index].float() for v in self.feats]
-        a = {k: v[index].float() for k, v in self.att.items()}
-        y = self.targets[index]
+        rows = index.cpu().numpy()
+        f = [torch.from_numpy(np.ascontiguousarray(v[rows])).to(device).float() for v in self.feats]
+        a = [torch.from_numpy(np.ascontiguousarray(v[rows])).to(device).float() for v in self.att]
+        y = self.targets[index.to(device)]
         if not self.mixup:
             return {"loss": F.cross_entropy(self.enc(f, a), y, label_smoothing=0.05)}
         lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())  # seeded by the runner
         perm = torch.randperm(len(index)).to(device)
-        logits = self.enc([lam * v + (1 - lam) * v[perm] for v in f], {k: lam * v + (1 - lam) * v[perm] for k, v in a.items()})
+        logits = self.enc([lam * v + (1 - lam) * v[perm] for v in f], [lam * v + (1 - lam) * v[perm] for v in a])
         ce = lambda t: F.cross_entropy(logits, t, label_smoothing=0.05)  # noqa: E731
         return {"loss": lam * ce(y) + (1 - lam) * ce(y[perm])}
 
@@ -135,51 +153,57 @@ class Indices(torch.utils.data.Dataset):
 
 def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                   label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
-                  resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int = 8, cache: bool = True,
-                  views: int = 1, mixup: float = 0.0, device: str | None = None, t: int = 1, order: str = "fine-to-coarse"):
+                  resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int | None = None, cache: bool = True,
+                  views: int = 1, mixup: float = 0.0, device: str | None = None, t: int = 1, order: str = "fine-to-coarse",
+                  attention: str = "scale", num_scales: int | None = None, extract_batch_size: int = 128):
     """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner).
 
+    The encoder reads every decoder scale of the UNet (`num_scales` None: all, 4 in SD 1.5), each with the
+    cross-attention maps of its own resolution (`attention="scale"`: all 16 maps of SD 1.5, in 4 groups),
+    pooled to at most `max_res` (None: `capture.default_max_res`, 16 or the latent side if smaller).
     The UNet is frozen and the noise of Eq. 1 is fixed per image, so each image's capture is
-    extracted once (OUT/work/features-<model,data,condition,t>.safetensors, fp16) and the
-    encoder trains on it for many epochs: 18x fewer UNet passes than extracting per step.
+    extracted once, pooled to what the encoder reads, into OUT/work/calibrator/features-<key>/ (float16
+    .npy, memory-mapped; 18x fewer UNet passes than extracting per step). Each step reads its batch's
+    rows from there, so neither RAM nor the device ever holds the whole cache.
     Cached features rule out on-the-fly augmentation, so `views` > 1 extracts each image
     again shifted by a few pixels with its own noise (`shifted_views`): the encoder then
     cannot memorise one exact capture per face. `mixup` > 0 mixes each batch with a shuffled
     copy of itself (captures and labels, weight ~ Beta(mixup, mixup); Zhang et al. 2018).
-    `device` (default: cuda when there is one) runs the UNet pass and the encoder; the cached
-    captures then live on it too (a few GB at max_res 32 for 20k faces).
+    `device` (default: cuda when there is one) runs the UNet pass and the encoder.
     """
     from synfer import labels as L
     from synfer.plugins import get_registry
-    from synfer.training import run_training
+    from synfer.training import kind_work_dir, run_training
 
     if threads:
         torch.set_num_threads(threads)
     gen_cls = get_registry().get("generator", "synfer:sd")  # the built-in, even beside a third party's "sd"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = gen_cls(gen_cls.Config(model=str(model), device=device))
-    sd = gen.load()
-    for m in (sd.unet, sd.text_encoder):
-        m.requires_grad_(False)
+    sd = gen.load()  # frozen at load
     x, y, aus, rows = load_arrays(data, label_space, size=gen.size, limit=limit)
     cfg = FERAnnoConfig(condition=condition, t=t)
     captions = [r.get("caption", "") for r in rows] * views
     x, y, aus = shifted_views(x, views, seed), np.tile(y, views), np.tile(aus, (views, 1))
-    key = f"{model_key(model, data)}-{condition}-t{cfg.t}-r{max_res}-n{len(y)}-s{seed}" + (f"-v{views}" if views > 1 else "")
-    feats, att = cached_features(Path(out) / "work" if cache else None, key, lambda: extract_dataset(
-        sd, x, aus, captions, cfg, [i + seed * 1_000_003 for i in range(len(y))], max_res=max_res))
-    enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats],
-               "tokens": next(iter(att.values())).shape[1], "num_classes": len(L.label_space(label_space)), "dim": dim, "pool": pool,
-               "max_res": max_res, "views": views, "mixup": mixup, "order": order, "num_scales": len(feats), "label_space": label_space, "condition": condition, "t": cfg.t, "generator": str(model),
-               "trained_with": {"data": str(data), "train_images": int(len(y)), "iters": iters, "batch_size": batch_size, "lr": lr, "seed": seed,
-                                "device": device}}
+    max_res = max_res or default_max_res([gen.latent_shape()[-1]])
+    work = kind_work_dir(out, "calibrator")
+    key = (f"{model_key(model, data)}-{condition}-t{cfg.t}-r{max_res}-{attention}-k{num_scales or 'all'}-n{len(y)}-s{seed}"
+           + (f"-v{views}" if views > 1 else ""))
+    feats, att = cached_features(work if cache else None, key, lambda folder: extract_dataset(
+        sd, x, aus, captions, cfg, [i + seed * 1_000_003 for i in range(len(y))], max_res, attention, folder, extract_batch_size,
+        num_scales))
+    enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats], "tokens": att[0].shape[1],
+               "num_classes": len(L.label_space(label_space)), "dim": dim, "pool": pool, "max_res": max_res, "attention": attention,
+               "views": views, "mixup": mixup, "order": order, "num_scales": len(feats), "label_space": label_space,
+               "condition": condition, "t": cfg.t, "generator": str(model),
+               "trained_with": {"data": str(data), "train_images": int(len(y)), "iters": iters, "batch_size": batch_size, "lr": lr,
+                                "seed": seed, "device": device, "cache_bytes_per_image": cache_bytes_per_image(feats, att)}}
     enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool,
-                        max_res=max_res, order=order)
-    feats, att = [v.to(device) for v in feats], {k: v.to(device) for k, v in att.items()}  # the Runner moves the encoder there too
-    targets = torch.from_numpy(y).long().to(device)
-    result = run_training(FERAnnoTrainModel(enc, feats, att, targets, mixup), Indices(len(y)), work_dir=Path(out) / "work",
-                          max_iters=iters, batch_size=batch_size, lr=lr, weight_decay=1e-4, warmup_iters=max(1, iters // 20), seed=seed, resume=resume, log_interval=50,
-                          checkpoint_interval=max(50, iters // 4), keep_checkpoints=1, threads=threads, name="feranno")
+                        max_res=max_res, order=order, attention=attention)
+    targets = torch.from_numpy(y).long().to(device)  # the Runner moves the encoder to the device; captures stay where they are
+    result = run_training(FERAnnoTrainModel(enc, feats, att, targets, mixup), Indices(len(y)), work_dir=work, max_iters=iters,
+                          batch_size=batch_size, lr=lr, weight_decay=1e-4, warmup_iters=max(1, iters // 20), seed=seed, resume=resume,
+                          log_interval=50, checkpoint_interval=max(50, iters // 4), keep_checkpoints=1, threads=threads, name="feranno")
     enc.eval()
     metrics = {}
     if test is not None:

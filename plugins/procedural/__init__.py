@@ -1,6 +1,6 @@
 """The procedural face world: frontal faces drawn from FACS action units and an identity.
 
-It stands in for FFHQ/AffectNet (DESIGN.md, "The world we build in"): every face comes
+It stands in for FFHQ/AffectNet (docs/design.md, "The procedural face world"): every face comes
 with ground-truth AUs, its expression and its identity attributes, so the whole method
 runs and is measured on a CPU. Split by job:
 

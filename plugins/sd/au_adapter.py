@@ -29,6 +29,7 @@ from synfer.labels import AU_KEYS, AU_SCALE
 
 WEIGHTS_NAME = "au_adapter.safetensors"
 CONFIG_NAME = "au_adapter.json"
+IP_ADAPTER_DIR, IP_ADAPTER_WEIGHTS = "ip_adapter", "ip-adapter-au.safetensors"  # the same weights in diffusers' IP-Adapter layout
 
 
 class AUProjection(nn.Module):
@@ -140,14 +141,43 @@ class AUAdapter(nn.Module):
         return {"image_embeds": [aus[:, None, :]]}
 
     # ---------------------------------------------------------------- files
+    def ip_adapter_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The adapter in diffusers' IP-Adapter weight layout ({"image_proj": ..., "ip_adapter": ...}).
+
+        The AU MLP (Linear(16, hidden), GELU, Linear(hidden, tokens * dim), reshape, LayerNorm(dim)) is
+        exactly diffusers' `IPAdapterFaceIDImageProjection` with mult = hidden / 16 (its checkpoint keys
+        `proj.0`, `proj.2`, `norm`); the per-layer AU key/value projections are `<2i+1>.to_k_ip` /
+        `<2i+1>.to_v_ip` for the i-th cross-attention layer, the numbering `load_ip_adapter` expects.
+        `pipe.load_ip_adapter(folder, subfolder="ip_adapter", weight_name="ip-adapter-au.safetensors",
+        image_encoder_folder=None)` and `pipe.set_ip_adapter_scale(au_scale)`, then per prompt
+        `ip_adapter_image_embeds=[torch.cat([zeros, au])[:, None]]` (one (1, 16) AU vector, the unconditional
+        half first; diffusers repeats these embeds for every prompt of a call) reproduce synfer's sampling."""
+        if self.proj.net[0].out_features % self.proj.net[0].in_features:
+            raise ValueError(f"hidden_dim {self.proj.net[0].out_features} is not a multiple of the {len(self.au_keys)} AUs: diffusers' "
+                             "FaceID image projection (mult = hidden / inputs) cannot hold this AU MLP")
+        net = self.proj.net
+        image_proj = {"proj.0.weight": net[0].weight, "proj.0.bias": net[0].bias, "proj.2.weight": net[2].weight,
+                      "proj.2.bias": net[2].bias, "norm.weight": self.proj.norm.weight, "norm.bias": self.proj.norm.bias}
+        ip = {}
+        for i, name in enumerate(self.layer_shapes):  # UNet module order, as unet.attn_processors lists them
+            proc = self.attn[_key(name)]
+            ip[f"{2 * i + 1}.to_k_ip.weight"] = proc.to_k_ip[0].weight
+            ip[f"{2 * i + 1}.to_v_ip.weight"] = proc.to_v_ip[0].weight
+        return {"image_proj": image_proj, "ip_adapter": ip}
+
     def save(self, folder: str | Path) -> None:
+        """au_adapter.safetensors + au_adapter.json, and the same weights as ip_adapter/ip-adapter-au.safetensors."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        cpu = lambda v: v.detach().to("cpu").contiguous()  # noqa: E731
+        state = {k: cpu(v) for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "au_keys": ",".join(self.au_keys)})
         (folder / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+        ip = {f"{part}.{k}": cpu(v) for part, sd in self.ip_adapter_state_dict().items() for k, v in sd.items()}
+        (folder / IP_ADAPTER_DIR).mkdir(exist_ok=True)
+        save_file(ip, str(folder / IP_ADAPTER_DIR / IP_ADAPTER_WEIGHTS), metadata={"format": "pt", "au_keys": ",".join(self.au_keys)})
 
     @classmethod
     def load(cls, folder: str | Path, device="cpu", dtype=None) -> "AUAdapter":

@@ -39,6 +39,12 @@ class TrainOptions:
     def run_dir(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path(self.out) / "work"
 
+    def run_dir_for(self, kind: str) -> Path:
+        """This training kind's own work folder (see synfer.training.kind_work_dir)."""
+        from synfer.training import kind_work_dir
+
+        return kind_work_dir(self.out, kind, self.work_dir)
+
 
 def _common_options(fn):
     opts = [

@@ -48,7 +48,7 @@ class SDGenerator(Generator):
         device: str = "auto"  # "auto": cuda if available, else cpu
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
         size: int | None = None  # output side in pixels; None: the model's native size
-        channels_last: bool = True  # UNet (and VAE) in channels-last memory: 11-13% faster per UNet call on CPU (bench/README.md)
+        channels_last: bool = True  # UNet (and VAE) in channels-last memory: 11-13% faster per UNet call on CPU (docs/results.md, Speed)
         nan_retries: int = Field(2, ge=0)  # a non-finite sample is redrawn from derived seeds this often, then dropped
         exact_batching: bool = True  # denoise each sample on its own: files identical whatever batch_size (CPU
         # batched kernels round differently); false batches the UNet for GPU throughput
@@ -76,6 +76,14 @@ class SDGenerator(Generator):
     def model_path(self) -> Path:
         return Path(self.config.model) if self.config.model else TINY_MODEL_DIR
 
+    def target_device(self) -> str:
+        """`device`, with "auto" resolved: cuda:LOCAL_RANK (each torchrun rank its own GPU) when CUDA is there, else cpu."""
+        if self.config.device != "auto":
+            return self.config.device
+        import torch
+
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
     def load(self) -> SDModel:
         if self.model is None:
             import torch
@@ -86,14 +94,11 @@ class SDGenerator(Generator):
                         if not self.config.model else
                         "check generator.model in the recipe, or train one with 'synfer train generator --data FETEXT_DIR --out DIR'")
                 raise FileNotFoundError(f"no diffusion model at {path}; {hint}")
-            device = self.config.device
-            if device == "auto":  # under torchrun each rank takes its own GPU
-                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-            self.model = SDModel.from_pretrained(path, device=device, dtype=getattr(torch, self.config.dtype))
-            self.model.unet.eval()
-            self.model.text_encoder.eval()
-            if self.model.vae is not None:
-                self.model.vae.eval()
+            self.model = SDModel.from_pretrained(path, device=self.target_device(), dtype=getattr(torch, self.config.dtype))
+            for module in (self.model.unet, self.model.text_encoder, self.model.vae, self.model.au_adapter):
+                if module is not None:  # sampling and guidance never train weights: no grads kept for them (~30% of
+                    module.requires_grad_(False)  # a guided backward's saved activations, MEASURED.md)
+                    module.eval()
             self.model.set_au_scale(self.config.au_scale)
             if self.config.channels_last:
                 for module in (self.model.unet, self.model.vae):
@@ -108,6 +113,10 @@ class SDGenerator(Generator):
     tokenizer = property(lambda self: self.load().tokenizer)
     vae = property(lambda self: self.load().vae)
     au_adapter = property(lambda self: self.load().au_adapter)
+    # the rest of the DiffusionBackbone protocol (synfer.stages) a calibrator reads
+    device = property(lambda self: self.load().device)
+    dtype = property(lambda self: self.load().dtype)
+    has_au_adapter = property(lambda self: self.load().au_adapter is not None)
 
     def encode_text(self, prompts: Sequence[str]):
         return self.load().encode_text(prompts)

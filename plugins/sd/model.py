@@ -8,7 +8,7 @@ the "latents" are the image in [-1, 1].
 
 The shipped default is a tiny pixel-space model (`create_tiny_model`), trained by
 `synfer train generator` on the procedural FEText. Its config comes from measurements on
-a 2-core CPU (shared/MEASURED.md): 32x32 pixels, channels (32, 64, 64), one layer per
+a 2-core CPU (docs/results.md, early design measurements): 32x32 pixels, channels (32, 64, 64), one layer per
 block, attention only at 16x16 and 8x8 (attention at full resolution is ruinous on a
 CPU), 1.7M parameters, 0.64 s per training step of 32; ten minutes of training gave
 recognisable faces with 75.5% oracle expression accuracy, better than the 64x64
@@ -126,12 +126,24 @@ class SDModel:
         if self.au_adapter is not None:
             self.au_adapter.save(path)
         else:  # an adapter left from earlier UNet weights no longer fits them: 'synfer train au-adapter' again
-            from synfer_plugins.sd.au_adapter import CONFIG_NAME, WEIGHTS_NAME
+            from synfer_plugins.sd.au_adapter import CONFIG_NAME, IP_ADAPTER_DIR, IP_ADAPTER_WEIGHTS, WEIGHTS_NAME
 
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
+            for name in (WEIGHTS_NAME, CONFIG_NAME, f"{IP_ADAPTER_DIR}/{IP_ADAPTER_WEIGHTS}"):
                 (path / name).unlink(missing_ok=True)
+        if self.vae is not None:
+            self.write_model_index(path)
         if self.info:
             (path / MODEL_INFO).write_text(json.dumps(self.info, indent=2) + "\n")
+
+    def write_model_index(self, path: str | Path) -> None:
+        """diffusers' model_index.json, so `StableDiffusionPipeline.from_pretrained(path)` (and every tool that
+        reads diffusers folders) loads what synfer wrote. Latent models only: a pixel-space model has no VAE to decode."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                                       scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_config(str(path))
 
     def to(self, device=None, dtype=None) -> "SDModel":
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
@@ -148,6 +160,10 @@ class SDModel:
     @property
     def dtype(self):
         return self.unet.dtype
+
+    @property
+    def has_au_adapter(self) -> bool:
+        return self.au_adapter is not None
 
     @property
     def pixel_space(self) -> bool:
@@ -230,7 +246,7 @@ def create_tiny_model(captions: Sequence[str], *, size: int = 32, max_length: in
                       block_out_channels: tuple[int, ...] = (32, 64, 64), text_dim: int = 64) -> SDModel:
     """A fresh pixel-space model (random weights) with a vocabulary built from `captions`.
 
-    Defaults as measured in MEASURED.md: 32x32, (32, 64, 64), attention at 16x16 and 8x8 only,
+    Defaults as measured (docs/results.md, early design measurements): 32x32, (32, 64, 64), attention at 16x16 and 8x8 only,
     1.7M UNet parameters; cosine noise schedule (better than SD's scaled-linear at low resolution).
     """
     import torch

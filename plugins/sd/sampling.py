@@ -15,6 +15,12 @@ from synfer.contracts import guidance_targets
 from synfer.seeds import stream_rng
 
 
+# Guided backward per 4 samples: SD 1.5 keeps 2.06 GiB of activations per image at 256 px fp32 (bench/README.md),
+# ~4.1 GiB at 512 px bf16 (4x the pixels, half the bytes), so ~16 GiB per micro-batch: fits a 24 GiB GPU beside
+# the weights; raise it on larger cards (32 at once would need ~130 GiB).
+MICRO_BATCH = 4
+
+
 class LayoutConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
@@ -31,6 +37,8 @@ class GuidanceConfig(BaseModel):
     start: float = Field(0.3, ge=0, le=1)  # fraction of the steps after which guidance runs
     lambda_g: float = Field(1.0, ge=0)  # Eq. 6 step size on the (per-sample normalised) gradient
     updates: int = Field(1, ge=1)  # gradient steps on the embedding per denoising step
+    micro_batch: int | None = Field(MICRO_BATCH, ge=1)  # samples per guided backward (activation memory grows with it;
+    # bench/README.md); the update is the same as one pass over the batch. None: the whole batch at once
 
 
 class LayoutInit:
@@ -99,7 +107,7 @@ def invert(generator, images, prompts, aus, num_steps: int, steps: int | None = 
     with torch.no_grad():
         latents = m.encode_image(images.to(device=m.device, dtype=m.dtype))
         text = m.encode_text(prompts)
-        au_t = aus if aus is not None or m.au_adapter is None else torch.zeros(len(prompts), len(L.AU_KEYS), dtype=m.dtype)
+        au_t = aus if aus is not None or m.au_adapter is None else torch.zeros(len(prompts), len(L.AU_KEYS), device=m.device, dtype=m.dtype)
         for t in inverse.timesteps[:num_steps]:
             eps = m.predict_noise(inverse.scale_model_input(latents, t), t, text, au_t)
             latents = inverse.step(eps, t, latents).prev_sample
@@ -126,7 +134,6 @@ class SemanticGuidance:
 
     def __call__(self, i, t, latents, text_emb):
         import torch
-        import torch.nn.functional as F
 
         if i < self.start_step or not bool(self.mask.any()):
             return None
@@ -134,16 +141,31 @@ class SemanticGuidance:
         a_t = m.scheduler.alphas_cumprod[int(t)].to(latents.device, latents.dtype)
         c = text_emb.detach()
         mask = self.mask.to(c.device, c.dtype).view(-1, 1, 1)
+        step = self.cfg.micro_batch or c.shape[0]
         for _ in range(self.cfg.updates):
-            c = c.clone().requires_grad_(True)
-            with torch.enable_grad():
-                eps = m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, self.aus)
-                x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Eq. 4
-                image = m.decode(x0).clamp(-1, 1)
-                logits = self.clf.forward(image.float())
-                # Eq. 5, summed so that each sample's gradient is its own (batch-size independent)
-                loss = F.cross_entropy(logits, self.targets.to(logits.device), reduction="none").mul(self.mask.to(logits.device)).sum()
-                (grad,) = torch.autograd.grad(loss, c)
+            # each sample's loss depends on its own inputs only, so the gradient is computed per micro-batch:
+            # the same update as one pass, with the activations of `micro_batch` samples alive at a time
+            grad = torch.cat([self._grad(m, t, a_t, latents[sl], c[sl], sl) for sl in
+                              (slice(j, j + step) for j in range(0, c.shape[0], step))])
             norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
             c = (c - self.cfg.lambda_g * mask * grad / norm).detach()  # Eq. 6
         return c
+
+    def _grad(self, m, t, a_t, latents, c, sl: slice):
+        """d L_g / d c for the samples `sl` of the batch (Eq. 4-5)."""
+        import torch
+        import torch.nn.functional as F
+
+        if not bool(self.mask[sl].any()):
+            return torch.zeros_like(c)
+        c = c.clone().requires_grad_(True)
+        with torch.enable_grad():
+            aus = self.aus[sl] if self.aus is not None else None
+            eps = m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, aus)
+            x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Eq. 4
+            image = m.decode(x0).clamp(-1, 1)
+            logits = self.clf.forward(image.float())
+            # Eq. 5, summed so that each sample's gradient is its own (batch-size independent)
+            loss = F.cross_entropy(logits, self.targets[sl].to(logits.device), reduction="none").mul(self.mask[sl].to(logits.device)).sum()
+            (grad,) = torch.autograd.grad(loss, c)
+        return grad

@@ -9,7 +9,7 @@
   (`expression_map`: between-class over total variance of FEText, eyes and mouth), and
   `snr_gamma` is Min-SNR weighting (Hang et al. 2023, diffusers' `--snr_gamma`). The
   expression explains 0.4% of a 32 px face's pixel variance, so unweighted Eq. 3 teaches
-  hair and skin from text long before it teaches a 3-pixel mouth shape (README, issue 4).
+  hair and skin from text long before it teaches a 3-pixel mouth shape (docs/results.md, issue 4).
 - AU adapter (4.2.2): same loss (and the same optional weights), UNet/text encoder/VAE
   frozen, only the adapter trains.
   Text, AUs and both are each dropped at `drop_rate` (IP-Adapter's recipe); the
@@ -224,7 +224,7 @@ def _train(opts, model, dataset, *, lr: float, ema: bool, name: str):
     from synfer.training import run_training
 
     return run_training(
-        model, dataset, work_dir=opts.run_dir, max_iters=opts.iters, batch_size=opts.batch_size, lr=lr,
+        model, dataset, work_dir=opts.run_dir_for(name.replace("_", "-")), max_iters=opts.iters, batch_size=opts.batch_size, lr=lr,
         lr_schedule="cosine", warmup_iters=min(100, opts.iters // 20), checkpoint_interval=opts.checkpoint_interval,
         log_interval=opts.log_interval, seed=opts.seed, resume=opts.resume, ema_momentum=0.005 if ema else None,
         bf16=opts.bf16, grad_checkpointing=opts.grad_checkpointing, num_workers=opts.num_workers, threads=opts.threads, name=name)
@@ -252,7 +252,7 @@ def train_generator(opts, **overrides) -> Path:
 
     extra = {**opts.extra, **overrides}
     rows = read_metadata(opts.data)
-    init_dir = opts.run_dir / "init_model"  # the exact starting point, so --resume rebuilds the same model
+    init_dir = opts.run_dir_for("generator") / "init_model"  # the exact starting point, so --resume rebuilds the same model
     if _is_tiny(opts.model):
         if opts.resume and init_dir.exists():
             sd = SDModel.from_pretrained(init_dir, load_au_adapter=False)
@@ -267,7 +267,7 @@ def train_generator(opts, **overrides) -> Path:
     train_te = extra.get("train_text_encoder")
     train_te = tiny if train_te is None else train_te
     lr = opts.lr or (1e-3 if tiny else 1e-5)
-    ema = tiny if opts.ema is None else opts.ema  # EMA helps the tiny model (MEASURED.md)
+    ema = tiny if opts.ema is None else opts.ema  # EMA helps the tiny model (docs/results.md, early design measurements)
     dataset = FETextDataset(opts.data, sd.native_size, sd.tokenize, rows)
     model = DiffusionTrainModel(sd, train_unet=True, train_text_encoder=train_te, train_adapter=False,
                                 caption_dropout=extra.get("caption_dropout", 0.1), **_loss_weights(extra, dataset, sd, opts.seed))
