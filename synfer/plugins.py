@@ -38,13 +38,10 @@ HOOKS = ("register_stages", "register_label_spaces", "register_commands")
 __all__ = ["PluginError", "PluginCallError", "PluginContractError", "PluginInfo", "Registry", "get_registry"]
 
 
-class PluginWarning(UserWarning):
-    """A plugin left out, or its commands: warned once per plugin (the CLI prints it as one line, synfer/logs.py)."""
-
-
 def _warn(msg: str, where: str) -> None:
-    # one location per plugin: the default filter then shows each plugin's warning once, not only the first
-    warnings.warn_explicit(msg, PluginWarning, filename=f"synfer-plugin:{where}", lineno=0, module="synfer.plugins")
+    """A plugin left out (or its commands): warned once per plugin; the CLI prints `warning: ...` (synfer/logs.py).
+    One location per plugin: the default filter then shows each plugin's warning, not only the first."""
+    warnings.warn_explicit(msg, UserWarning, filename=f"synfer-plugin:{where}", lineno=0, module="synfer.plugins")
 
 
 
