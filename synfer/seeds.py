@@ -5,6 +5,13 @@ use of it draws from its own stream, `numpy.random.default_rng([seed, salt])`, s
 to one stream never shifts another. The salts are fixed forever: changing one changes the
 bytes of every dataset drawn with it (the shipped models were trained on those bytes).
 Two streams may share a salt when their seeds never meet (a sample seed vs a benchmark seed).
+
+torch draws are seeded without a salt list and stay where they are (changing them changes the
+shipped outputs): the sd generator's initial noise from the sample seed, its DDIM eta noise
+from seed + 1 and its non-finite retries from derived seeds (plugins/sd/generator.py);
+FERAnno's capture noise from the sample seed (plugins/feranno/capture.py); the sd upscaler from
+crc32(image) ^ seed (plugins/upscalers.py); template captions from crc32(key) ^ salt
+(plugins/captioners.py).
 """
 from __future__ import annotations
 

@@ -75,8 +75,9 @@ def test_source_records_and_disjoint_splits():
     assert [np.asarray(r.image).tobytes() for r in recs] == [np.asarray(r.image).tobytes() for r in again]
     test = list(P.ProceduralSource(P.ProceduralSource.Config(**{**cfg, "split": "test"})).records())
     assert not {r.identity for r in recs} & {r.identity for r in test}
-    train_seeds = {i.seed for i in P.split_identities("train", 500)}
-    assert not train_seeds & {i.seed for i in P.split_identities("test", 500)}
+    train, test_ids = P.split_identities("train", 60), P.split_identities("test", 60)  # seeds are offset ranges: 60 show it
+    assert not {i.seed for i in train} & {i.seed for i in test_ids} and len({i.seed for i in train}) == 60
+    assert {P.identity_id(i)[:10] for i in train} == {"proc-train"} and {P.identity_id(i)[:9] for i in test_ids} == {"proc-test"}
 
 
 def test_config_is_strict():

@@ -69,3 +69,24 @@ def test_fer_accuracy_on_a_fetext_folder(fetext):
     assert out["fer_accuracy"] >= 0.9, out
     labels = {r["expression"] for r in read_metadata(fetext)}
     assert {k.removeprefix("fer_accuracy_") for k in out if k not in ("fer_accuracy", "fer_accuracy_n")} == labels
+
+
+def test_calibrate_a_labelled_folder(tmp_path, registry):
+    """A FEText-style folder (index labels) calibrates: its expression becomes the preassigned label."""
+    import yaml
+
+    from synfer import labels as L
+    from synfer.calibrate import calibrate_dataset
+    from synfer.recipe import load_recipe
+
+    space = L.label_space("affectnet8")
+    w = DatasetWriter(tmp_path / "set")
+    names = ["happy", "sad", "neutral", "anger"]
+    for i, e in enumerate(names):
+        w.write(i, Image.new("RGB", (8, 8), (40 * i,) * 3), {"expression": e, "label": space.index(e)})
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"output": str(tmp_path / "unused"), "generator": {"plugin": "dummy"}}))
+    counts = calibrate_dataset(tmp_path / "set", load_recipe(p, registry=registry), registry=registry, progress=False)
+    rows = read_metadata(tmp_path / "set")
+    assert [r["preassigned_label"] for r in rows] == names and [r["label"] for r in rows] == names  # no experts: kept as is
+    assert [row_label(r) for r in rows] == names and {c: counts[c]["total"] for c in counts} == {e: 1 for e in names}

@@ -45,7 +45,7 @@ class LayoutInit:
     """Invert a random FEText face to x_t with DDIM inversion and start denoising there (4.3)."""
 
     def __init__(self, generator, config: LayoutConfig):
-        from synfer.dataset import read_metadata
+        from synfer.dataset import read_metadata, row_label
 
         if not config.source:
             raise ValueError("generator.layout.enabled is true but generator.layout.source is empty: "
@@ -56,13 +56,13 @@ class LayoutInit:
         self.by_class: dict[str, list[str]] = {}
         if config.expressions == "match":
             for r in rows:
-                if r.get("expression"):
-                    self.by_class.setdefault(L.canonical(r["expression"]), []).append(r["file_name"])
+                if row_label(r):
+                    self.by_class.setdefault(row_label(r), []).append(r["file_name"])
         elif isinstance(config.expressions, str):
             raise ValueError(f"generator.layout.expressions={config.expressions!r}: expected a list of classes, null or 'match'")
         elif config.expressions:
             wanted = {L.canonical(e) for e in config.expressions}
-            rows = [r for r in rows if r.get("expression") and L.canonical(r["expression"]) in wanted] or rows
+            rows = [r for r in rows if row_label(r) in wanted] or rows
         if not rows:
             raise ValueError(f"layout source {self.root} holds no images")
         self.files = [r["file_name"] for r in rows]
