@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from synfer.arrays import load_arrays  # noqa: F401  (moved to the core; kept importable here)
 from synfer.checkpoints import load_state
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.stages import AUDetector, GuidanceClassifier, StageConfig, missing_path
+from synfer.stages import AUDetector, GuidanceClassifier, StageConfig, TrainableClassifier, missing_path
 
 MODELS = Path(__file__).parent / "models"
 
@@ -101,11 +102,10 @@ class _WeightsFolder:
                             f"Train one with 'synfer train {cls.train_command} --data FETEXT --out FOLDER', or leave it unset for the shipped model.")
 
 
-class TinyCNN(_WeightsFolder, GuidanceClassifier):
-    """Guidance classifier / expert on the project's small CNN (label space from its config)."""
+class TinyCNN(_WeightsFolder, GuidanceClassifier, TrainableClassifier):
+    """Guidance classifier / expert on the project's small CNN (label space from its config.json)."""
 
     name = "tiny-cnn"
-    label_space = "affectnet8"
 
     class Config(StageConfig):
         weights: str | None = None  # model folder; None = the shipped `tiny-cnn`
@@ -114,16 +114,30 @@ class TinyCNN(_WeightsFolder, GuidanceClassifier):
     default_folder = "tiny-cnn"
     train_command = "classifier"
 
-    @staticmethod
-    def train_from_folder(*args, **kwargs):
-        """`synfer train classifier` / `au-detector` (see the module-level function)."""
-        return train_from_folder(*args, **kwargs)
+    @classmethod
+    def fit_arrays(cls, images, targets, num_classes, *, iters, batch_size, lr, seed, size, width, threads=None):
+        """A fresh net of this architecture trained on arrays (the downstream benchmark); -> images -> logits."""
+        import torch
+
+        torch.manual_seed(seed)
+        net = build_net(num_classes, width, size)
+        fit(net, images, targets, task="classify", iters=iters, batch_size=batch_size, lr=lr, seed=seed, log_interval=iters, threads=threads)
+        return lambda x: predict_logits(net, x)
+
+    @property
+    def label_space(self) -> str:
+        """Read from the weights' config.json before any weight loads: a net trained on fer2013 guides in fer2013."""
+        if getattr(self, "_space", None) is None:
+            folder = Path(self.config.weights or MODELS / self.default_folder)
+            if not (folder / "config.json").exists():
+                raise FileNotFoundError(f"{folder} holds no config.json, so {self.name} cannot tell its label space; "
+                                        f"train a model with 'synfer train {self.train_command} --data FETEXT --out {folder}'")
+            self._space = json.loads((folder / "config.json").read_text()).get("label_space", "affectnet8")
+        return self._space
 
     @property
     def net(self):
-        net, cfg = _cached_net(self)
-        self.label_space = cfg["label_space"]
-        return net
+        return _cached_net(self)[0]
 
     def forward(self, images):
         net = self.net
@@ -329,43 +343,15 @@ def predict_logits(net, images, batch_size: int = 256):
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def load_arrays(root: str | Path, label_space: str = "affectnet8", size: int | None = None, kept_only: bool = True,
-                label_key: str | None = None, limit: int | None = None):
-    """A dataset folder -> (uint8 images (N,H,W,3), class indices (N,), AU intensities (N,16), rows).
-
-    FEText folders carry `expression`; generated ones carry the final `label` (and `kept`).
-    `size` resizes (bicubic) when the images differ from it.
-    """
-    import numpy as np
-    from PIL import Image
-
-    from synfer.dataset import read_metadata
-
-    root = Path(root)
-    rows = read_metadata(root)
-    if kept_only:
-        rows = [r for r in rows if r.get("kept", True)]
-    # One row schema (synfer.dataset.row_label): FEText rows name the class in `expression`, generated ones in `label`.
-    from synfer.dataset import row_label
-
-    name = (lambda r: L.canonical(r[label_key]) if r.get(label_key) else None) if label_key else row_label
-    classes = L.label_space(label_space)
-    rows = [r for r in rows if name(r) in classes][:limit]
-    imgs = []
-    for r in rows:
-        with Image.open(root / r["file_name"]) as im:
-            im = im.convert("RGB")
-            if size and im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            imgs.append(np.asarray(im))
-    x = np.stack(imgs) if imgs else np.zeros((0, size or 64, size or 64, 3), np.uint8)
-    y = np.array([classes.index(name(r)) for r in rows], dtype=np.int64)
-    aus = np.stack([L.au_vector(r.get("aus")) for r in rows]) if rows else np.zeros((0, len(L.AU_KEYS)), np.float32)
-    return x, y, aus, rows
-
-
 @hookimpl
 def register_stages(register):
     register(TinyCNN)
     register(OracleCNN)
     register(AUCNN)
+
+
+@hookimpl
+def register_commands(cli):
+    from synfer_plugins.tiny_cnn_commands import add_commands
+
+    add_commands(cli.subgroup("train"))

@@ -32,7 +32,7 @@ class TorchCheckpoint(GuidanceClassifier):
     """
 
     name = "torch-checkpoint"
-    # label_space is per instance: set from the config in __init__.
+    # label_space is per instance: a property reading the config (below).
 
     class Config(StageConfig):
         path: str  # torch.export .pt2 or TorchScript file; a state dict (.safetensors / .pt) when `module` is set
@@ -103,9 +103,12 @@ class TorchCheckpoint(GuidanceClassifier):
         if config is None:
             raise ValueError("torch-checkpoint needs a config: at least `path` and `label_space`")
         super().__init__(config)
-        self.label_space = self.config.label_space  # instance attribute: the space comes from the recipe
         self._model = None
         self._order = None  # output indices in label_space order, when `classes` is given
+
+    @property
+    def label_space(self) -> str:
+        return self.config.label_space  # the space comes from the recipe
 
     # ------------------------------------------------------------ loading
     @property

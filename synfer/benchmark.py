@@ -1,6 +1,7 @@
 """`synfer benchmark downstream RECIPE`: does the synthetic set help a FER model on real faces? (paper 5.2, Fig. 6)
 
-The same small FER classifier (plugins/tiny_cnn.py: build_net + fit) is trained on
+The same small FER classifier (`classifier:`, a registered guidance classifier that is also a
+synfer.stages.TrainableClassifier; default the built-in tiny-cnn) is trained on
 (a) real only, (b) synthetic only and (c) real + synthetic, with the synthetic set at
 several multiples of the real set's size, for several seeds, and tested on a held-out real
 set. Every training gets the same number of steps, so a setting wins by its data, not by a
@@ -29,6 +30,7 @@ class DownstreamConfig(RecipeModel):
     synthetic: str  # a generated dataset (final `label`, `kept`)
     real_test: str  # held-out real set, FEText format
     label_space: LabelSpaceName = "affectnet8"
+    classifier: str = "tiny-cnn"  # a guidance classifier plugin that can be trained from arrays (TrainableClassifier)
     real_per_class: int = Field(50, gt=0)  # real training images per class (the data-scarce regime)
     scales: list[float] = [1, 2, 5]  # synthetic images per class = scale x real_per_class
     seeds: list[int] = [0, 1, 2]  # each seed redraws the subsets and the initialisation
@@ -76,25 +78,37 @@ def scores(y_true, y_pred, num_classes: int) -> dict[str, float]:
     return classification_scores(y_true, y_pred, num_classes)
 
 
+def trainable(name: str):
+    """The classifier plugin the benchmark trains, through the registry (the core imports no plugin)."""
+    from synfer.plugins import PluginError, get_registry
+    from synfer.stages import TrainableClassifier
+
+    try:
+        cls = get_registry().get("guidance_classifier", name)
+    except PluginError as exc:
+        raise click.ClickException(f"classifier: {exc}")
+    if not issubclass(cls, TrainableClassifier):
+        raise click.ClickException(f"classifier: {cls.kind} {name!r} ({cls.__module__}) cannot be trained from arrays; "
+                                   "expected a synfer.stages.TrainableClassifier such as tiny-cnn")
+    return cls
+
+
 def train_and_test(cfg: DownstreamConfig, x, y, x_test, y_test, seed: int) -> dict[str, float]:
     import contextlib
     import io
 
-    import torch
+    from synfer.contracts import calling
 
-    from synfer_plugins.tiny_cnn import build_net, fit, predict_logits
-
-    torch.manual_seed(seed)
-    net = build_net(len(L.label_space(cfg.label_space)), cfg.width, cfg.size)
+    cls = trainable(cfg.classifier)
     log = io.StringIO()
     try:  # 21 trainings' runner logs would bury the table: keep them unless a training fails
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            fit(net, x, y, task="classify", iters=cfg.iters, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                log_interval=cfg.iters, threads=cfg.threads)
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), calling(cls, "fit_arrays"):
+            predict = cls.fit_arrays(x, y, len(L.label_space(cfg.label_space)), iters=cfg.iters, batch_size=cfg.batch_size, lr=cfg.lr,
+                                     seed=seed, size=cfg.size, width=cfg.width, threads=cfg.threads)
     except Exception:
         print(log.getvalue())
         raise
-    pred = predict_logits(net, x_test).argmax(1)
+    pred = predict(x_test).argmax(1)
     return scores(y_test, pred, len(L.label_space(cfg.label_space)))
 
 
@@ -103,8 +117,9 @@ def run_downstream(cfg: DownstreamConfig, echo=print) -> dict:
     import numpy as np
     import torch
 
-    from synfer_plugins.tiny_cnn import load_arrays
+    from synfer.arrays import load_arrays
 
+    trainable(cfg.classifier)  # before the images load: a wrong name fails at once
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()

@@ -33,6 +33,8 @@ def verbosity() -> int:
 
 
 class LazyGroup(click.Group):
+    """Core commands, lazy command modules, and the commands plugins add (hook `register_commands`)."""
+
     def invoke(self, ctx):
         """Every subcommand's one error path: a known failure is one or two lines and exit 1; -v re-raises."""
         try:
@@ -46,21 +48,60 @@ class LazyGroup(click.Group):
 
             raise click.ClickException(explain(exc)) from exc
 
+    _plugins_added = False
+
+    def add_plugin_commands(self, ctx=None):
+        if not self._plugins_added:
+            self._plugins_added = True
+            from synfer.plugins import get_registry
+
+            if ctx is not None and "verbose" in ctx.params:  # parsed, main() not called yet: plugin warnings print as its own
+                from synfer.logs import setup
+
+                setup(1 if ctx.params["verbose"] else -1 if ctx.params["quiet"] else 0)
+
+            get_registry().add_commands(self)
+
+    def subgroup(self, name: str) -> click.Group:
+        """The group behind `synfer NAME` (e.g. "train", "fetext"), for a plugin to add subcommands to."""
+        cmd = self._lazy(name) if name in LAZY_COMMANDS else super().get_command(None, name)
+        if not isinstance(cmd, click.Group):
+            raise KeyError(f"synfer has no command group {name!r}; groups: {', '.join(LAZY_COMMANDS)}")
+        return cmd
+
     def list_commands(self, ctx):
+        self.add_plugin_commands(ctx)
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx, name):
-        if name in LAZY_COMMANDS:
-            module, attr = LAZY_COMMANDS[name].split(":")
-            try:
-                return getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as exc:
-                return click.Command(name, help=f"(unavailable: {exc})", callback=lambda: sys.exit(f"synfer {name} is unavailable: {exc}"))
-        return super().get_command(ctx, name)
+        if name not in self.commands or name in LAZY_COMMANDS:  # core commands need no plugin commands
+            self.add_plugin_commands(ctx)
+        return self._lazy(name) if name in LAZY_COMMANDS else super().get_command(ctx, name)
+
+    @staticmethod
+    def _lazy(name):
+        module, attr = LAZY_COMMANDS[name].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            why = f"synfer {name} is unavailable: {exc}"  # `exc` is unbound once the except block ends
+            return click.Command(name, help=f"(unavailable: {exc})", callback=lambda: sys.exit(why))
+
+
+def _select_plugins(ctx, param, values):
+    """`-p no:NAME` disables a plugin, `-p NAME` loads only the named third-party plugins (as pytest's -p)."""
+    for var, names in (("SYNFER_DISABLE_PLUGINS", [v[3:] for v in values if v.startswith("no:")]),
+                       ("SYNFER_PLUGINS", [v for v in values if not v.startswith("no:")])):
+        if names:
+            os.environ[var] = ",".join(filter(None, [os.environ.get(var, "")] + names))
+    if values and "synfer.plugins" in sys.modules:
+        sys.modules["synfer.plugins"]._REGISTRY = None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synfer")
+@click.option("-p", "plugin_selection", multiple=True, metavar="[no:]NAME", expose_value=False, is_eager=True, callback=_select_plugins,
+              help="'-p no:NAME' disables plugin NAME; '-p NAME' loads only the named third-party plugins (built-ins always load).")
 @click.option("-v", "--verbose", is_flag=True, help="Show the full traceback of an error (and more log output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes; errors only.")
 def main(verbose, quiet):
@@ -145,13 +186,20 @@ def plugins(as_json):
     from synfer.plugins import get_registry
 
     reg = get_registry()
-    rows = [{"name": p.name, "stage": p.kind, "provider": p.provider, "version": p.version}
-            for p in sorted(reg.plugins.values(), key=lambda p: (p.kind, p.name))]
+    shared = {k for k in {(p.kind, p.name) for p in reg.entries} if sum((p.kind, p.name) == k for p in reg.entries) > 1}
+    rows = [{"name": p.name, "stage": p.kind, "provider": p.provider, "version": p.version, "builtin": p.builtin,
+             "qualified": f"{p.provider}:{p.name}", "clash": (p.kind, p.name) in shared}
+            for p in sorted(reg.entries, key=lambda p: (p.kind, p.name, not p.builtin))]
     if as_json:
-        click.echo(json.dumps({"plugins": rows, "failed": [{"entry_point": n, "error": m} for n, m in reg.failures]}, indent=2))
+        click.echo(json.dumps({"plugins": rows, "failed": [{"entry_point": n, "error": m} for n, m in reg.failures],
+                               "skipped": [{"entry_point": n, "why": w} for n, w in reg.skipped],
+                               "label_spaces": reg.spaces}, indent=2))
         return
     for r in rows:
-        click.echo(f"{r['stage']:<20} {r['name']:<22} {r['provider']} {r['version']}")
+        clash = "  (name shared: use " + r["qualified"] + ")" if r["clash"] else ""
+        click.echo(f"{r['stage']:<20} {r['name']:<22} {r['provider']} {r['version']}{clash}")
+    for name, why in reg.skipped:
+        click.echo(f"skipped: {name} ({why})", err=True)
     # failures were already warned about, once each, while the registry loaded (synfer/logs.py)
 
 
@@ -159,7 +207,9 @@ def plugins(as_json):
 def labels():
     """Show the label spaces, the AU set and the FAU-FE prior."""
     from synfer import labels as L
+    from synfer.plugins import get_registry
 
+    get_registry()  # plugins may declare label spaces
     click.echo("Label spaces:")
     for name, classes in L.LABEL_SPACES.items():
         click.echo(f"  {name:<11} {', '.join(classes)}")

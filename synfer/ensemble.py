@@ -7,11 +7,12 @@ space, and a class a member cannot see gets no vote from it. Pure numpy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from synfer import labels as L
+from synfer.contracts import calling, expert_probs
 
 
 @dataclass
@@ -19,7 +20,9 @@ class Member:
     name: str
     weight: float
     label_space: str
-    predict: Callable  # (list[GeneratedSample]) -> (N, classes) probabilities in label_space
+    predict: Callable  # (list[GeneratedSample]) -> (N, classes) probabilities (or logits) in label_space
+    stage: Any = None  # the plugin behind `predict`, named in contract errors
+    outputs: str = "probabilities"  # or "logits": softmax applied here
 
 
 @dataclass
@@ -105,9 +108,10 @@ class ExpertEnsemble:
             return [(Vote(i, np.eye(len(self.classes))[i], 1.0, True), {}) for i in pre_idx]
         mapped = []
         for m in self.members:
-            p = np.asarray(m.predict(samples), dtype=np.float64)
-            if p.shape != (len(samples), len(L.label_space(m.label_space))):
-                raise ValueError(f"expert {m.name!r} returned shape {p.shape}; expected ({len(samples)}, {len(L.label_space(m.label_space))}) for label space {m.label_space}")
+            who = m.stage if m.stage is not None else f"expert {m.name!r}"
+            with calling(who, "predict"):
+                raw = m.predict(samples)
+            p = expert_probs(who, raw, len(samples), m.label_space, m.outputs)
             mapped.append(L.convert_probs(p, m.label_space, self.label_space))
         mapped = np.stack(mapped, 1)  # (N, M, C)
         out = []

@@ -379,20 +379,3 @@ def validate(recipe, overrides):
     """Check a FEText recipe without reading any data or weights."""
     r = _load(recipe, overrides)
     click.echo(f"{recipe}: ok ({len(r.sources)} source(s) -> {r.output} at {r.size}x{r.size})")
-
-
-@fetext_cli.command()
-@click.option("--out", default="docs/preview.png", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--size", default=64, show_default=True, help="Side of one face in pixels.")
-@click.option("--identities", default=8, show_default=True, help="Columns: one procedural identity each.")
-@click.option("--seed", default=0, show_default=True)
-def preview(out, size, identities, seed):
-    """Write a grid of procedural faces: one row per expression, one column per identity."""
-    try:
-        from synfer_plugins.procedural import preview_grid
-    except ImportError as exc:
-        raise click.ClickException(f"the procedural face world is not available ({exc}); "
-                                   "reinstall synfer (`pip install -e .`) so synfer_plugins.procedural is importable")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    preview_grid(out, size=size, identities=identities, seed=seed)
-    click.echo(f"wrote {out}")

@@ -8,3 +8,13 @@ hookimpl = pluggy.HookimplMarker("synfer")
 @hookspec
 def register_stages(register):
     """Hand stage classes (subclasses of synfer.stages.Stage) to `register(cls)`."""
+
+
+@hookspec
+def register_label_spaces(register):
+    """Declare new label spaces with `register(name, classes)`: classes are expression names in the model's output order."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add click commands to the `synfer` group `cli`; `cli.subgroup("train")` gives `synfer train`, and so on."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from synfer import labels as L
+from synfer.contracts import Guarded, GuardedClassifier, calling, label_space_of
 from synfer.dataset import DatasetWriter, atomic_write, collect_rows, merge, part_name, write_json
 from synfer.ensemble import ExpertEnsemble, Member
 from synfer.faults import crash_point
@@ -109,31 +110,34 @@ class Stages:
 
         reg = registry or get_registry()
         self.registry = reg
-        self.prompter = reg.build("prompter", recipe.prompter)
-        self.generator = reg.build("generator", recipe.generator)
+        # stages as the core calls them: errors raised inside name their plugin (synfer.contracts)
+        self.prompter = Guarded(reg.build("prompter", recipe.prompter), "prompt")
+        generator = reg.build("generator", recipe.generator)
+        self.generator = Guarded(generator, "generate")
         self.guidance = None
-        if recipe.guidance_classifier:
-            self.guidance = self._on_generator_device(reg.build("guidance_classifier", recipe.guidance_classifier))
+        if recipe.guidance_classifier:  # the generator sees it through its checked boundary
+            self.guidance = GuardedClassifier(self._on_generator_device(reg.build("guidance_classifier", recipe.guidance_classifier)))
         members = []
         if recipe.calibrator:
             cal = self._on_generator_device(reg.build("calibrator", recipe.calibrator))
-            cal.bind(self.generator)
-            members.append(Member(cal.name, recipe.vote.calibrator_weight, cal.label_space, cal.predict))
+            with calling(cal, "bind"):
+                cal.bind(generator)
+            members.append(Member(cal.name, recipe.vote.calibrator_weight, label_space_of(cal), cal.predict, cal, cal.outputs))
         for block in recipe.experts:
             block = dict(block)
             weight = float(block.pop("weight", 1.0))
             align = block.pop("align", None)  # detect and align faces before this expert sees them
             expert = self._on_generator_device(reg.build(expert_kind(reg, block["plugin"]), block))
-            space = getattr(expert, "label_space")
             name = expert.name
             while any(m.name == name for m in members):  # the same plugin twice (e.g. two checkpoints)
                 name = f"{expert.name}#{sum(m.name.split('#')[0] == expert.name for m in members) + 1}"
             from synfer.align import aligned_predict
 
             predict = aligned_predict(expert.predict, align, reg)
-            members.append(Member(name, weight, space, lambda samples, p=predict: p([s.image for s in samples])))
+            members.append(Member(name, weight, label_space_of(expert), lambda samples, p=predict: p([s.image for s in samples]),
+                                  expert, getattr(expert, "outputs", "probabilities")))
         self.ensemble = ExpertEnsemble(members, recipe.label_space, recipe.vote)
-        self.evaluators = [(reg.build("evaluator", b)) for b in recipe.evaluators]
+        self.evaluators = [Guarded(reg.build("evaluator", b), "evaluate") for b in recipe.evaluators]
 
     def _on_generator_device(self, stage):
         """A stage whose Config has a `device` the recipe left unset runs where the generator runs (no CPU

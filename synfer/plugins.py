@@ -1,8 +1,19 @@
 """Plugin discovery through the `synfer` entry-point group (pluggy).
 
-Entry points load one at a time: a plugin that fails to import becomes a warning
-naming it (SYNFER_STRICT_PLUGINS=1 turns that into an error). SYNFER_DISABLE_PLUGIN_AUTOLOAD=1
-skips entry points entirely (tests register what they need by hand).
+Each plugin module is checked whole before anything of it is registered: its hook names,
+its label spaces and every stage it hands over (synfer.contracts.stage_problems). A plugin
+that fails to import or to pass these checks is left out with one warning naming it, and
+costs only itself (SYNFER_STRICT_PLUGINS=1 turns the warning into an error).
+
+Names are resolved when a recipe uses them. Two providers of one name (a third party's
+`tiny-cnn` beside the built-in one, or an expert named like a guidance classifier, since
+both can vote) is an error naming both, unless the recipe names the provider:
+`plugin: synfer:tiny-cnn` or `plugin: acme:tiny-cnn` (distribution or entry-point name).
+
+Selection, as pytest and llm have it (names are entry-point or distribution names):
+  SYNFER_PLUGINS=a,b            load only these third-party plugins (the built-ins always load)
+  SYNFER_DISABLE_PLUGINS=a,b    never load these (`synfer -p no:a` does the same; `synfer` = all built-ins)
+  SYNFER_DISABLE_PLUGIN_AUTOLOAD=1  load no entry point at all (tests register by hand)
 """
 from __future__ import annotations
 
@@ -14,13 +25,32 @@ from importlib import metadata
 import pluggy
 
 from synfer import hookspecs
+from synfer import labels as L
+from synfer.contracts import PluginCallError, PluginContractError, PluginError, calling, stage_problems
 from synfer.stages import STAGE_KINDS, Stage
 
 GROUP = "synfer"
+BUILTIN = "synfer"  # the distribution that ships the built-in plugins
+# Recipe slots that take more than one kind: any guidance classifier may vote as an expert.
+SLOT_KINDS = {"expert": ("expert", "guidance_classifier")}
+HOOKS = ("register_stages", "register_label_spaces", "register_commands")
+
+__all__ = ["PluginError", "PluginCallError", "PluginContractError", "PluginInfo", "Registry", "get_registry"]
 
 
-class PluginError(Exception):
-    pass
+def _warn(msg: str, where: str) -> None:
+    """A plugin left out (or its commands): warned once per plugin; the CLI prints `warning: ...` (synfer/logs.py).
+    One location per plugin: the default filter then shows each plugin's warning, not only the first."""
+    warnings.warn_explicit(msg, UserWarning, filename=f"synfer-plugin:{where}", lineno=0, module="synfer.plugins")
+
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def env_names(var: str) -> set[str]:
+    return {_norm(n) for n in os.environ.get(var, "").split(",") if n.strip()}
 
 
 @dataclass(frozen=True)
@@ -30,78 +60,194 @@ class PluginInfo:
     cls: type
     provider: str  # distribution (or module) that registered it
     version: str
+    entry_point: str = ""
+
+    @property
+    def builtin(self) -> bool:
+        return self.provider == BUILTIN
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name!r} (from {self.provider}{', built-in' if self.builtin else ''})"
+
+    def matches(self, prefix: str) -> bool:
+        return _norm(prefix) in (_norm(self.provider), _norm(self.entry_point))
 
 
 class Registry:
     def __init__(self):
         self.pm = pluggy.PluginManager("synfer")
         self.pm.add_hookspecs(hookspecs)
-        self.plugins: dict[tuple[str, str], PluginInfo] = {}
-        self.failures: list[tuple[str, str]] = []
+        self.entries: list[PluginInfo] = []
+        self.failures: list[tuple[str, str]] = []  # (entry point, message)
+        self.skipped: list[tuple[str, str]] = []  # (entry point, why): SYNFER_PLUGINS / SYNFER_DISABLE_PLUGINS
+        self.failed_names: dict[str, str] = {}  # stage name -> why its plugin was left out
+        self.spaces: dict[str, str] = {}  # plugin-declared label space -> provider
+        self._provider: dict[int, str] = {}  # id(registered module) -> provider, for messages
+
+    @property
+    def plugins(self) -> dict[tuple[str, str], PluginInfo]:
+        """(kind, name) -> the plugin of that name (the built-in one where several share it)."""
+        out: dict[tuple[str, str], PluginInfo] = {}
+        for p in sorted(self.entries, key=lambda p: not p.builtin):
+            out.setdefault((p.kind, p.name), p)
+        return out
 
     # -------------------------------------------------------------- loading
     def load_entrypoints(self, strict: bool | None = None) -> None:
         if strict is None:
             strict = os.environ.get("SYNFER_STRICT_PLUGINS", "") not in ("", "0")
+        selected, disabled = env_names("SYNFER_PLUGINS"), env_names("SYNFER_DISABLE_PLUGINS")
+        loaded = []
         for ep in metadata.entry_points(group=GROUP):
             dist = getattr(ep, "dist", None)
             provider = dist.name if dist else ep.module
             version = dist.version if dist else "?"
+            names = {_norm(ep.name), _norm(provider)}
+            if names & disabled or (selected and provider != BUILTIN and not names & selected):
+                self.skipped.append((ep.name, "disabled" if names & disabled else "not in SYNFER_PLUGINS"))
+                continue
             try:
-                module = ep.load()
-                self.add(module, provider=provider, version=version)
+                loaded.append((ep, ep.load(), provider, version))
             except Exception as exc:  # one broken plugin must not stop the CLI
-                msg = f"synfer plugin {ep.name!r} ({ep.value}, from {provider}) failed to load: {type(exc).__name__}: {exc}"
-                if strict:
-                    raise PluginError(msg) from exc
-                self.failures.append((ep.name, msg))
-                warnings.warn(msg, stacklevel=2)
+                self._fail(ep, provider, f"failed to import: {type(exc).__name__}: {exc}", exc, strict)
+        # plugins that declare label spaces go first, so another plugin's stages may use them
+        loaded.sort(key=lambda t: not hasattr(t[1], "register_label_spaces"))
+        for ep, module, provider, version in loaded:
+            try:
+                self.add(module, provider=provider, version=version, entry_point=ep.name)
+            except Exception as exc:
+                self._fail(ep, provider, f"was left out: {exc}", exc, strict)
 
-    def add(self, module, provider: str | None = None, version: str = "?") -> None:
-        """Register a module (or object) with hookimpls and collect the stages it hands over."""
+    def _fail(self, ep, provider: str, what: str, exc: Exception, strict: bool) -> None:
+        msg = f"synfer plugin {ep.name!r} ({ep.value}, from {provider}) {what}"
+        if strict:
+            raise PluginError(msg) from exc
+        self.failures.append((ep.name, msg))
+        _warn(msg, ep.name)
+
+    def add(self, module, provider: str | None = None, version: str = "?", entry_point: str = "") -> None:
+        """Check a module (or object) with hookimpls whole, then register it and the stages it hands over.
+        Nothing of it is registered when any check fails (PluginError)."""
         provider = provider or getattr(module, "__name__", repr(module))
         if self.pm.is_registered(module):
             return
-        self.pm.register(module)
-        self.pm.check_pending()  # a misspelled hook name is an error, not silence
-        impl = getattr(module, "register_stages", None)
-        if impl is None:
-            return
+        typos = [a for a in dir(module) if self.pm.parse_hookimpl_opts(module, a) is not None and a not in HOOKS]
+        if typos:
+            raise PluginError(f"{provider} implements unknown hook(s) {', '.join(typos)}; synfer's hooks are {', '.join(HOOKS)}")
+        unmarked = [h for h in HOOKS if callable(getattr(module, h, None)) and not self._is_hook(module, h)]
+        if unmarked:
+            raise PluginError(f"{provider} defines {', '.join(unmarked)} without the @synfer.hookimpl marker; add it, or nothing is called")
+        if not any(self._is_hook(module, h) for h in HOOKS):
+            raise PluginError(f"{provider} implements none of synfer's hooks ({', '.join(HOOKS)}); is the entry point the right module?")
+        spaces: dict[str, tuple[str, ...]] = {}
         found: list[type] = []
-        impl(register=found.append)
+        with calling(f"plugin {provider}", "register_label_spaces"):
+            if self._is_hook(module, "register_label_spaces"):
+                module.register_label_spaces(register=lambda name, classes: spaces.__setitem__(name, tuple(classes)))
+        with calling(f"plugin {provider}", "register_stages"):
+            if self._is_hook(module, "register_stages"):
+                module.register_stages(register=found.append)
+        problems = self._space_problems(spaces, provider)
+        known = set(L.LABEL_SPACES) | set(spaces)
         for cls in found:
-            self._add_stage(cls, provider, version)
+            problems += stage_problems(cls, provider, known)
+            problems += self._clash_within(cls, provider, found)
+        if problems:
+            for cls in found:
+                self.failed_names[str(getattr(cls, "name", ""))] = f"{provider}: {problems[0]}"
+            raise PluginContractError("; ".join(dict.fromkeys(problems)))
+        self.pm.register(module)
+        self._provider[id(module)] = provider
+        for name, classes in spaces.items():
+            L.LABEL_SPACES[name] = tuple(L.canonical(c) for c in classes)
+            self.spaces[name] = provider
+        for cls in found:
+            info = PluginInfo(cls.name, cls.kind, cls, provider, version, entry_point)
+            if info not in self.entries:
+                self.entries.append(info)
 
-    def _add_stage(self, cls: type, provider: str, version: str) -> None:
-        if not (isinstance(cls, type) and issubclass(cls, Stage)) or getattr(cls, "kind", None) not in STAGE_KINDS:
-            raise PluginError(f"{provider} registered {cls!r}, which is not a subclass of a synfer stage ({', '.join(STAGE_KINDS)})")
-        name = getattr(cls, "name", None)
-        if not isinstance(name, str) or not name:
-            raise PluginError(f"{provider} registered {cls.__name__} without a `name`")
-        key = (cls.kind, name)
-        if key in self.plugins and self.plugins[key].cls is not cls:
-            other = self.plugins[key]
-            raise PluginError(f"two {cls.kind} plugins are named {name!r}: {other.cls.__module__}.{other.cls.__name__} "
-                              f"(from {other.provider}) and {cls.__module__}.{cls.__name__} (from {provider}); uninstall or rename one")
-        self.plugins[key] = PluginInfo(name, cls.kind, cls, provider, version)
+    def _is_hook(self, module, name: str) -> bool:
+        return self.pm.parse_hookimpl_opts(module, name) is not None
+
+    def _space_problems(self, spaces: dict, provider: str) -> list[str]:
+        out = []
+        for name, classes in spaces.items():
+            try:
+                canon = tuple(L.canonical(c) for c in classes)
+            except (ValueError, AttributeError) as exc:
+                out.append(f"{provider} declares label space {name!r} with {classes!r}: {exc}")
+                continue
+            if not isinstance(name, str) or not name or ":" in name or len(set(canon)) != len(canon) or not canon:
+                out.append(f"{provider} declares label space {name!r} with {classes!r}; expected a name without ':' and distinct expressions")
+            elif name in L.LABEL_SPACES and L.LABEL_SPACES[name] != canon:
+                out.append(f"{provider} declares label space {name!r} as ({', '.join(canon)}), but {self.spaces.get(name, BUILTIN)} "
+                           f"already defines it as ({', '.join(L.LABEL_SPACES[name])}); pick another name")
+        return out
+
+    def _clash_within(self, cls, provider: str, found: list[type]) -> list[str]:
+        """One provider cannot register two classes under one (kind, name)."""
+        same = [c for c in found if c is not cls and getattr(c, "kind", None) == getattr(cls, "kind", None)
+                and getattr(c, "name", None) == getattr(cls, "name", None)]
+        same += [p.cls for p in self.entries if p.provider == provider and p.kind == getattr(cls, "kind", None)
+                 and p.name == getattr(cls, "name", None) and p.cls is not cls]
+        if not same:
+            return []
+        other = same[0]
+        return [f"two {cls.kind} plugins are named {cls.name!r}: {other.__module__}.{other.__name__} and "
+                f"{cls.__module__}.{cls.__name__}, both from {provider}; rename one"]
 
     # -------------------------------------------------------------- lookup
     def names(self, kind: str) -> list[str]:
-        return sorted(n for k, n in self.plugins if k == kind)
+        return sorted({p.name for p in self.entries if p.kind == kind})
 
-    def get(self, kind: str, name: str) -> type[Stage]:
+    def resolve(self, kind: str, name: str) -> PluginInfo:
+        """The plugin a recipe means by `name` (or `provider:name`) in a `kind` slot; clear errors otherwise."""
         if kind not in STAGE_KINDS:
             raise PluginError(f"no stage kind {kind!r}; kinds: {', '.join(STAGE_KINDS)}")
-        if (kind, name) in self.plugins:
-            return self.plugins[(kind, name)].cls
-        installed = ", ".join(self.names(kind)) or "none"
-        raise PluginError(f"no {kind} named {name!r}. Installed: {installed}. Run 'synfer plugins' to list them.")
+        kinds = SLOT_KINDS.get(kind, (kind,))
+        prefix, _, bare = str(name).rpartition(":")
+        found = [p for p in self.entries if p.kind in kinds and p.name == bare and (not prefix or p.matches(prefix))]
+        if not found:
+            installed = ", ".join(sorted({n for k in kinds for n in self.names(k)})) or "none"
+            why = f" Its plugin was left out: {self.failed_names[bare]}." if bare in self.failed_names else ""
+            raise PluginError(f"no {kind} named {name!r}.{why} Installed: {installed}. Run 'synfer plugins' to list them.")
+        if len({p.provider for p in found}) > 1:
+            found.sort(key=lambda p: not p.builtin)
+            labels = [p.label for p in found]
+            both = ", ".join(labels[:-1]) + " and " + labels[-1]
+            fixes = " or ".join(f"`plugin: {p.provider}:{bare}`" for p in found)
+            raise PluginError(f"{len(found)} plugins answer to {kind} {bare!r}: {both}. Name the one you mean in the recipe "
+                              f"({fixes}), or disable one (SYNFER_DISABLE_PLUGINS={found[-1].provider}).")
+        return min(found, key=lambda p: kinds.index(p.kind))  # one provider: the slot's own kind first
+
+    def get(self, kind: str, name: str) -> type[Stage]:
+        return self.resolve(kind, name).cls
 
     def build(self, kind: str, block: dict):
         """Instantiate a stage from a recipe block {plugin: name, ...config}."""
         block = dict(block)
-        cls = self.get(kind, block.pop("plugin"))
-        return cls(cls.Config(**block))
+        info = self.resolve(kind, block.pop("plugin"))
+        config = info.cls.Config(**block)
+        with calling(info.label, "__init__"):
+            stage = info.cls(config)
+        try:
+            stage._synfer_plugin = info  # lets the boundary checks name the provider
+        except AttributeError:  # pragma: no cover - a stage with __slots__
+            pass
+        return stage
+
+    # -------------------------------------------------------------- commands
+    def add_commands(self, cli) -> None:
+        """Let every plugin add its click commands; a plugin whose hook fails loses only its commands."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli=cli)
+            except Exception as exc:
+                who = self._provider.get(id(impl.plugin), impl.plugin_name)
+                msg = f"synfer plugin {who} could not add its commands: {type(exc).__name__}: {exc}"
+                self.failures.append((who, msg))
+                _warn(msg, f"{who}:commands")
 
 
 _REGISTRY: Registry | None = None

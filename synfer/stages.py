@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -51,6 +51,7 @@ class SampleRequest:
     aus: dict[str, float]
     prompt: str = ""
     layout_source: str | None = None  # file of the FEText face used for layout init
+    guided: bool | None = None  # semantic guidance: False when the guidance classifier cannot see the class
 
 
 @dataclass
@@ -86,6 +87,7 @@ class LabelledSample:
             "agreement": round(float(self.agreement), 5),
             "kept": bool(self.kept),
             "layout_source": r.layout_source,
+            **({"guided": False} if r.guided is False else {}),  # the class is outside the guidance classifier's space
             "predictions": {k: [round(float(p), 5) for p in v] for k, v in self.predictions.items()},
             **self.sample.extra,
         }
@@ -205,7 +207,7 @@ class GuidanceClassifier(Stage):
     """
 
     kind = "guidance_classifier"
-    label_space: ClassVar[str]
+    label_space: ClassVar[str]  # or a property; read before the first forward(), so never set on loading weights
 
     @abc.abstractmethod
     def forward(self, images: "torch.Tensor") -> "torch.Tensor": ...
@@ -222,11 +224,22 @@ class GuidanceClassifier(Stage):
             return torch.softmax(self.forward(x), dim=-1).cpu().numpy()
 
 
+class TrainableClassifier(abc.ABC):
+    """Mixed into a classifier stage the core can train from arrays (`synfer benchmark downstream`)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def fit_arrays(cls, images: "np.ndarray", targets: "np.ndarray", num_classes: int, *, iters: int, batch_size: int, lr: float,
+                   seed: int, size: int, width: int, threads: int | None = None) -> "Callable[[np.ndarray], np.ndarray]":
+        """Train a fresh model on uint8 images (N, H, W, 3) and class indices; -> uint8 images -> logits (N, classes)."""
+
+
 class Expert(Stage):
     """Any FER classifier that votes on generated samples (paper 4.1)."""
 
     kind = "expert"
-    label_space: ClassVar[str]
+    label_space: ClassVar[str]  # or a property (e.g. read from the weights' config.json); known before predict()
+    outputs: ClassVar[str] = "probabilities"  # or "logits": the core applies the softmax
 
     @abc.abstractmethod
     def predict(self, images: list["Image.Image"]) -> "np.ndarray":
@@ -238,6 +251,7 @@ class Calibrator(Stage):
 
     kind = "calibrator"
     label_space: ClassVar[str]
+    outputs: ClassVar[str] = "probabilities"  # or "logits"
 
     def bind(self, backbone: DiffusionBackbone) -> None:
         """Hand over the generator whose UNet the calibrator reads (a `DiffusionBackbone`); default: unused."""

@@ -84,8 +84,16 @@ def test_duplicate_names_name_both_providers(registry):
     from synfer.hookspecs import hookimpl
 
     hookimpl(mod.register_stages)
-    with pytest.raises(PluginError, match="two generator plugins are named 'dummy'.*DummyGenerator.*Clash"):
-        registry.add(mod, provider="clash-dist")
+    registry.add(mod, provider="clash-dist")  # both stay installed; a recipe names the one it means
+    with pytest.raises(PluginError, match=r"2 plugins answer to generator 'dummy': generator 'dummy' \(from tests\) and "
+                                          r"generator 'dummy' \(from clash-dist\).*`plugin: tests:dummy` or `plugin: clash-dist:dummy`"):
+        registry.get("generator", "dummy")
+    assert registry.get("generator", "clash-dist:dummy") is Clash
+    assert registry.get("generator", "tests:dummy") is dummy_plugins.DummyGenerator
+    twice = type(sys)("twice_mod")  # one provider cannot give two classes one name
+    twice.register_stages = hookimpl(lambda register: (register(Clash), register(dummy_plugins.DummyGenerator)))
+    with pytest.raises(PluginError, match="two generator plugins are named 'dummy'.*both from twice-dist; rename one"):
+        registry.add(twice, provider="twice-dist")
 
 
 def test_misspelled_hook_is_caught():
@@ -142,7 +150,7 @@ def test_cli_import_does_not_load_torch():
 
 # quickstart's inputs (built by make demo) stand in as `tests/`: validate checks that they exist
 @pytest.mark.parametrize("args", [["--help"], ["plugins"], ["validate", "recipes/quickstart.yaml", "generator.layout.source=tests",
-                                                            "evaluators.4.reference=tests"]])
+                                                            "evaluators.4.reference=tests"], ["train", "--help"]])
 def test_light_commands_do_not_import_torch(args):
     code = ("import sys, runpy; sys.argv=['synfer']+%r\n"
             "try:\n    runpy.run_module('synfer.cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"

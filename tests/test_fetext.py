@@ -326,9 +326,9 @@ def test_preview_grid_through_the_cli(tmp_path):
     _builtin_or_skip()
     from click.testing import CliRunner
 
-    from synfer.fetext import fetext_cli
+    from synfer.cli import main
 
-    out = tmp_path / "docs" / "preview.png"
-    res = CliRunner().invoke(fetext_cli, ["preview", "--out", str(out), "--identities", "2", "--size", "32"])
+    out = tmp_path / "docs" / "preview.png"  # `fetext preview` is the procedural plugin's command (hook register_commands)
+    res = CliRunner().invoke(main, ["fetext", "preview", "--out", str(out), "--identities", "2", "--size", "32"])
     assert res.exit_code == 0, res.output
     assert Image.open(out).size[1] == len(L.label_space("affectnet8")) * (32 + 2)

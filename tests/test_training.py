@@ -12,7 +12,8 @@ from click.testing import CliRunner  # noqa: E402
 from mmengine.model import BaseModel  # noqa: E402
 
 from synfer.labels import au_dict, sample_aus  # noqa: E402
-from synfer.training import TrainResult, latest_checkpoint, run_training, train_cli  # noqa: E402
+from synfer.cli import main  # noqa: E402
+from synfer.training import TrainResult, latest_checkpoint, run_training  # noqa: E402
 
 EXPRESSIONS = ("happy", "sad", "surprise", "neutral")
 
@@ -136,19 +137,19 @@ def test_cli_generator_au_adapter_vae_then_generate(tmp_path):
     data = make_fetext(tmp_path / "fetext", n=12)
     cli = CliRunner()
     common = ["--data", str(data), "--batch-size", "4", "--log-interval", "1", "--threads", "1"]
-    r = cli.invoke(train_cli, ["generator", "--out", str(tmp_path / "gen"), "--iters", "2", *common])
+    r = cli.invoke(main, ["train", "generator", "--out", str(tmp_path / "gen"), "--iters", "2", *common])
     assert r.exit_code == 0, r.output
     for sub in ("unet", "text_encoder", "tokenizer", "scheduler", "synfer_model.json"):
         assert (tmp_path / "gen" / sub).exists(), sub
     assert latest_checkpoint(tmp_path / "gen" / "work" / "generator").name == "iter_2.pth"  # its own work folder
 
-    r = cli.invoke(train_cli, ["au-adapter", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "gen"), "--iters", "2", "--expression-focus", "5", "--snr-gamma", "5", *common])
+    r = cli.invoke(main, ["train", "au-adapter", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "gen"), "--iters", "2", "--expression-focus", "5", "--snr-gamma", "5", *common])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "gen" / "au_adapter.safetensors").exists()
     trained_with = json.loads((tmp_path / "gen" / "au_adapter.json").read_text())["trained_with"]
     assert trained_with["iters"] == 2 and trained_with["loss_weights"] == {"expression_focus": 5.0, "snr_gamma": 5.0}
 
-    r = cli.invoke(train_cli, ["vae", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "v")])
+    r = cli.invoke(main, ["train", "vae", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "v")])
     assert r.exit_code == 0 and "skipped" in r.output
 
     g = SDGenerator(SDGenerator.Config(model=str(tmp_path / "gen"), steps=3, device="cpu"))

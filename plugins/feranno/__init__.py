@@ -15,3 +15,10 @@ def register_stages(register):
     from synfer_plugins.feranno.stage import FERAnno
 
     register(FERAnno)
+
+
+@hookimpl
+def register_commands(cli):
+    from synfer_plugins.feranno.commands import add_commands
+
+    add_commands(cli.subgroup("train"))

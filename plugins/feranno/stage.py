@@ -27,7 +27,6 @@ class FERAnno(Calibrator):
     """Diffusion-feature label calibrator (paper 4.4)."""
 
     name = "feranno"
-    label_space = "affectnet8"
     Config = FERAnnoConfig
 
     def __init__(self, config=None):
@@ -54,13 +53,25 @@ class FERAnno(Calibrator):
         self.gen = backbone
 
     @property
+    def label_space(self) -> str:
+        """From the trained encoder's config.json, read before any weight loads (the core reads it first)."""
+        if self._cfg is None:
+            import json
+
+            folder = Path(self.config.weights or MODELS / "feranno")
+            if not (folder / "config.json").exists():
+                raise FileNotFoundError(f"{folder} holds no trained FERAnno (config.json), so its label space is unknown. "
+                                        f"Train one with 'synfer train calibrator --data FETEXT --model GENERATOR --out {folder}'.")
+            return json.loads((folder / "config.json").read_text()).get("label_space", "affectnet8")
+        return self._cfg["label_space"]
+
+    @property
     def encoder(self):
         if self._enc is None:
             from synfer_plugins.feranno.encoder import load_encoder
 
             device = self.config.device or (str(self.gen.device) if self.gen is not None else "cpu")
             self._enc, self._cfg = load_encoder(self.config.weights or MODELS / "feranno", device)
-            self.label_space = self._cfg["label_space"]
         return self._enc
 
     def _read_as(self):
@@ -100,9 +111,3 @@ class FERAnno(Calibrator):
         images = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
         aus = torch.from_numpy(np.stack([L.au_vector(s.request.aus) for s in samples]))
         return self.predict_tensors(images, [s.request.prompt for s in samples], aus, [s.request.seed for s in samples])
-
-    @staticmethod
-    def train(*args, **kwargs):
-        from synfer_plugins.feranno.train import train_feranno
-
-        return train_feranno(*args, **kwargs)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModel
 
+from synfer.arrays import load_arrays
 from synfer_plugins.feranno.capture import align_capture, condition_inputs, default_max_res, extract
 from synfer_plugins.feranno.encoder import build_encoder, save_encoder
 from synfer_plugins.feranno.stage import FERAnnoConfig
@@ -176,12 +177,10 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
 
     if threads:
         torch.set_num_threads(threads)
-    gen_cls = get_registry().get("generator", "sd")
+    gen_cls = get_registry().get("generator", "synfer:sd")  # the built-in, even beside a third party's "sd"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = gen_cls(gen_cls.Config(model=str(model), device=device))
     sd = gen.load()  # frozen at load
-    tiny = get_registry().get("guidance_classifier", "tiny-cnn")
-    load_arrays = __import__(tiny.__module__, fromlist=["load_arrays"]).load_arrays
     x, y, aus, rows = load_arrays(data, label_space, size=gen.size, limit=limit)
     cfg = FERAnnoConfig(condition=condition, t=t)
     captions = [r.get("caption", "") for r in rows] * views
@@ -215,10 +214,6 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
 
 
 def evaluate_feranno(sd, enc, enc_cfg, test, label_space, size, cfg, batch_size: int = 64) -> dict:
-    from synfer.plugins import get_registry
-
-    tiny = get_registry().get("guidance_classifier", "tiny-cnn")
-    load_arrays = __import__(tiny.__module__, fromlist=["load_arrays"]).load_arrays
     x, y, aus, rows = load_arrays(test, label_space, size=size)
     preds = []
     for f, at in captures(sd, x, aus, [r.get("caption", "") for r in rows], cfg, list(range(len(y))), batch_size, enc_cfg["num_scales"]):

@@ -7,7 +7,8 @@ runs and is measured on a CPU. Split by job:
 - `identity`: who is in the picture (seeded identities, disjoint train/test pools);
 - `face_parts`: the draw list of a batch, one function per part of the face (what each AU moves);
 - `raster`: pose, rasterisation (PIL, supersampled), lighting and noise -> uint8 faces;
-- `source`: the `procedural` Source plugin and the preview grid.
+- `source`: the `procedural` Source plugin and the preview grid;
+- `commands`: `synfer fetext preview` (hook register_commands).
 
 Nothing here imports torch (numpy and PIL only). The public names are re-exported here.
 """
@@ -28,3 +29,10 @@ __all__ = ["EYE_COLORS", "FACIAL_HAIR", "GLASSES", "HAIR_COLORS", "HAIR_STYLES",
 @hookimpl
 def register_stages(register):
     register(ProceduralSource)
+
+
+@hookimpl
+def register_commands(cli):
+    from synfer_plugins.procedural.commands import preview
+
+    cli.subgroup("fetext").add_command(preview)

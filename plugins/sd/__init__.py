@@ -17,3 +17,10 @@ def register_stages(register):
     from synfer_plugins.sd.generator import SDGenerator
 
     register(SDGenerator)
+
+
+@hookimpl
+def register_commands(cli):
+    from synfer_plugins.sd.commands import add_commands
+
+    add_commands(cli.subgroup("train"))

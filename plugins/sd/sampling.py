@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from synfer import labels as L
+from synfer.contracts import guidance_targets
 from synfer.seeds import stream_rng
 
 
@@ -125,12 +126,7 @@ class SemanticGuidance:
         import torch
 
         self.gen, self.clf, self.cfg = generator, classifier, config
-        space = L.label_space(classifier.label_space)
-        targets, mask = [], []
-        for r in requests:
-            c = L.canonical(r.expression)
-            targets.append(space.index(c) if c in space else 0)
-            mask.append(c in space)
+        targets, mask = guidance_targets(classifier, requests)  # marks the requests it cannot guide (metadata `guided: false`)
         self.targets = torch.tensor(targets)
         self.mask = torch.tensor(mask, dtype=torch.float32)
         self.aus = aus

@@ -1,0 +1,150 @@
+"""`synfer train generator | au-adapter | vae`: the "sd" plugin's commands (hook register_commands).
+
+Each delegates to the generator plugin named by `--generator` (default "sd"), which implements
+`train_generator(opts)`, `train_au_adapter(opts)`, `train_vae(opts)` classmethods taking a
+`TrainOptions`. No torch import at module level: `synfer --help` loads this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@dataclass
+class TrainOptions:
+    """What every `synfer train` subcommand passes to the plugin that trains."""
+
+    data: Path | None  # a FEText folder (synfer dataset format)
+    model: str | None  # model folder to start from; None/"tiny": create the tiny default
+    out: Path  # where the trained model (or adapter) is written
+    iters: int
+    batch_size: int
+    lr: float | None  # None: the trainer's default for this model
+    resume: bool
+    seed: int
+    work_dir: Path | None  # checkpoints + logs; None: OUT/work
+    ema: bool | None  # None: the trainer's default
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    threads: int | None = None
+    log_interval: int = 50
+    checkpoint_interval: int | None = None
+    num_workers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # subcommand-specific options
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.out) / "work"
+
+    def run_dir_for(self, kind: str) -> Path:
+        """This training kind's own work folder (see synfer.training.kind_work_dir)."""
+        from synfer.training import kind_work_dir
+
+        return kind_work_dir(self.out, kind, self.work_dir)
+
+
+def _common_options(fn):
+    opts = [
+        click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="FEText folder (images + metadata.jsonl with caption, aus, expression)."),
+        click.option("--model", default=None, help="Model folder to start from (diffusers SD 1.x layout); 'tiny' or absent: create the tiny default."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."),
+        click.option("--iters", type=int, default=1500, show_default=True, help="Training iterations."),
+        click.option("--batch-size", type=int, default=16, show_default=True),
+        click.option("--lr", type=float, default=None, help="Learning rate (default depends on the model)."),
+        click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the work dir."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Checkpoints and logs (default OUT/work)."),
+        click.option("--ema/--no-ema", default=None, help="Exponential moving average of the weights (default depends on the model)."),
+        click.option("--bf16", is_flag=True, help="bf16 autocast (~20% faster on this CPU; GPUs with bf16)."),
+        click.option("--grad-checkpointing", is_flag=True, help="Trade compute for memory (large UNets on GPUs)."),
+        click.option("--threads", type=int, default=None, help="torch.set_num_threads."),
+        click.option("--log-interval", type=int, default=50, show_default=True),
+        click.option("--checkpoint-interval", type=int, default=None, help="Iterations between checkpoints (default min(500, iters))."),
+        click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers."),
+        click.option("--generator", "plugin", default="sd", show_default=True, help="Generator plugin that trains the model."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _options(kw: dict, extra: dict) -> tuple[str, TrainOptions]:
+    from synfer.training import seed_everything
+
+    plugin = kw.pop("plugin")
+    seed_everything(kw["seed"])  # --seed fixes the whole run: weights a plugin creates before run_training too
+    return plugin, TrainOptions(**kw, extra=extra)
+
+
+def _trainer(plugin: str, method: str):
+    from synfer.plugins import PluginError, get_registry
+
+    try:
+        cls = get_registry().get("generator", plugin)
+    except PluginError as exc:
+        raise click.ClickException(str(exc))
+    fn = getattr(cls, method, None)
+    if fn is None:
+        raise click.ClickException(f"generator plugin {plugin!r} ({cls.__module__}.{cls.__name__}) has no {method}(); "
+                                   "it cannot be trained with synfer train")
+    return fn
+
+
+def _loss_weight_options(f):
+    """Eq. 3's optional weights, shared by the generator and the AU adapter."""
+    f = click.option("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting (5 is the usual value); default off.")(f)
+    return click.option("--expression-focus", type=float, default=0.0, show_default=True,
+                        help="Extra loss weight where expressions differ (eyes, mouth): 1 + F * map; 0: plain Eq. 3.")(f)
+
+
+@click.command("generator")
+@_common_options
+@click.option("--caption-dropout", type=float, default=0.1, show_default=True, help="Share of empty captions (for classifier-free guidance).")
+@click.option("--train-text-encoder/--freeze-text-encoder", default=None, help="Default: trained for the tiny model, frozen for real SD.")
+@click.option("--size", type=int, default=None, help="Tiny model resolution (default 32).")
+@_loss_weight_options
+def train_generator_cmd(caption_dropout, train_text_encoder, size, expression_focus, snr_gamma, **kw):
+    """Fine-tune the diffusion model on FEText with the noise-prediction loss (paper Eq. 3)."""
+    plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, train_text_encoder=train_text_encoder, size=size,
+                                     expression_focus=expression_focus, snr_gamma=snr_gamma))
+    if opts.data is None:
+        raise click.UsageError("--data FETEXT_DIR is required")
+    result = _trainer(plugin, "train_generator")(opts)
+    click.echo(f"generator written to {result}")
+
+
+@click.command("au-adapter")
+@_common_options
+@click.option("--num-tokens", type=int, default=4, show_default=True, help="AU tokens the MLP produces.")
+@click.option("--hidden-dim", type=int, default=256, show_default=True)
+@click.option("--drop-rate", type=float, default=0.05, show_default=True,
+              help="Share of samples with no text, with no AUs, and with neither (each), for classifier-free guidance.")
+@_loss_weight_options
+def train_au_adapter_cmd(num_tokens, hidden_dim, drop_rate, expression_focus, snr_gamma, **kw):
+    """Train the AU adapter (paper 4.2.2) with the diffusion model frozen; writes au_adapter.* into OUT."""
+    plugin, opts = _options(kw, dict(num_tokens=num_tokens, hidden_dim=hidden_dim, drop_rate=drop_rate,
+                                     expression_focus=expression_focus, snr_gamma=snr_gamma))
+    if opts.data is None or not opts.model:
+        raise click.UsageError("--data FETEXT_DIR and --model MODEL_DIR (a trained generator) are required")
+    result = _trainer(plugin, "train_au_adapter")(opts)
+    click.echo(f"AU adapter written to {result}")
+
+
+@click.command("vae")
+@_common_options
+def train_vae_cmd(**kw):
+    """Train a VAE for a latent model; a pixel-space model has none (skipped)."""
+    plugin, opts = _options(kw, {})
+    result = _trainer(plugin, "train_vae")(opts)
+    if result is None:
+        return
+    click.echo(f"VAE written to {result}")
+
+
+def add_commands(train: click.Group) -> None:
+    for command in (train_generator_cmd, train_au_adapter_cmd, train_vae_cmd):
+        train.add_command(command)
