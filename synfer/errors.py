@@ -9,6 +9,8 @@ import errno
 import os
 import traceback
 
+from synfer.logs import plugin_packages
+
 OS_HINTS = {
     errno.ENOSPC: "free space there and rerun the same command: it resumes where it stopped",
     errno.EDQUOT: "free space (or raise the quota) there and rerun the same command: it resumes where it stopped",
@@ -32,7 +34,7 @@ def _plugin_frame(exc: BaseException) -> str | None:
     found = None
     for frame, line in traceback.walk_tb(exc.__traceback__):
         module = frame.f_globals.get("__name__", "")
-        if module.startswith("synfer_plugins") or _is_registered_plugin_module(module):
+        if module.split(".")[0] in plugin_packages() or _is_registered_plugin_module(module):
             found = f"{module} ({os.path.basename(frame.f_code.co_filename)}:{line})"
     return found
 

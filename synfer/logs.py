@@ -18,6 +18,7 @@ and their loggers are also set directly in case they are already loaded.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -69,7 +70,7 @@ def setup(verbosity: int = 0) -> None:
         handler._synfer = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(lib_level)
-    for name in ("synfer", "synfer_plugins"):
+    for name in ("synfer", *plugin_packages()):
         logging.getLogger(name).setLevel(level)
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(advisory_level if name in ADVISORY else lib_level)
@@ -107,6 +108,15 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+@functools.lru_cache(maxsize=1)
+def plugin_packages() -> frozenset[str]:
+    """Top-level packages of every installed synfer plugin (from entry points; nothing is imported).
+    Their loggers and warnings count as synfer's own, built-in or not."""
+    from importlib import metadata
+
+    return frozenset(ep.value.split(":")[0].split(".")[0] for ep in metadata.entry_points(group="synfer"))
+
+
 class _Formatter(logging.Formatter):
     """`warning: message` for synfer's own records; `warning (diffusers): message` for a library's."""
 
@@ -115,7 +125,7 @@ class _Formatter(logging.Formatter):
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
         top = record.name.split(".")[0]
-        where = "" if top in ("synfer", "synfer_plugins", "root", "py") else f" ({top})"
+        where = "" if top in ("synfer", "root", "py") or top in plugin_packages() else f" ({top})"
         return f"{record.levelname.lower()}{where}: {msg}"
 
 
