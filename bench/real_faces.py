@@ -35,15 +35,12 @@ sys.path.insert(0, str(litert))
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from realfaces import run_litert as _run_litert  # noqa: E402  (the tests' own LiteRT runner: one copy)
+
+
 def run_litert(path, x):
-    it = Interpreter(model_path=str(path))
-    it.allocate_tensors()
-    outs = []
-    for xi in x:
-        it.set_tensor(it.get_input_details()[0]["index"], xi[None].astype(np.float32))
-        it.invoke()
-        outs.append([it.get_tensor(o["index"]).copy() for o in it.get_output_details()])
-    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+    return _run_litert(Interpreter, path, x)
 
 
 images = [Image.fromarray(data.astronaut()), *(Image.open(photos_dir / n).convert("RGB") for n in POSED)]

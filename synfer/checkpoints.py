@@ -34,3 +34,50 @@ def load_state(module, state, source: str | Path, fix: str, strict: bool = True)
         raise CheckpointMismatch(f"{source} does not fit this architecture: {'; '.join(parts)}. {fix}")
     module.load_state_dict(state, strict=strict)
     return module
+
+
+# ---------------------------------------------------------------- the newest intact training checkpoint
+
+
+def _readable_checkpoint(path: Path) -> bool:
+    """Cheap integrity check of a torch checkpoint (a zip): a truncated file has no central directory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _iter_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("_")[1])
+    except (IndexError, ValueError):
+        return 1 << 62
+
+
+def latest_checkpoint(work_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint in `work_dir`: the one mmengine's CheckpointHook recorded last, or, when
+    that one is truncated or gone, the newest earlier `iter_N.pth` that is intact (with a warning). None if none."""
+    import logging
+    import re
+
+    work_dir = Path(work_dir)
+    marker = work_dir / "last_checkpoint"
+    if not marker.exists():
+        return None
+    recorded = Path(marker.read_text().strip())
+    if recorded.exists() and _readable_checkpoint(recorded):
+        return recorded
+    candidates = sorted((p for p in work_dir.glob("iter_*.pth") if re.fullmatch(r"iter_\d+\.pth", p.name)), key=_iter_of, reverse=True)
+    older = [p for p in candidates if p != recorded and _iter_of(p) < _iter_of(recorded)]
+    for p in older:
+        if _readable_checkpoint(p):
+            logging.getLogger(__name__).warning("checkpoint %s is truncated or unreadable; resuming from the previous one, %s",
+                                                recorded, p)
+            return p
+    if recorded.exists() or older:
+        raise RuntimeError(f"no intact checkpoint in {work_dir} ({recorded.name} and {len(older)} older one(s) are truncated "
+                           "or unreadable); delete the work dir's iter_*.pth and last_checkpoint to start over, without --resume")
+    return None
