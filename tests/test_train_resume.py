@@ -16,7 +16,8 @@ from click.testing import CliRunner  # noqa: E402
 from conftest import HERE, subprocess_env  # noqa: E402
 from test_training import make_fetext  # noqa: E402
 
-from synfer.training import latest_checkpoint, train_cli  # noqa: E402
+from synfer.cli import main  # noqa: E402
+from synfer.training import latest_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 slow = pytest.mark.slow  # subprocess kills and several trainings: about a minute each on 2 busy cores
@@ -41,7 +42,7 @@ def killed(args: list[str], nth: int) -> subprocess.CompletedProcess:
 
 
 def train(args: list[str]):
-    res = CliRunner().invoke(train_cli, args)
+    res = CliRunner().invoke(main, ["train", *args])  # through the main group: plugins add the train commands
     assert res.exit_code == 0, res.output
     return res
 
@@ -88,12 +89,12 @@ def truncated_latest_falls_back(common: list[str], out: Path, ref: dict) -> None
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    logging.getLogger("synfer.training").addHandler(handler)
+    logging.getLogger("synfer.checkpoints").addHandler(handler)
     try:
         assert latest_checkpoint(work(out)).name == "iter_2.pth"
         train([*common, "--seed", "3", "--out", str(out), "--resume"])
     finally:
-        logging.getLogger("synfer.training").removeHandler(handler)
+        logging.getLogger("synfer.checkpoints").removeHandler(handler)
     assert any("iter_4.pth is truncated or unreadable; resuming from the previous one" in m for m in seen), seen
     assert weights(out) == ref
 
