@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from itertools import product
 from math import ceil
-from pathlib import Path
 
 from pydantic import Field
 
@@ -159,11 +158,9 @@ class RetinaFaceDetector(FaceDetector):
         if self._net is None:
             import torch
 
-            from synfer.fetch import asset_path
+            from synfer.fetch import weights_file
 
-            path = Path(self.config.weights).expanduser() if self.config.weights else asset_path("retinaface")
-            if not path.is_file():
-                raise FileNotFoundError(f"retinaface: no weights at {path}; run 'synfer models fetch retinaface' or set `weights:`")
+            path = weights_file(self.config.weights, "retinaface", "retinaface")
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items()}
             net = build_retinaface()

@@ -20,7 +20,6 @@ and AU17 (chin boss): those stay 0.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -121,12 +120,10 @@ class LandmarkAUDetector(AUDetector):
     @property
     def mesh(self):
         if self._mesh is None:
-            from synfer.fetch import asset_path
+            from synfer.fetch import weights_file
             from synfer_plugins.tflite_torch import build_tflite_graph
 
-            path = Path(self.config.weights).expanduser() if self.config.weights else asset_path("face-mesh")
-            if not path.is_file():
-                raise FileNotFoundError(f"landmarks: no face mesh at {path}; run 'synfer models fetch face-mesh' or set `weights:`")
+            path = weights_file(self.config.weights, "face-mesh", "landmarks")
             self._mesh = build_tflite_graph(path, logits=False)
         return self._mesh
 

@@ -75,12 +75,9 @@ class _WheelExpert(GuidanceClassifier):
         self._model = None
 
     def _path(self) -> Path:
-        from synfer.fetch import asset_path
+        from synfer.fetch import weights_file
 
-        path = Path(self.config.weights).expanduser() if self.config.weights else asset_path(self.asset)
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.name}: no weights file at {path}; run 'synfer models fetch {self.asset}' or set `weights:`")
-        return path
+        return weights_file(self.config.weights, self.asset, self.name)
 
     @property
     def model(self):

