@@ -35,6 +35,8 @@ def verbosity() -> int:
 class LazyGroup(click.Group):
     """Core commands, lazy command modules, and the commands plugins add (hook `register_commands`)."""
 
+    _plugins_added = False
+
     def invoke(self, ctx):
         """Every subcommand's one error path: a known failure is one or two lines and exit 1; -v re-raises."""
         try:
@@ -47,8 +49,6 @@ class LazyGroup(click.Group):
             from synfer.errors import explain
 
             raise click.ClickException(explain(exc)) from exc
-
-    _plugins_added = False
 
     def add_plugin_commands(self, ctx=None):
         if not self._plugins_added:

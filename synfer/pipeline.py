@@ -123,6 +123,8 @@ class Stages:
             with calling(cal, "bind"):
                 cal.bind(generator)
             members.append(Member(cal.name, recipe.vote.calibrator_weight, label_space_of(cal), cal.predict, cal, cal.outputs))
+        from synfer.align import aligned_predict
+
         for block in recipe.experts:
             block = dict(block)
             weight = float(block.pop("weight", 1.0))
@@ -131,8 +133,6 @@ class Stages:
             name = expert.name
             while any(m.name == name for m in members):  # the same plugin twice (e.g. two checkpoints)
                 name = f"{expert.name}#{sum(m.name.split('#')[0] == expert.name for m in members) + 1}"
-            from synfer.align import aligned_predict
-
             predict = aligned_predict(expert.predict, align, reg)
             members.append(Member(name, weight, label_space_of(expert), lambda samples, p=predict: p([s.image for s in samples]),
                                   expert, getattr(expert, "outputs", "probabilities")))
