@@ -34,16 +34,18 @@ OnStep = Callable[[int, "object", "object", "object"], "object | None"]
 
 
 class SDGenerator(Generator):
-    """Text + AU conditioned DDIM sampler with classifier-free guidance on a diffusers model folder."""
+    """Text + AU conditioned sampler (DDIM, DPM-Solver++ or UniPC) with classifier-free guidance on a diffusers model folder."""
 
     name = "sd"
 
     class Config(StageConfig):
         model: str | None = None  # diffusers SD 1.x folder; None: the shipped tiny model (synfer_plugins/models/tiny-sd)
-        steps: int = Field(25, gt=0, le=1000)  # DDIM steps
+        steps: int = Field(25, gt=0, le=1000)  # denoising steps of `scheduler`
+        scheduler: Literal["ddim", "dpm++", "unipc"] = "ddim"  # the sampler, built from the model's scheduler config:
+        # DDIM, or diffusers' multistep DPM-Solver++ (2nd order) / UniPC (bh2); sweep in docs/results.md (Speed)
         guidance_scale: float = Field(4.0, ge=0)  # classifier-free guidance; uncond = empty prompt + all-zero AUs; 1 turns it off
         au_scale: float = Field(1.0, ge=0)  # weight of the AU cross-attention (0: text only); ignored without an AU adapter
-        eta: float = 0.0  # DDIM eta (0: deterministic); its noise is per sample too
+        eta: float = Field(0.0, ge=0)  # DDIM eta (0: deterministic; ddim only); its noise is per sample too
         batch_size: int = Field(16, gt=0)
         device: str = "auto"  # "auto": cuda if available, else cpu
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -65,6 +67,9 @@ class SDGenerator(Generator):
         out = missing_path(config, "model", "a diffusers SD 1.x folder (unet/, text_encoder/, tokenizer/, scheduler/[, vae/])",
                            "Fix generator.model, leave it null for the shipped tiny model, or train one with "
                            "'synfer train generator --data FETEXT --out FOLDER'.")
+        if config.eta > 0 and config.scheduler != "ddim":
+            out.append(f"eta={config.eta} is DDIM's stochastic step; scheduler {config.scheduler!r} is deterministic. "
+                       "Set generator.eta=0 or generator.scheduler=ddim.")
         lay = config.layout
         if lay.enabled and lay.source and not Path(lay.source).exists():
             out.append(f"layout.source: {lay.source!r} does not exist; expected a FEText folder (images/ + metadata.jsonl) to invert "
@@ -152,12 +157,27 @@ class SDGenerator(Generator):
         m = self.load()
         shape = self.latent_shape()
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(r.seed))) for r in requests]
-        return torch.stack(noise).to(device=m.device, dtype=m.dtype) * self.scheduler.init_noise_sigma
+        return torch.stack(noise).to(device=m.device, dtype=m.dtype) * self.make_scheduler().init_noise_sigma
+
+    def make_scheduler(self, steps: int | None = None):
+        """A fresh `scheduler` (set to `steps`) from the model's scheduler config. Multistep solvers keep a
+        history of model outputs, so every denoise gets its own: no state is shared between batches, nor
+        with guidance or FERAnno, which read only the model's `scheduler` (its alphas_cumprod, add_noise)."""
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+        m = self.load()
+        kind = self.config.scheduler
+        if kind == "ddim":
+            sched = DDIMScheduler.from_config(m.scheduler.config)
+        elif kind == "dpm++":
+            sched = DPMSolverMultistepScheduler.from_config(m.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+        else:
+            sched = UniPCMultistepScheduler.from_config(m.scheduler.config)
+        sched.set_timesteps(steps or self.config.steps, device=m.device)
+        return sched
 
     def timesteps(self, steps: int | None = None):
-        m = self.load()
-        m.scheduler.set_timesteps(steps or self.config.steps, device=m.device)
-        return m.scheduler.timesteps
+        return self.make_scheduler(steps).timesteps
 
     def conditions(self, requests: Sequence[SampleRequest]):
         """(text embeddings, AU tensor) of a batch of requests."""
@@ -170,7 +190,7 @@ class SDGenerator(Generator):
 
     def denoise(self, latents, text_emb, aus=None, start_step: int = 0, on_step: OnStep | None = None,
                 guidance_scale: float | None = None, steps: int | None = None, seeds: Sequence[int] | None = None):
-        """DDIM from `timesteps[start_step]` down to x_0 with classifier-free guidance.
+        """`scheduler` from `timesteps[start_step]` down to x_0 with classifier-free guidance.
 
         `on_step(i, t, latents, text_emb)` may return a new conditional text embedding (Eq. 6);
         it runs with gradients enabled, the UNet passes here run without. `seeds` give the
@@ -180,13 +200,15 @@ class SDGenerator(Generator):
 
         m = self.load()
         cfg = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        timesteps = self.timesteps(steps)
+        sched = self.make_scheduler(steps)  # fresh: a multistep solver's history belongs to this batch only
+        timesteps = sched.timesteps
         b = latents.shape[0]
         uncond_emb = uncond_aus = None
         if cfg != 1.0:
             uncond_emb = self._uncond_embedding().expand(b, -1, -1)
             uncond_aus = torch.zeros_like(aus) if aus is not None else None
-        gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds] if (self.config.eta > 0 and seeds is not None) else None
+        stochastic = self.config.eta > 0 and self.config.scheduler == "ddim"
+        gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds] if (stochastic and seeds is not None) else None
         for i, t in enumerate(timesteps):
             if i < start_step:
                 continue
@@ -195,7 +217,7 @@ class SDGenerator(Generator):
                 if new_emb is not None:
                     text_emb = new_emb.detach()
             with torch.no_grad() if on_step is not None else torch.inference_mode():  # guidance needs normal tensors
-                x_in = m.scheduler.scale_model_input(latents, t)
+                x_in = sched.scale_model_input(latents, t)
                 if uncond_emb is None:
                     eps = m.predict_noise(x_in, t, text_emb, aus)
                 else:
@@ -206,7 +228,7 @@ class SDGenerator(Generator):
                 if gens is not None:
                     extra = {"eta": self.config.eta, "variance_noise": torch.stack(
                         [torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents.device, latents.dtype)}
-                latents = m.scheduler.step(eps, t, latents, **extra).prev_sample
+                latents = sched.step(eps, t, latents, **extra).prev_sample
         return latents
 
     def _uncond_embedding(self):
@@ -248,9 +270,11 @@ class SDGenerator(Generator):
         """What each record keeps of how it was sampled."""
         sg = self.config.semantic_guidance
         lay = self.config.layout
-        return {"generator": {"model": str(self.model_path), "steps": self.config.steps, "guidance_scale": self.config.guidance_scale,
+        return {"generator": {"model": str(self.model_path), "scheduler": self.config.scheduler, "steps": self.config.steps,
+                              "guidance_scale": self.config.guidance_scale,
                               "au_scale": self.config.au_scale if self.load().au_adapter is not None else None},
-                "semantic_guidance": ({"classifier": guidance.name, "start": sg.start, "lambda_g": sg.lambda_g, "updates": sg.updates}
+                "semantic_guidance": ({"classifier": guidance.name, "start": sg.start, "stop": sg.stop, "every": sg.every,
+                                       "lambda_g": sg.lambda_g, "updates": sg.updates}
                                       if guidance is not None and sg.enabled else None),
                 "layout_init": {"depth": lay.depth, "source": lay.source} if lay.enabled else None}
 

@@ -1,0 +1,119 @@
+"""Issue 17 items 2-3: steps x scheduler x guidance schedule on the quickstart recipe.
+
+One output folder per cell (out/sweep/<cell>/); a cell whose metrics at this n are already in the
+results JSON is skipped, and a half-generated cell resumes (synfer run skips samples on disk), so the
+sweep can be stopped and restarted, and a cell grown from n=128 to 256 generates only samples 128-255
+(per-sample seeds, batches of 16 in index order: the first 128 are the same files either way).
+Images/s on a shared machine follows its load; images per CPU-second (the run's own CPU time, one
+thread) is what compares across cells. Each cell: `synfer run` the quickstart with the
+cell's overrides (evaluators off: images/s covers layout init, guidance, FERAnno + expert vote
+and writing), then `synfer eval` (oracle FER accuracy, AU F1/accuracy, FID against
+out/fetext-quick-test, diversity, label quality).
+
+    OMP_NUM_THREADS=1 python bench/sweep_solvers.py --n 512 --cells ddim-25-full dpm++-12-full
+    OMP_NUM_THREADS=1 python bench/sweep_solvers.py --n 256 --cells unipc-8-every2 ...
+    python bench/sweep_solvers.py --table            # print the table of what is in the JSON
+
+A cell name is <scheduler>-<steps>-<guidance schedule>; schedules are in SCHEDULES.
+`generator.exact_batching=false` (batched UNet) is used for speed: batching changes bytes, not quality.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "sweep-solvers.json"
+SCHEDULES = {  # semantic_guidance overrides; "full" is today's (every step from 30% of the steps on)
+    "full": [],
+    "every2": ["generator.semantic_guidance.every=2"],
+    "every3": ["generator.semantic_guidance.every=3"],
+    "win": ["generator.semantic_guidance.stop=0.7"],
+    "none": ["generator.semantic_guidance.enabled=false"],
+}
+METRICS = ("fer_accuracy", "au_f1", "au_accuracy", "fid", "diversity", "label_quality")
+
+
+def cell_overrides(cell: str) -> list[str]:
+    sched, steps, schedule = cell.rsplit("-", 2)
+    extra = [] if sched == "ddim" else [f"generator.scheduler={sched}"]  # ddim: today's recipe, untouched
+    return [f"generator.steps={int(steps)}", *extra, *SCHEDULES[schedule]]
+
+
+def synfer(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "synfer"
+    return subprocess.run([str(exe), *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
+def run_cell(cell: str, n: int, recipe: str, out_root: Path) -> dict:
+    out = out_root / cell
+    args = [recipe, f"num_images={n}", f"output={out}", "generator.exact_batching=false", "evaluators=[]", "report=false",
+            "grid=false", *cell_overrides(cell)]
+    t, cpu = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = synfer("-q", "run", *args)
+    wall, after = time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)  # the run's own CPU time: what a shared machine's load does not inflate
+    if done.returncode != 0:
+        raise SystemExit(f"cell {cell} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    m = re.search(r"(\d+) generated now, (\d+) already on disk, ([\d.]+) s", done.stdout + done.stderr)
+    generated, resumed, seconds = (int(m.group(1)), int(m.group(2)), float(m.group(3))) if m else (None, None, wall)
+    ev = synfer("eval", str(out), "--reference", "out/fetext-quick-test")
+    if ev.returncode != 0:
+        raise SystemExit(f"eval of {cell} failed:\n{ev.stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"cell": cell, "n": n, "output": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
+            "generated_now": generated, "resumed": resumed, "gen_seconds": round(seconds, 1),
+            "images_per_s": round(generated / seconds, 4) if generated else None, "cpu_seconds": round(cpu_s, 1),
+            "images_per_cpu_s": round(generated / cpu_s, 4) if generated else None,
+            "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')} synfer run {' '.join(args)}",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_after": os.getloadavg()[0],
+            "metrics": {k: v for k, v in metrics.items()}}
+
+
+def load() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def table(results: dict) -> str:
+    head = "| cell | n | FER acc (oracle) | AU F1 | AU acc | FID | diversity | img/s (wall) | img per CPU-s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(results.items(), key=lambda kv: (kv[1]["n"], kv[0])):
+        m = r["metrics"]
+        get = lambda k: m.get(k, float("nan"))  # noqa: E731
+        lines.append(f"| {r['cell']} | {r['n']} | {get('fer_accuracy'):.3f} | {get('au_f1'):.3f} | {get('au_accuracy'):.3f} | "
+                     f"{get('fid'):.2f} | {get('diversity'):.3f} | {r['images_per_s'] or float('nan'):.3f} | {r.get('images_per_cpu_s') or float('nan'):.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", nargs="*", default=[])
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--recipe", default="recipes/quickstart.yaml")
+    ap.add_argument("--out", default="out/sweep")
+    ap.add_argument("--table", action="store_true")
+    a = ap.parse_args()
+    results = load()
+    for cell in a.cells:
+        key = f"{cell}-n{a.n}"
+        if key in results:
+            print(f"{key}: done, skipped")
+            continue
+        print(f"{key}: running", flush=True)
+        results[key] = run_cell(cell, a.n, a.recipe, ROOT / a.out)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
+        r = results[key]
+        print(f"{key}: {r['images_per_s']} img/s, {json.dumps(r['metrics'])}", flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
