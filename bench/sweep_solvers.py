@@ -37,6 +37,13 @@ SCHEDULES = {  # semantic_guidance overrides; "full" is today's (every step from
     "every3": ["generator.semantic_guidance.every=3"],
     "win": ["generator.semantic_guidance.stop=0.7"],
     "none": ["generator.semantic_guidance.enabled=false"],
+    # fewer guided steps at the same total push on the embedding: lambda_g x guided steps ~ today's 1 x 17
+    "lg1.5": ["generator.semantic_guidance.lambda_g=1.5"],
+    "lg2": ["generator.semantic_guidance.lambda_g=2"],
+    "lg3": ["generator.semantic_guidance.lambda_g=3"],
+    "e2lg2": ["generator.semantic_guidance.every=2", "generator.semantic_guidance.lambda_g=2"],
+    "e2lg4": ["generator.semantic_guidance.every=2", "generator.semantic_guidance.lambda_g=4"],
+    "u2": ["generator.semantic_guidance.updates=2"],
 }
 METRICS = ("fer_accuracy", "au_f1", "au_accuracy", "fid", "diversity", "label_quality")
 
@@ -82,12 +89,13 @@ def load() -> dict:
 
 
 def table(results: dict) -> str:
-    head = "| cell | n | FER acc (oracle) | AU F1 | AU acc | FID | diversity | img/s (wall) | img per CPU-s |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = "| cell | overrides | n | FER acc (oracle) | AU F1 | AU acc | FID | diversity | img/s (wall) | img per CPU-s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(results.items(), key=lambda kv: (kv[1]["n"], kv[0])):
         m = r["metrics"]
         get = lambda k: m.get(k, float("nan"))  # noqa: E731
-        lines.append(f"| {r['cell']} | {r['n']} | {get('fer_accuracy'):.3f} | {get('au_f1'):.3f} | {get('au_accuracy'):.3f} | "
+        over = " ".join(o.replace("generator.", "").replace("semantic_guidance.", "sg.") for o in cell_overrides(r["cell"]))
+        lines.append(f"| {r['cell']} | `{over}` | {r['n']} | {get('fer_accuracy'):.3f} | {get('au_f1'):.3f} | {get('au_accuracy'):.3f} | "
                      f"{get('fid'):.2f} | {get('diversity'):.3f} | {r['images_per_s'] or float('nan'):.3f} | {r.get('images_per_cpu_s') or float('nan'):.3f} |")
     return "\n".join(lines)
 
