@@ -33,6 +33,8 @@ class TrainOptions:
     log_interval: int = 50
     checkpoint_interval: int | None = None
     num_workers: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes, CUDA)
     extra: dict[str, Any] = field(default_factory=dict)  # subcommand-specific options
 
     @property
@@ -65,6 +67,10 @@ def _common_options(fn):
         click.option("--log-interval", type=int, default=50, show_default=True),
         click.option("--checkpoint-interval", type=int, default=None, help="Iterations between checkpoints (default min(500, iters))."),
         click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers."),
+        click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Micro-batches of --batch-size per optimizer step (effective batch = both); --iters counts optimizer steps."),
+        click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit"]), default="adamw", show_default=True,
+                     help="adamw8bit: bitsandbytes' 8-bit AdamW (CUDA GPUs; needs pip install bitsandbytes)."),
         click.option("--generator", "plugin", default="sd", show_default=True, help="Generator plugin that trains the model."),
     ]
     for opt in reversed(opts):
@@ -73,9 +79,13 @@ def _common_options(fn):
 
 
 def _options(kw: dict, extra: dict) -> tuple[str, TrainOptions]:
-    from synfer.training import seed_everything
+    from synfer.training import check_optimizer, seed_everything
 
     plugin = kw.pop("plugin")
+    try:
+        check_optimizer(kw["optimizer"])  # before any model loads
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
     seed_everything(kw["seed"])  # --seed fixes the whole run: weights a plugin creates before run_training too
     return plugin, TrainOptions(**kw, extra=extra)
 
@@ -106,11 +116,14 @@ def _loss_weight_options(f):
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True, help="Share of empty captions (for classifier-free guidance).")
 @click.option("--train-text-encoder/--freeze-text-encoder", default=None, help="Default: trained for the tiny model, frozen for real SD.")
 @click.option("--size", type=int, default=None, help="Tiny model resolution (default 32).")
+@click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Train a LoRA of this rank on the UNet (peft) instead of the whole UNet; 0: full fine-tuning. OUT gets the fused "
+                   "UNet and lora/pytorch_lora_weights.safetensors (diffusers' pipe.load_lora_weights, on the base model).")
 @_loss_weight_options
-def train_generator_cmd(caption_dropout, train_text_encoder, size, expression_focus, snr_gamma, **kw):
+def train_generator_cmd(caption_dropout, train_text_encoder, size, lora_rank, expression_focus, snr_gamma, **kw):
     """Fine-tune the diffusion model on FEText with the noise-prediction loss (paper Eq. 3)."""
     plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, train_text_encoder=train_text_encoder, size=size,
-                                     expression_focus=expression_focus, snr_gamma=snr_gamma))
+                                     lora_rank=lora_rank, expression_focus=expression_focus, snr_gamma=snr_gamma))
     if opts.data is None:
         raise click.UsageError("--data FETEXT_DIR is required")
     result = _trainer(plugin, "train_generator")(opts)
