@@ -158,6 +158,37 @@ def train_vae_cmd(**kw):
     click.echo(f"VAE written to {result}")
 
 
+@click.command("approx-decoder")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A latent diffusion model folder (with vae/) whose VAE decoder is distilled.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="FEText folder: its images, encoded once by the VAE, are what the decoder learns on.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default MODEL/approx_decoder, where semantic_guidance.decoder: approx looks).")
+@click.option("--size", type=int, default=64, show_default=True,
+              help="Output side in pixels: what the guidance classifier reads (64 for tiny-cnn and fer-minixception).")
+@click.option("--width", type=int, default=64, show_default=True, help="Channels of the convolutions.")
+@click.option("--iters", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Checkpoints, logs, latent cache (default OUT/work).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the work dir.")
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
+@click.option("--log-interval", type=int, default=100, show_default=True)
+def train_approx_decoder_cmd(model, data, out, size, width, iters, batch_size, lr, seed, work_dir, resume, threads, log_interval):
+    """Distil the model's VAE decoder into a small conv decoder for cheap guidance (semantic_guidance.decoder: approx)."""
+    from synfer_plugins.sd.approx_decoder import train_approx_decoder
+
+    try:
+        folder, error = train_approx_decoder(model, data, out, size=size, width=width, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
+                                             work_dir=work_dir, resume=resume, threads=threads, log_interval=log_interval)
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    click.echo(f"approximate decoder written to {folder}; held-out error against the VAE decode at {size} px (images in [-1, 1]): "
+               f"MAE {error['mae']:.4f}, RMSE {error['rmse']:.4f} (target std {error['target_std']:.4f})")
+
+
 def add_commands(train: click.Group) -> None:
-    for command in (train_generator_cmd, train_au_adapter_cmd, train_vae_cmd):
+    for command in (train_generator_cmd, train_au_adapter_cmd, train_vae_cmd, train_approx_decoder_cmd):
         train.add_command(command)
