@@ -170,3 +170,17 @@ def test_frozen_modules_in_bf16_and_trained_ones_in_float32(lab):
         loss = model(**batch)["loss"]
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_au_adapter_under_bf16_saves_the_float32_model(lab):
+    from safetensors.torch import load_file
+
+    out = lab / "au-bf16"
+    _train(["au-adapter", "--data", lab / "fetext", "--model", lab / "base", "--out", out, "--iters", 1, "--batch-size", 2, "--bf16",
+            "--grad-accum", 2])
+    base = load_file(str(lab / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
+    saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert saved.keys() == base.keys() and all(saved[k].dtype == torch.float32 and torch.equal(saved[k], base[k]) for k in base)
+    adapter = load_file(str(out / "au_adapter.safetensors"))
+    assert adapter and all(v.dtype == torch.float32 for v in adapter.values())
