@@ -3,8 +3,9 @@
 `run_training(model, dataset, ...)` takes an mmengine `BaseModel` whose
 `forward(**batch, mode="loss")` returns `{"loss": tensor}` and a torch Dataset whose
 items are dicts of tensors (stacked by torch's default collate). It gives every
-trainer the same things: AdamW on the parameters that require grad, warm-up + cosine
-(or constant) learning rate, gradient clipping, optional EMA, bf16 autocast, loss
+trainer the same things: AdamW (or bitsandbytes' 8-bit AdamW on CUDA) on the parameters that
+require grad, gradient accumulation (mmengine's `accumulative_counts`; `max_iters` counts optimizer
+steps), warm-up + cosine (or constant) learning rate, gradient clipping, optional EMA, bf16 autocast, loss
 logging every N iterations with an ETA, checkpoints, resume, a seed, and DDP under
 `torchrun` (launcher "pytorch" whenever WORLD_SIZE is set).
 
