@@ -230,7 +230,10 @@ METRICS = ("accuracy", "uar", "test2_accuracy", "test2_uar")
 
 
 def setting_order(setting: str) -> tuple[int, str]:
-    return (SETTINGS.index(setting), "") if setting in SETTINGS else (len(SETTINGS), setting)
+    from synfer.selfsup import SSL_SETTINGS
+
+    known = SETTINGS + SSL_SETTINGS
+    return (known.index(setting), "") if setting in known else (len(known), setting)
 
 
 def summarize(runs: list[dict]) -> list[dict]:

@@ -211,6 +211,8 @@ def run_ssl(cfg, echo=print) -> dict:
             echo(f"  seed {seed} {setting:<19} x{scale:<4g} {len(x):>5} imgs  loss {run['loss_first']:.2f}->{run['loss_last']:.2f}"
                  f"  acc {res['accuracy']:.3f}  uar {res['uar']:.3f}{extra}  ({run['seconds']:.1f} s)")
     counts = {"real_train": int(len(y_real)), "synthetic": int(len(y_syn)), "real_test": int(len(tests[""][1]))}
+    if "test2_" in tests:
+        counts["real_test_2"] = int(len(tests["test2_"][1]))
     result = {"config": cfg.model_dump(), "paradigm": "simclr+linear-probe", "runs": runs, "summary": B.summarize(runs),
               "seconds": round(time.time() - t0, 1), "counts": counts, "short": short}
     out = Path(cfg.output or cfg.synthetic)
