@@ -30,6 +30,7 @@ class SSLConfig(BaseModel):
     temperature: float = Field(0.2, gt=0)  # NT-Xent temperature
     width: int = Field(32, ge=4)  # encoder channels (features: 2 x width)
     proj_dim: int = Field(64, gt=0)  # projection head output
+    crop_area: float = Field(0.35, gt=0, le=1)  # smallest area share of a random resized crop (1: the whole face, aspect still jittered)
     scales: list[float] = [1]  # synthetic pretraining images = scale x the real set
     settings: list[str] = list(SSL_SETTINGS)  # pretraining sets: real, synthetic, both
     probe_iters: int = Field(500, gt=0)  # full-batch steps of the linear probe
@@ -71,8 +72,8 @@ def to_tensor(images):
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def augment(x, gen):
-    """SimCLR views on a batch: random resized crop (area 0.35-1, aspect 3/4-4/3) with horizontal flip
+def augment(x, gen, crop_area: float = 0.35):
+    """SimCLR views on a batch: random resized crop (area crop_area-1, aspect 3/4-4/3) with horizontal flip
     through one affine grid, brightness/contrast/saturation jitter, random grayscale (p 0.2)."""
     import math
 
@@ -84,7 +85,7 @@ def augment(x, gen):
     def u(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
 
-    area, logr = u(0.35, 1.0), u(math.log(3 / 4), math.log(4 / 3))
+    area, logr = u(crop_area, 1.0), u(math.log(3 / 4), math.log(4 / 3))
     sx, sy = (area * logr.exp()).sqrt().clamp(max=1), (area / logr.exp()).sqrt().clamp(max=1)
     tx, ty = u(-1, 1) * (1 - sx), u(-1, 1) * (1 - sy)
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
@@ -129,7 +130,7 @@ def pretrain(images, cfg: SSLConfig, seed: int):
     enc.train(), head.train()
     for _ in range(cfg.steps):
         x = x_all[torch.randperm(len(x_all), generator=gen)[:bs]]
-        loss = nt_xent(head(enc(augment(x, gen))), head(enc(augment(x, gen))), cfg.temperature)
+        loss = nt_xent(head(enc(augment(x, gen, cfg.crop_area))), head(enc(augment(x, gen, cfg.crop_area))), cfg.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
