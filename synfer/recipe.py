@@ -137,8 +137,8 @@ class Recipe(RecipeModel):
     evaluators: list[dict[str, Any]] = []
     grid: bool = True  # write <output>-grid.png next to the dataset
     report: bool = True  # write <output>/report.html (synfer report)
-    threads: Threads = "auto"  # CPU threads torch uses; auto: the free cores (load average), 1 per torchrun worker,
-    # OMP_NUM_THREADS if set (synfer/threads.py); set once when `synfer run` starts
+    threads: Threads = "auto"  # CPU threads, set once at start; auto: OMP_NUM_THREADS if set, else free cores split by torchrun workers
+    # (cores minus load average, at least 1; synfer/threads.py). Never blocks a resume
 
     @classmethod
     def item_problems(cls, key, i, block, registry):

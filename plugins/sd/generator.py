@@ -49,8 +49,8 @@ class SDGenerator(Generator):
         guidance_scale: float = Field(4.0, ge=0)  # classifier-free guidance; uncond = empty prompt + all-zero AUs; 1 turns it off
         au_scale: float = Field(1.0, ge=0)  # weight of the AU cross-attention (0: text only); ignored without an AU adapter
         eta: float = 0.0  # DDIM eta (0: deterministic); its noise is per sample too
-        chunk: int = Field(16, gt=0, le=4096)  # samples per UNet batch, always run at this shape (short chunks padded):
-        # THE setting that changes the bytes (1 = one sample per UNet call, the old exact_batching); docs/results.md, Speed
+        chunk: int = Field(16, gt=0, le=4096)  # UNet batch shape, padded when short: the one batching setting that changes the bytes
+        # (1 = one sample per UNet call, the retired exact_batching=true); docs/results.md, Speed
         batch_size: int = Field(16, gt=0)  # samples per generate() call, rounded up to whole chunks; never changes the bytes
         device: str = "auto"  # "auto": cuda if available, else cpu
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
