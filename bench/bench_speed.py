@@ -13,6 +13,8 @@ Sections (each prints a table; all numbers land in bench/results/speed.json):
            issue 17 (one sample per UNet call = generator.chunk=1, 25 DDIM steps, torch's default
            threads) beside the quickstart as it is now (threads: auto), in the same run; with
            --quality, each output's oracle FER accuracy, label quality and FID (`synfer eval`)
+  chunks   the full quickstart at 1 thread, one sample per UNet call (chunk 1, the old exact path)
+           against chunks of 16 (the default), same steps, same run
   bare     the same weights in a bare diffusers StableDiffusionPipeline loop (same steps,
            batch size, CFG scale and AU tokens), and our overhead ratio against it
   batch    images/s against generator.chunk (the UNet batch shape; batch_size only groups chunks)
@@ -216,7 +218,7 @@ print(json.dumps(m))
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=128, help="images per end-to-end variant")
-    ap.add_argument("--only", default=None, help="peak | unet | e2e | headline | bare | batch | procs")
+    ap.add_argument("--only", default=None, help="peak | unet | e2e | headline | chunks | bare | batch | procs")
     ap.add_argument("--quality", action="store_true", help="headline: also evaluate each output (oracle FER accuracy, FID, ...)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -246,6 +248,13 @@ def main():
             print(f"| {name} | {r['img_s']:.2f} | {r['run_s']:.1f} | {r['peak_rss_mb']:.0f} |", flush=True)
     if want("headline"):
         headline(args, results)
+    if want("chunks"):
+        results["chunks"] = {}
+        print(f"| full quickstart, {args.n} images, 1 thread | images/s | wall s |\n|---|---|---|")
+        for c in (1, 16):
+            r = run_variant(FULL + ["generator.layout.source=out/fetext-quick", f"generator.chunk={c}", "threads=1"], args.n)
+            results["chunks"][c] = r
+            print(f"| generator.chunk={c} | {r['img_s']:.2f} | {r['run_s']:.1f} |", flush=True)
     if want("bare"):
         bs = 16
         bare = _py(BARE, args.n, bs, 25, 4.0)
