@@ -160,3 +160,39 @@ def test_interrupted_and_killed_runs_resume_to_the_same_bytes(tmp_path, registry
     assert len([k for k in a if k.startswith("images/")]) == 10
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_shards_are_whole_chunks_and_cover_the_plan_once():
+    from synfer.pipeline import shard, shard_size
+
+    for n in (0, 1, 7, 10, 33):
+        for chunk in (1, 3, 4, 16):
+            for world in (1, 2, 3):
+                got = [list(shard(n, chunk, rank, world)) for rank in range(world)]
+                assert sorted(i for g in got for i in g) == list(range(n))
+                assert [len(g) for g in got] == [shard_size(n, chunk, rank, world) for rank in range(world)]
+                assert all((i // chunk) % world == rank for rank, g in enumerate(got) for i in g)
+    assert list(shard(10, 4, 1, 2)) == [4, 5, 6, 7]
+
+
+def test_the_run_hands_the_generator_whole_chunks(registry, tmp_path, monkeypatch):
+    """A generator with `chunk` 4 and batch_size 6 gets 2 chunks per call; a resume hands it the rest of a chunk."""
+    from synfer.pipeline import run_recipe
+    from synfer.recipe import validate_data
+
+    gen = registry.get("generator", "dummy")
+    calls = []
+    orig = gen.generate
+    monkeypatch.setattr(gen, "chunk", 4, raising=False)
+    monkeypatch.setattr(gen, "generate", lambda self, reqs, guidance=None: calls.append([r.index for r in reqs]) or orig(self, reqs, guidance))
+    data = {"seed": 1, "num_images": 10, "output": str(tmp_path / "o"), "grid": False, "report": False,
+            "generator": {"plugin": "dummy", "batch_size": 6}}
+    run_recipe(validate_data(data, registry), registry=registry, progress=False, limit=6)
+    assert calls == [[0, 1, 2, 3, 4, 5]]  # chunk 1 cut short by the limit
+    calls.clear()
+    run_recipe(validate_data(data, registry), registry=registry, progress=False)
+    assert calls == [[6, 7, 8, 9]]  # the rest of chunk 1, then chunk 2 (short): two chunks in one call
+    calls.clear()
+    run_recipe(validate_data({**data, "num_images": 20, "generator": {"plugin": "dummy", "batch_size": 1}}, registry),
+               registry=registry, progress=False)
+    assert calls == [[10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]  # batch_size 1 still gets whole chunks
