@@ -1,7 +1,7 @@
 """What decides a sample's bytes when the sd generator batches the UNet, and what a chunk size buys.
 
     OMP_NUM_THREADS=1 python bench/chunk_probe.py --only bytes     # ~1 min on 2 cores
-    OMP_NUM_THREADS=1 python bench/chunk_probe.py --only speed     # ~5 min (more on a busy machine)
+    OMP_NUM_THREADS=1 python bench/chunk_probe.py --only speed [--n 32 --steps 10]   # ~5 min (more on a busy machine)
 
 bytes: the shipped tiny model, 4 DDIM steps, CFG 4, `SDGenerator.sample` on hand-made batches:
   does sample 3 of a batch of 8 keep its bytes when the other 7 are other samples (content),
@@ -74,11 +74,13 @@ def probe_speed(chunks=(1, 4, 8, 16, 32), n: int = 32, steps: int = 10) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["bytes", "speed"], default=None)
+    ap.add_argument("--n", type=int, default=32, help="speed: samples per chunk size")
+    ap.add_argument("--steps", type=int, default=10, help="speed: DDIM steps")
     args = ap.parse_args()
     if args.only in (None, "bytes"):
         probe_bytes()
     if args.only in (None, "speed"):
-        probe_speed()
+        probe_speed(n=args.n, steps=args.steps)
 
 
 if __name__ == "__main__":
