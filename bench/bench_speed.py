@@ -52,7 +52,7 @@ VARIANTS = {  # name -> overrides on recipes/quickstart.yaml
 FULL = ["evaluators=[]", "grid=false", "report=false"]  # the full method; metrics come from `synfer eval` afterwards
 
 
-def before_issue_17() -> list[str]:
+def before_issue_17(threads: int | None = None) -> list[str]:
     """Overrides that give back the quickstart as it ran before issue 17: one sample per UNet call, 25 DDIM
     steps, guidance at every step from 30% on, torch's default thread count. Settings added since (a scheduler,
     guidance every k steps) are named only where this checkout's sd Config has them."""
@@ -60,7 +60,7 @@ def before_issue_17() -> list[str]:
     from synfer_plugins.sd.sampling import GuidanceConfig
 
     fields, guidance = SDGenerator.Config.model_fields, GuidanceConfig.model_fields
-    old = ONE + ["generator.steps=25", "generator.semantic_guidance.start=0.3", f"threads={os.cpu_count() or 1}"]
+    old = ONE + ["generator.steps=25", "generator.semantic_guidance.start=0.3", f"threads={threads or os.cpu_count() or 1}"]
     old += ["generator.scheduler=ddim"] if "scheduler" in fields else []
     old += ["generator.semantic_guidance.every=1"] if "every" in guidance else []
     old += ["generator.semantic_guidance.end=1.0"] if "end" in guidance else []
@@ -187,7 +187,7 @@ def headline(args, results) -> None:
     """Today's full quickstart (before issue 17) beside the new default, same n, same machine, same run.
     OMP/MKL_NUM_THREADS are unset for both, so `threads` (the recipe's) decides as `synfer run` would."""
     unset = {"OMP_NUM_THREADS": None, "MKL_NUM_THREADS": None}
-    rows = {"before issue 17 (chunk 1, 25 DDIM steps, default threads)": before_issue_17(), "quickstart default now": []}
+    rows = {"before issue 17 (chunk 1, 25 DDIM steps, default threads)": before_issue_17(args.before_threads), "quickstart default now": []}
     results["headline"] = {"n": args.n, "load_before": os.getloadavg()[0]}
     print(f"| full quickstart, {args.n} images | images/s | wall s | threads | peak RSS MB |"
           + (" oracle FER acc | label quality | FID |" if args.quality else "") + "\n|---|---|---|---|---|" + ("---|---|---|" if args.quality else ""))
@@ -219,6 +219,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=128, help="images per end-to-end variant")
     ap.add_argument("--only", default=None, help="peak | unet | e2e | headline | chunks | bare | batch | procs")
+    ap.add_argument("--before-threads", type=int, default=None, help="headline: threads of the before-issue-17 run "
+                    "(default: the cores, torch's own default then)")
     ap.add_argument("--quality", action="store_true", help="headline: also evaluate each output (oracle FER accuracy, FID, ...)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
