@@ -13,6 +13,7 @@ Sections (each prints a table; all numbers land in bench/results/speed.json):
            issue 17 (one sample per UNet call = generator.chunk=1, 25 DDIM steps, torch's default
            threads) beside the quickstart as it is now (threads: auto), in the same run; with
            --quality, each output's oracle FER accuracy, label quality and FID (`synfer eval`)
+           (give an --n that is a multiple of the chunk, 16: a short chunk is padded to 16 slots)
   chunks   the full quickstart at 1 thread, one sample per UNet call (chunk 1, the old exact path)
            against chunks of 16 (the default), same steps, same run
   bare     the same weights in a bare diffusers StableDiffusionPipeline loop (same steps,
