@@ -3,8 +3,9 @@
 `run_training(model, dataset, ...)` takes an mmengine `BaseModel` whose
 `forward(**batch, mode="loss")` returns `{"loss": tensor}` and a torch Dataset whose
 items are dicts of tensors (stacked by torch's default collate). It gives every
-trainer the same things: AdamW on the parameters that require grad, warm-up + cosine
-(or constant) learning rate, gradient clipping, optional EMA, bf16 autocast, loss
+trainer the same things: AdamW (or bitsandbytes' 8-bit AdamW on CUDA) on the parameters that
+require grad, gradient accumulation (mmengine's `accumulative_counts`; `max_iters` counts optimizer
+steps), warm-up + cosine (or constant) learning rate, gradient clipping, optional EMA, bf16 autocast, loss
 logging every N iterations with an ETA, checkpoints, resume, a seed, and DDP under
 `torchrun` (launcher "pytorch" whenever WORLD_SIZE is set).
 
@@ -149,6 +150,8 @@ def run_training(
     threads: int | None = None,  # torch.set_num_threads
     find_unused_parameters: bool = False,  # DDP: set when some trainable parameters get no gradient in a step
     name: str = "train",
+    grad_accum: int = 1,  # micro-batches per optimizer step (mmengine's accumulative_counts); max_iters counts optimizer steps
+    optimizer: str = "adamw",  # "adamw" (torch) or "adamw8bit" (bitsandbytes, CUDA only): make_optimizer
 ) -> TrainResult:
     """Train `model` on `dataset` with mmengine's Runner; see the module docstring."""
     import logging
@@ -178,24 +181,28 @@ def run_training(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True: nothing to train")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    accum = int(grad_accum)
+    if accum < 1:
+        raise ValueError(f"grad_accum={grad_accum}: expected 1 (no accumulation) or more micro-batches per optimizer step")
+    # the Runner counts micro-batches: every count below is in optimizer steps, times `accum`
     optim_wrapper = (_AutocastOptimWrapper if bf16 else OptimWrapper)(
-        optimizer=optimizer, clip_grad=dict(max_norm=grad_clip) if grad_clip else None)
+        optimizer=make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay), accumulative_counts=accum,
+        clip_grad=dict(max_norm=grad_clip) if grad_clip else None)
 
     schedulers = []
     warmup_iters = max(0, min(int(warmup_iters), max_iters - 1))
     if warmup_iters:
-        schedulers.append(LinearLR(optim_wrapper, start_factor=0.01, by_epoch=False, begin=0, end=warmup_iters))
+        schedulers.append(LinearLR(optim_wrapper, start_factor=0.01, by_epoch=False, begin=0, end=warmup_iters * accum))
     if lr_schedule == "cosine":
-        schedulers.append(CosineAnnealingLR(optim_wrapper, by_epoch=False, begin=warmup_iters, end=max_iters, T_max=max_iters - warmup_iters,
-                                            eta_min=lr * 0.01))
+        schedulers.append(CosineAnnealingLR(optim_wrapper, by_epoch=False, begin=warmup_iters * accum, end=max_iters * accum,
+                                            T_max=(max_iters - warmup_iters) * accum, eta_min=lr * 0.01))
     elif lr_schedule != "constant":
         raise ValueError(f"lr_schedule={lr_schedule!r}; expected 'cosine' or 'constant'")
 
     history = _LossHistory()
     custom_hooks: list = [history, _IterationSeedHook(seed)]
-    if ema_momentum:
-        custom_hooks.append(_EMAHook(momentum=float(ema_momentum), update_buffers=False))
+    if ema_momentum:  # the hook updates after every micro-batch: per optimizer step, the decay is ema_momentum's
+        custom_hooks.append(_EMAHook(momentum=1 - (1 - float(ema_momentum)) ** (1 / accum), update_buffers=False))
 
     load_from = None
     if resume:
@@ -219,12 +226,12 @@ def run_training(
         train_dataloader=dict(
             dataset=dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0,
             sampler=dict(type=InfiniteSampler, shuffle=True), collate_fn=collate_fn or default_collate),
-        train_cfg=dict(by_epoch=False, max_iters=int(max_iters)),
+        train_cfg=dict(by_epoch=False, max_iters=int(max_iters) * accum),
         optim_wrapper=optim_wrapper,
         param_scheduler=schedulers or None,
         default_hooks=dict(
             logger=LoggerHook(interval=log_interval),
-            checkpoint=CheckpointHook(interval=int(checkpoint_interval or min(500, max_iters)), by_epoch=False,
+            checkpoint=CheckpointHook(interval=int(checkpoint_interval or min(500, max_iters)) * accum, by_epoch=False,
                                       max_keep_ckpts=max(2, keep_checkpoints), save_last=True),
         ),
         custom_hooks=custom_hooks,
@@ -247,7 +254,38 @@ def run_training(
             with torch.no_grad():
                 for p_avg, p in zip(hook.ema_model.module.parameters(), trained.parameters()):
                     p.copy_(p_avg)
-    return TrainResult(trained, runner.iter, work_dir, history.losses, rank=runner.rank)
+    return TrainResult(trained, runner.iter // accum, work_dir, history.losses, rank=runner.rank)
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def check_optimizer(name: str) -> None:
+    """Raise a ValueError that says what to do when optimizer `name` cannot run here (before any model loads)."""
+    import importlib.util
+
+    import torch
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw8bit":
+        missing = [what for what, ok in (("the bitsandbytes package", importlib.util.find_spec("bitsandbytes") is not None),
+                                         ("a CUDA GPU", torch.cuda.is_available())) if not ok]
+        if missing:
+            raise ValueError(f"--optimizer adamw8bit (bitsandbytes' 8-bit AdamW) needs bitsandbytes and a CUDA GPU; this machine lacks "
+                             f"{' and '.join(missing)}. Install it on a CUDA machine (pip install bitsandbytes), or use --optimizer adamw.")
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0):
+    """AdamW (torch) or bitsandbytes' AdamW8bit (optimizer states in 8 bits: ~75% less optimizer memory), as diffusers' scripts."""
+    import torch
+
+    check_optimizer(name)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def _autocast_wrapper_class():

@@ -33,6 +33,8 @@ class TrainOptions:
     log_interval: int = 50
     checkpoint_interval: int | None = None
     num_workers: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes, CUDA)
     extra: dict[str, Any] = field(default_factory=dict)  # subcommand-specific options
 
     @property
@@ -65,6 +67,10 @@ def _common_options(fn):
         click.option("--log-interval", type=int, default=50, show_default=True),
         click.option("--checkpoint-interval", type=int, default=None, help="Iterations between checkpoints (default min(500, iters))."),
         click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers."),
+        click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Micro-batches of --batch-size per optimizer step (effective batch = both); --iters counts optimizer steps."),
+        click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit"]), default="adamw", show_default=True,
+                     help="adamw8bit: bitsandbytes' 8-bit AdamW (CUDA GPUs; needs pip install bitsandbytes)."),
         click.option("--generator", "plugin", default="sd", show_default=True, help="Generator plugin that trains the model."),
     ]
     for opt in reversed(opts):
@@ -73,9 +79,13 @@ def _common_options(fn):
 
 
 def _options(kw: dict, extra: dict) -> tuple[str, TrainOptions]:
-    from synfer.training import seed_everything
+    from synfer.training import check_optimizer, seed_everything
 
     plugin = kw.pop("plugin")
+    try:
+        check_optimizer(kw["optimizer"])  # before any model loads
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
     seed_everything(kw["seed"])  # --seed fixes the whole run: weights a plugin creates before run_training too
     return plugin, TrainOptions(**kw, extra=extra)
 
@@ -106,11 +116,14 @@ def _loss_weight_options(f):
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True, help="Share of empty captions (for classifier-free guidance).")
 @click.option("--train-text-encoder/--freeze-text-encoder", default=None, help="Default: trained for the tiny model, frozen for real SD.")
 @click.option("--size", type=int, default=None, help="Tiny model resolution (default 32).")
+@click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Train a LoRA of this rank on the UNet (peft) instead of the whole UNet; 0: full fine-tuning. OUT gets the fused "
+                   "UNet and lora/pytorch_lora_weights.safetensors (diffusers' pipe.load_lora_weights, on the base model).")
 @_loss_weight_options
-def train_generator_cmd(caption_dropout, train_text_encoder, size, expression_focus, snr_gamma, **kw):
+def train_generator_cmd(caption_dropout, train_text_encoder, size, lora_rank, expression_focus, snr_gamma, **kw):
     """Fine-tune the diffusion model on FEText with the noise-prediction loss (paper Eq. 3)."""
     plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, train_text_encoder=train_text_encoder, size=size,
-                                     expression_focus=expression_focus, snr_gamma=snr_gamma))
+                                     lora_rank=lora_rank, expression_focus=expression_focus, snr_gamma=snr_gamma))
     if opts.data is None:
         raise click.UsageError("--data FETEXT_DIR is required")
     result = _trainer(plugin, "train_generator")(opts)
@@ -145,6 +158,37 @@ def train_vae_cmd(**kw):
     click.echo(f"VAE written to {result}")
 
 
+@click.command("approx-decoder")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A latent diffusion model folder (with vae/) whose VAE decoder is distilled.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="FEText folder: its images, encoded once by the VAE, are what the decoder learns on.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default MODEL/approx_decoder, where semantic_guidance.decoder: approx looks).")
+@click.option("--size", type=int, default=64, show_default=True,
+              help="Output side in pixels: what the guidance classifier reads (64 for tiny-cnn and fer-minixception).")
+@click.option("--width", type=int, default=64, show_default=True, help="Channels of the convolutions.")
+@click.option("--iters", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Checkpoints, logs, latent cache (default OUT/work).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the work dir.")
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
+@click.option("--log-interval", type=int, default=100, show_default=True)
+def train_approx_decoder_cmd(model, data, out, size, width, iters, batch_size, lr, seed, work_dir, resume, threads, log_interval):
+    """Distil the model's VAE decoder into a small conv decoder for cheap guidance (semantic_guidance.decoder: approx)."""
+    from synfer_plugins.sd.approx_decoder import train_approx_decoder
+
+    try:
+        folder, error = train_approx_decoder(model, data, out, size=size, width=width, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
+                                             work_dir=work_dir, resume=resume, threads=threads, log_interval=log_interval)
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    click.echo(f"approximate decoder written to {folder}; held-out error against the VAE decode at {size} px (images in [-1, 1]): "
+               f"MAE {error['mae']:.4f}, RMSE {error['rmse']:.4f} (target std {error['target_std']:.4f})")
+
+
 def add_commands(train: click.Group) -> None:
-    for command in (train_generator_cmd, train_au_adapter_cmd, train_vae_cmd):
+    for command in (train_generator_cmd, train_au_adapter_cmd, train_vae_cmd, train_approx_decoder_cmd):
         train.add_command(command)

@@ -7,6 +7,7 @@ the text embedding. Gradients flow to the text embedding only, never to model we
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,6 +40,9 @@ class GuidanceConfig(BaseModel):
     updates: int = Field(1, ge=1)  # gradient steps on the embedding per denoising step
     micro_batch: int | None = Field(MICRO_BATCH, ge=1)  # samples per guided backward (activation memory grows with it;
     # bench/README.md); the update is the same as one pass over the batch. None: the whole batch at once
+    decoder: Literal["vae", "approx"] = "vae"  # x0 -> image for Eq. 5: "vae" (exact) or "approx" ('synfer train approx-decoder')
+    # "approx" reads MODEL/approx_decoder/, a small conv net distilled from the VAE that outputs the classifier's 64 px face
+    # directly (latent models only); the VAE decode is 75% of a guided update's FLOPs at 512 px (bench/README.md)
 
 
 class LayoutInit:
@@ -131,6 +135,7 @@ class SemanticGuidance:
         self.mask = torch.tensor(mask, dtype=torch.float32)
         self.aus = aus
         self.start_step = int(round(config.start * generator.config.steps))
+        self.decode = approx_decoder(generator) if config.decoder == "approx" else None  # None: the model's own decode
 
     def __call__(self, i, t, latents, text_emb):
         import torch
@@ -163,9 +168,24 @@ class SemanticGuidance:
             aus = self.aus[sl] if self.aus is not None else None
             eps = m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, aus)
             x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Eq. 4
-            image = m.decode(x0).clamp(-1, 1)
+            image = (self.decode(x0) if self.decode is not None else m.decode(x0)).clamp(-1, 1)
             logits = self.clf.forward(image.float())
             # Eq. 5, summed so that each sample's gradient is its own (batch-size independent)
             loss = F.cross_entropy(logits, self.targets[sl].to(logits.device), reduction="none").mul(self.mask[sl].to(logits.device)).sum()
             (grad,) = torch.autograd.grad(loss, c)
         return grad
+
+
+def approx_decoder(generator):
+    """The generator's model's ApproxDecoder (approx_decoder.py), loaded once per generator."""
+    net = getattr(generator, "_approx_decoder", None)
+    if net is None:
+        from synfer_plugins.sd.approx_decoder import load_for
+
+        m = generator.load()
+        if m.vae is None:
+            raise ValueError(f"semantic_guidance.decoder: approx, but {generator.model_path} is a pixel-space model: its latents are "
+                             "the image already. Use decoder: vae (no decoding happens) or a latent model.")
+        net = load_for(generator.model_path, device=m.device, dtype=m.dtype)
+        generator._approx_decoder = net
+    return net

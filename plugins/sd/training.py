@@ -15,6 +15,12 @@
   Text, AUs and both are each dropped at `drop_rate` (IP-Adapter's recipe); the
   dropped AU vector is all zeros, the unconditional branch used at sampling.
 - VAE: a pixel-space model has none; for a latent model, reconstruction + KL fine-tuning.
+
+For a one-GPU lab (as diffusers' example scripts): `--lora-rank R` trains a peft LoRA on the UNet only
+(lora.py; saved where `pipe.load_lora_weights` reads it), `--grad-accum N` and `--optimizer adamw8bit`
+(synfer.training.run_training), frozen modules held in the training dtype under `--bf16`, and the VAE
+latents (or, in pixel space, the resized images) computed once into a memory-mapped cache on disk
+(latent_cache.py) instead of encoding every image at every step.
 """
 from __future__ import annotations
 
@@ -28,69 +34,9 @@ from mmengine.model import BaseModel
 from torch import nn
 
 from synfer.dataset import read_metadata
-from synfer.labels import au_vector, canonical
+from synfer_plugins.sd.data import FETextDataset, expression_map  # noqa: F401  (tests and callers import them from here)
 
 log = logging.getLogger(__name__)
-
-
-class FETextDataset(torch.utils.data.Dataset):
-    """FEText rows -> {"pixel_values": (3, S, S) in [-1, 1], "input_ids": (L,), "aus": (16,)}.
-
-    Images are centre-cropped to a square and resized (bicubic) to `size`, decoded once and
-    cached (FEText for the tiny model is small). No flips: contempt is one-sided.
-    """
-
-    def __init__(self, root, size: int, tokenize=None, rows: list[dict] | None = None):
-        self.root = Path(root)
-        self.rows = rows if rows is not None else read_metadata(self.root)
-        if not self.rows:
-            raise ValueError(f"{root} holds no images")
-        self.size = size
-        self.captions = [r.get("caption") or r.get("prompt") or r.get("expression") or "" for r in self.rows]
-        self.input_ids = tokenize(self.captions) if tokenize is not None else None
-        self.aus = torch.from_numpy(__import__("numpy").stack([au_vector(r.get("aus")) for r in self.rows]))
-        self.expressions = [canonical(r.get("expression") or "") for r in self.rows]
-        self._cache: dict[int, torch.Tensor] = {}
-
-    def __len__(self):
-        return len(self.rows)
-
-    def image(self, i: int) -> torch.Tensor:
-        if i not in self._cache:
-            import numpy as np
-            from PIL import Image
-
-            with Image.open(self.root / self.rows[i]["file_name"]) as im:
-                im = im.convert("RGB")
-                s = min(im.size)
-                left, top = (im.width - s) // 2, (im.height - s) // 2
-                im = im.crop((left, top, left + s, top + s)).resize((self.size, self.size), Image.BICUBIC)
-                self._cache[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # uint8
-        return self._cache[i].float() / 127.5 - 1.0
-
-    def __getitem__(self, i):
-        item = {"pixel_values": self.image(i), "aus": self.aus[i]}
-        if self.input_ids is not None:
-            item["input_ids"] = self.input_ids[i]
-        return item
-
-
-def expression_map(dataset: FETextDataset, size: int, max_rows: int = 4000, seed: int = 0) -> torch.Tensor | None:
-    """(size, size) map in [0, 1]: per pixel, the variance between expression-class means over the total
-    variance (averaged over RGB), on up to `max_rows` rows, blurred 3x3. None with fewer than two classes."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=gen)[:max_rows].tolist()
-    classes = sorted({dataset.expressions[i] for i in idx} - {""})
-    if len(classes) < 2:
-        return None
-    x = torch.stack([dataset.image(i) for i in idx])
-    if x.shape[-1] != size:
-        x = nn.functional.interpolate(x, size=(size, size), mode="area")
-    label = [dataset.expressions[i] for i in idx]
-    means = torch.stack([x[[j for j, e in enumerate(label) if e == c]].mean(0) for c in classes])
-    ratio = means.var(0).mean(0) / x.var(0).mean(0).clamp_min(1e-8)
-    ratio = nn.functional.avg_pool2d(ratio[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
-    return ratio / ratio.max().clamp_min(1e-12)
 
 
 class _Frozen:
@@ -112,14 +58,15 @@ class DiffusionTrainModel(BaseModel):
 
     def __init__(self, sd, train_unet: bool, train_text_encoder: bool, train_adapter: bool,
                  caption_dropout: float = 0.0, drop_rate: float = 0.0, pixel_weight: torch.Tensor | None = None,
-                 snr_gamma: float | None = None):
+                 snr_gamma: float | None = None, lora_rank: int | None = None, frozen_dtype: torch.dtype | None = None,
+                 cached_latents: bool = False):
         super().__init__()
         self.sd = _Frozen(model=sd)
         self.trained = nn.ModuleDict()
         frozen = {}
         for key, module, train in (("unet", sd.unet, train_unet), ("text_encoder", sd.text_encoder, train_text_encoder),
                                    ("au_adapter", sd.au_adapter, train_adapter), ("vae", sd.vae, False)):
-            if module is None:
+            if module is None or (key == "vae" and cached_latents):  # latents come from the cache: the VAE never runs
                 continue
             if train:
                 self.trained[key] = module
@@ -131,6 +78,13 @@ class DiffusionTrainModel(BaseModel):
         for module in self.trained.values():
             module.requires_grad_(True)
             module.train()
+        if lora_rank:  # the UNet's base weights freeze again; only the LoRA A/B matrices train (lora.py)
+            from synfer_plugins.sd.lora import add_lora
+
+            n = add_lora(sd.unet, lora_rank)
+            log.info("LoRA rank %d on the UNet: %d trainable parameters", lora_rank, n)
+        if frozen_dtype is not None:
+            frozen = self._cast_frozen(sd, frozen, frozen_dtype, lora_rank)
         self.frozen = _Frozen(**frozen)
         self.caption_dropout, self.drop_rate = caption_dropout, drop_rate
         self.register_buffer("uncond_ids", sd.tokenize([""])[0], persistent=False)
@@ -138,6 +92,20 @@ class DiffusionTrainModel(BaseModel):
         # (1, 1, H, W) per-pixel loss weight with mean 1 (expression_focus); None: plain MSE
         self.register_buffer("pixel_weight", None if pixel_weight is None else (pixel_weight / pixel_weight.mean())[None, None],
                              persistent=False)
+
+    def _cast_frozen(self, sd, frozen: dict, dtype, lora_rank) -> dict:
+        """Frozen modules in the training dtype (bf16: half the memory, no cast at every step), as diffusers' scripts
+        do. The VAE and a frozen text encoder train on copies (the model's float32 weights are what gets saved);
+        the UNet, which holds the trained LoRA or AU adapter, is cast in place and its trained parameters kept float32."""
+        import copy
+
+        from diffusers.training_utils import cast_training_params
+
+        out = {k: copy.deepcopy(m).to(dtype) if k in ("vae", "text_encoder") else m for k, m in frozen.items()}
+        if "unet" in frozen or lora_rank:
+            sd.unet.to(dtype)
+            cast_training_params([sd.unet, *self.trained.values()], torch.float32)
+        return out
 
     def init_weights(self):
         """Weights come from the model folder; mmengine must not re-initialise them (transformers' init_weights would)."""
@@ -159,12 +127,34 @@ class DiffusionTrainModel(BaseModel):
             if module.device != device:
                 module.to(device)
 
-    def forward(self, pixel_values, aus, input_ids=None, mode: str = "loss", data_samples=None):
+    def draw(self, latents):
+        """The step's noise and timesteps (a test replaces this to make every draw a function of the sample)."""
         sd = self.sd.model
-        self._follow_device(pixel_values.device)
-        b = pixel_values.shape[0]
+        noise = torch.randn_like(latents)  # noise first, then t: the draw order of earlier versions (same bytes)
+        return noise, torch.randint(0, sd.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+
+    def _text(self, input_ids):
+        sd = self.sd.model
+        if "text_encoder" in self.trained:
+            return sd.encode_text(input_ids=input_ids)
+        encoder = getattr(self.frozen, "text_encoder", sd.text_encoder)
+        with torch.no_grad():
+            return encoder(input_ids.to(encoder.device))[0]
+
+    def _latents(self, pixel_values):
+        vae = getattr(self.frozen, "vae", None)
+        if vae is None:
+            return pixel_values
+        with torch.no_grad():
+            return vae.encode(pixel_values.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+    def forward(self, pixel_values=None, aus=None, input_ids=None, latents=None, mode: str = "loss", data_samples=None):
+        sd = self.sd.model
+        x = latents if latents is not None else pixel_values
+        self._follow_device(x.device)
+        b = x.shape[0]
         if self.training and (self.caption_dropout or self.drop_rate):
-            r = torch.rand(b, device=pixel_values.device)
+            r = torch.rand(b, device=x.device)
             p_text = self.caption_dropout if sd.au_adapter is None else self.drop_rate
             p = self.drop_rate if sd.au_adapter is not None else 0.0
             drop_text = r < p_text  # text only (generator), or text only in [0, p)
@@ -172,15 +162,11 @@ class DiffusionTrainModel(BaseModel):
             both = (r >= p_text + p) & (r < p_text + 2 * p)  # both
             input_ids = torch.where((drop_text | both)[:, None], self.uncond_ids.to(input_ids.device)[None], input_ids)
             aus = torch.where((drop_aus | both)[:, None], torch.zeros_like(aus), aus)
-        with torch.no_grad():
-            latents = sd.encode_image(pixel_values) if sd.vae is not None else pixel_values
-        if "text_encoder" in self.trained:
-            text_emb = sd.encode_text(input_ids=input_ids)
-        else:
-            with torch.no_grad():
-                text_emb = sd.encode_text(input_ids=input_ids)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, sd.scheduler.config.num_train_timesteps, (b,), device=latents.device)
+        if latents is None:
+            latents = self._latents(pixel_values)
+        latents = latents.float()
+        text_emb = self._text(input_ids)
+        noise, t = self.draw(latents)
         noisy = sd.scheduler.add_noise(latents, noise, t)
         target = noise if sd.scheduler.config.prediction_type == "epsilon" else sd.scheduler.get_velocity(latents, noise, t)
         pred = sd.predict_noise(noisy, t, text_emb, aus if sd.au_adapter is not None else None)
@@ -227,7 +213,8 @@ def _train(opts, model, dataset, *, lr: float, ema: bool, name: str):
         model, dataset, work_dir=opts.run_dir_for(name.replace("_", "-")), max_iters=opts.iters, batch_size=opts.batch_size, lr=lr,
         lr_schedule="cosine", warmup_iters=min(100, opts.iters // 20), checkpoint_interval=opts.checkpoint_interval,
         log_interval=opts.log_interval, seed=opts.seed, resume=opts.resume, ema_momentum=0.005 if ema else None,
-        bf16=opts.bf16, grad_checkpointing=opts.grad_checkpointing, num_workers=opts.num_workers, threads=opts.threads, name=name)
+        bf16=opts.bf16, grad_checkpointing=opts.grad_checkpointing, num_workers=opts.num_workers, threads=opts.threads, name=name,
+        grad_accum=opts.grad_accum, optimizer=opts.optimizer)
 
 
 def _is_tiny(model: str | None) -> bool:
@@ -246,11 +233,33 @@ def _loss_weights(extra: dict, dataset: FETextDataset, sd, seed: int) -> dict:
     return {"pixel_weight": None if emap is None else 1.0 + focus * emap, "snr_gamma": extra.get("snr_gamma")}
 
 
+def _dataset(opts, sd, model_dir, rows=None, pixels: bool = False) -> FETextDataset:
+    """FEText at the model's size, served from the on-disk cache (latent_cache.py) of the run's work folder."""
+    from synfer_plugins.sd.latent_cache import cached_latents
+
+    dataset = FETextDataset(opts.data, sd.native_size, None if pixels else sd.tokenize, rows)
+    vae_dir = None if (pixels or model_dir is None) else Path(model_dir) / "vae"
+    array, _ = cached_latents(None if pixels else sd, dataset, opts.run_dir, vae_dir, opts.data)
+    dataset.use_cache(array)
+    return dataset
+
+
+def _common(opts, sd) -> dict:
+    """DiffusionTrainModel's arguments for --bf16 and the cache."""
+    return {"frozen_dtype": torch.bfloat16 if opts.bf16 else None, "cached_latents": sd.vae is not None}
+
+
 def train_generator(opts, **overrides) -> Path:
-    """Fine-tune (or, for the tiny model, train from scratch) the diffusion model on FEText; returns OUT."""
+    """Fine-tune (or, for the tiny model, train from scratch) the diffusion model on FEText; returns OUT.
+    With --lora-rank: a LoRA on the UNet only; OUT gets the UNet with the LoRA fused in and lora/ (lora.py)."""
+    import click
+
     from synfer_plugins.sd.model import SDModel, create_tiny_model
 
     extra = {**opts.extra, **overrides}
+    lora_rank = extra.get("lora_rank") or None
+    if lora_rank and not _is_tiny(opts.model) and Path(opts.out).resolve() == Path(opts.model).resolve():
+        raise click.UsageError("--lora-rank keeps the base model as it is (the LoRA file applies to it): give an --out other than --model")
     rows = read_metadata(opts.data)
     init_dir = opts.run_dir_for("generator") / "init_model"  # the exact starting point, so --resume rebuilds the same model
     if _is_tiny(opts.model):
@@ -261,16 +270,19 @@ def train_generator(opts, **overrides) -> Path:
             sd = create_tiny_model(captions, size=extra.get("size") or 32, seed=opts.seed)  # same on every rank (seeded)
             if int(os.environ.get("RANK", "0")) == 0:
                 sd.save_pretrained(init_dir)
+        base = init_dir
     else:
         sd = SDModel.from_pretrained(opts.model, load_au_adapter=False)
+        base = Path(opts.model)
     tiny = sd.info.get("kind") == "synfer-tiny-sd"
     train_te = extra.get("train_text_encoder")
-    train_te = tiny if train_te is None else train_te
-    lr = opts.lr or (1e-3 if tiny else 1e-5)
+    train_te = (tiny and not lora_rank) if train_te is None else train_te
+    lr = opts.lr or (1e-3 if tiny else 1e-4 if lora_rank else 1e-5)  # 1e-4: diffusers' LoRA example
     ema = tiny if opts.ema is None else opts.ema  # EMA helps the tiny model (docs/results.md, early design measurements)
-    dataset = FETextDataset(opts.data, sd.native_size, sd.tokenize, rows)
+    dataset = _dataset(opts, sd, base, rows)
     model = DiffusionTrainModel(sd, train_unet=True, train_text_encoder=train_te, train_adapter=False,
-                                caption_dropout=extra.get("caption_dropout", 0.1), **_loss_weights(extra, dataset, sd, opts.seed))
+                                caption_dropout=extra.get("caption_dropout", 0.1), lora_rank=lora_rank, **_common(opts, sd),
+                                **_loss_weights(extra, dataset, sd, opts.seed))
     result = _train(opts, model, dataset, lr=lr, ema=ema, name="generator")
     if result.is_main:
         before = 0 if _is_tiny(opts.model) else sd.info.get("trained_iters", 0)  # fine-tuning a tiny model counts on
@@ -278,8 +290,25 @@ def train_generator(opts, **overrides) -> Path:
                         "loss_weights": _loss_settings(extra)})
         if not sd.info.get("kind"):
             sd.info["kind"] = "sd"
-        sd.save_pretrained(opts.out)
+        if lora_rank:
+            _save_lora_model(sd, base, Path(opts.out), lora_rank)
+        else:
+            sd.save_pretrained(opts.out)
     return Path(opts.out)
+
+
+def _save_lora_model(sd, base: Path, out: Path, rank: int) -> None:
+    """OUT/lora/pytorch_lora_weights.safetensors, and OUT as a whole model whose UNet is the float32 base UNet with
+    that file loaded by diffusers and fused (what `pipe.load_lora_weights(OUT/lora)` on the base computes)."""
+    from diffusers import UNet2DConditionModel
+
+    from synfer_plugins.sd.lora import LORA_DIR, fuse_lora_file, save_lora
+
+    save_lora(out / LORA_DIR, sd.unet)
+    sd.unet = fuse_lora_file(UNet2DConditionModel.from_pretrained(str(base / "unet")), out / LORA_DIR)
+    sd.info["lora"] = {"rank": int(rank), "base": str(base.resolve()), "file": f"{LORA_DIR}/pytorch_lora_weights.safetensors",
+                       "note": "the LoRA applies to the base model; unet/ here already has it fused in"}
+    sd.save_pretrained(out)
 
 
 def train_au_adapter(opts, **overrides) -> Path:
@@ -292,15 +321,18 @@ def train_au_adapter(opts, **overrides) -> Path:
     adapter = AUAdapter.for_unet(sd.unet, num_tokens=extra.get("num_tokens", 4), hidden_dim=extra.get("hidden_dim", 256))
     sd.set_au_adapter(adapter)
     tiny = sd.info.get("kind") == "synfer-tiny-sd"
-    dataset = FETextDataset(opts.data, sd.native_size, sd.tokenize)
+    dataset = _dataset(opts, sd, opts.model)
     model = DiffusionTrainModel(sd, train_unet=False, train_text_encoder=False, train_adapter=True, drop_rate=extra.get("drop_rate", 0.05),
-                                **_loss_weights(extra, dataset, sd, opts.seed))
+                                **_common(opts, sd), **_loss_weights(extra, dataset, sd, opts.seed))
     ema = tiny if opts.ema is None else opts.ema
     result = _train(opts, model, dataset, lr=opts.lr or (1e-3 if tiny else 1e-4), ema=ema, name="au_adapter")
     if result.is_main:
         adapter.trained_with = {"iters": result.iters, "fetext": str(opts.data), "loss_weights": _loss_settings(extra)}
         out = Path(opts.out)
         if out.resolve() == Path(opts.model).resolve():
+            adapter.save(out)
+        elif opts.bf16:  # the frozen UNet was cast to bf16 in place: copy the model's own float32 files instead
+            shutil.copytree(opts.model, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("work"))
             adapter.save(out)
         else:
             sd.save_pretrained(out)
@@ -320,7 +352,7 @@ def train_vae(opts, **overrides) -> Path | None:
     if opts.data is None:
         raise click.UsageError("--data FETEXT_DIR is required to train a VAE")
     sd = SDModel.from_pretrained(opts.model, load_au_adapter=False)
-    dataset = FETextDataset(opts.data, sd.native_size)
+    dataset = _dataset(opts, sd, None, pixels=True)  # the resized images, decoded once (uint8, memory-mapped)
     result = _train(opts, VAETrainModel(sd.vae), dataset, lr=opts.lr or 1e-5, ema=bool(opts.ema), name="vae")
     if result.is_main:
         out = Path(opts.out)

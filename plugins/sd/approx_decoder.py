@@ -1,0 +1,191 @@
+"""A cheap differentiable latent-to-RGB decoder for semantic guidance (`semantic_guidance.decoder: approx`).
+
+Eq. 5 only needs the small face the guidance classifier reads (64x64 for tiny-cnn, whose net resizes to
+`size`, and for fer-minixception, whose Keras input is 64x64), yet the VAE decoder is 75% of a guided
+update's FLOPs at 512 px (issue 16). `ApproxDecoder` maps SD latents straight to RGB at that size: a
+few 3x3 convolutions at the latent resolution, then x2 upsamplings (or average-pool downsamplings) to
+`size`. At 512 px (64x64 latents, size 64) it never upsamples: 0.64 GFLOP a forward (78k parameters) against the
+VAE decoder's 2515 GFLOP.
+
+It is distilled from the model's own VAE by `synfer train approx-decoder`: FEText images are encoded
+once (the latent cache of latent_cache.py), and each latent z, and z with Gaussian noise (x0 estimates
+at guidance time are not clean latents), is decoded by the VAE and resized to `size` the way the
+classifiers resize (bilinear, antialiased); the decoder learns that with an MSE loss. The weights go to
+MODEL/approx_decoder/ (config.json + model.safetensors), beside the model they were distilled from.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FOLDER = "approx_decoder"
+NOISE_LEVELS = (0.0, 0.5)  # per latent: the clean latent and one with N(0, 0.5^2) added (units of the scaled latents)
+
+
+class ApproxDecoder(nn.Module):
+    """(N, C, h, w) scaled latents -> (N, 3, size, size) RGB in about [-1, 1] (not clamped)."""
+
+    def __init__(self, latent_channels: int = 4, latent_size: int = 64, size: int = 64, width: int = 64, depth: int = 3):
+        super().__init__()
+        self.config = {"latent_channels": latent_channels, "latent_size": latent_size, "size": size, "width": width, "depth": depth}
+        ratio = size / latent_size
+        steps = round(math.log2(ratio)) if ratio > 0 else 0
+        if 2 ** steps != ratio:
+            raise ValueError(f"approx decoder: output size {size} must be the latent size {latent_size} times a power of 2")
+        layers: list[nn.Module] = [nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
+        ch = width
+        for _ in range(max(steps, 0)):  # each x2 upsampling halves the channels (down to 16): the cost stays at the latent side's
+            out = max(16, ch // 2)
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, out, 3, padding=1), nn.SiLU()]
+            ch = out
+        for _ in range(max(-steps, 0)):
+            layers += [nn.AvgPool2d(2)]
+        layers.append(nn.Conv2d(ch, 3, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def size(self) -> int:
+        return int(self.config["size"])
+
+    def forward(self, latents):
+        return self.net(latents.to(self.net[0].weight.dtype))
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({**self.config, **(extra or {})}, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device="cpu", dtype=None) -> "ApproxDecoder":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        net = cls(**{k: cfg[k] for k in ("latent_channels", "latent_size", "size", "width", "depth")})
+        net.load_state_dict(load_file(str(folder / "model.safetensors")))
+        net.info = cfg
+        return net.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
+
+
+def load_for(model_path: str | Path, device="cpu", dtype=None) -> ApproxDecoder:
+    """MODEL/approx_decoder, or an error that names the command that makes it."""
+    folder = Path(model_path) / FOLDER
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"semantic_guidance.decoder is 'approx' but {folder} holds no approximate decoder; distil one from the "
+                                f"model's VAE with 'synfer train approx-decoder --model {model_path} --data FETEXT_DIR' (minutes on a CPU), "
+                                "or set semantic_guidance.decoder: vae")
+    return ApproxDecoder.load(folder, device=device, dtype=dtype)
+
+
+def vae_target(sd, latents, size: int):
+    """What the classifier reads of the VAE's decode: the image resized to `size` (bilinear, antialiased), in [-1, 1]."""
+    image = sd.decode(latents).float().clamp(-1, 1)
+    if image.shape[-1] != size:
+        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=image.shape[-1] > size)
+    return image
+
+
+def distillation_pairs(sd, latents, size: int, seed: int = 0, batch_size: int = 32):
+    """(inputs, targets): each latent at every NOISE_LEVELS, and the VAE's decode of it at `size` (float16 targets)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs, targets = [], []
+    with torch.no_grad():
+        for start in range(0, len(latents), batch_size):
+            z = torch.from_numpy(np.array(latents[start:start + batch_size], dtype=np.float32))
+            for level in NOISE_LEVELS:
+                zi = z + level * torch.randn(z.shape, generator=gen) if level else z
+                inputs.append(zi)
+                targets.append(vae_target(sd, zi.to(sd.device, sd.dtype), size).cpu().half())
+    return torch.cat(inputs), torch.cat(targets)
+
+
+def decoder_error(decoder, sd, latents, size: int) -> dict:
+    """Mean absolute and RMS error of the decoder against the VAE target (images in [-1, 1]) on `latents`."""
+    with torch.no_grad():
+        want = vae_target(sd, latents, size)
+        got = decoder(latents).float().clamp(-1, 1)
+    d = got - want
+    return {"mae": float(d.abs().mean()), "rmse": float(d.pow(2).mean().sqrt()), "target_std": float(want.std())}
+
+
+# ---------------------------------------------------------------- distillation (synfer train approx-decoder)
+
+
+def _train_model_class():
+    from mmengine.model import BaseModel
+
+    class ApproxDecoderTrainModel(BaseModel):
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def init_weights(self):
+            """Keep the weights as built (seeded)."""
+
+        def forward(self, latents, target, mode: str = "loss"):
+            pred = self.decoder(latents).float()
+            return {"loss": F.mse_loss(pred, target.float())} if mode == "loss" else pred
+
+    return ApproxDecoderTrainModel
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __getitem__(self, i):
+        return {"latents": self.inputs[i], "target": self.targets[i]}
+
+
+def train_approx_decoder(model: str | Path, data: str | Path, out: str | Path | None = None, *, size: int = 64, width: int = 64,
+                         depth: int = 3, iters: int = 2000, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                         work_dir: str | Path | None = None, resume: bool = False, threads: int | None = None,
+                         log_interval: int = 100, holdout: float = 0.1) -> tuple[Path, dict]:
+    """Distil MODEL's VAE decoder into an ApproxDecoder at `size`; returns (folder written, held-out error)."""
+    from synfer.training import run_training, seed_everything
+    from synfer_plugins.sd.data import FETextDataset
+    from synfer_plugins.sd.latent_cache import cached_latents
+    from synfer_plugins.sd.model import SDModel
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    model = Path(model)
+    out = Path(out) if out else model / FOLDER
+    work = Path(work_dir) if work_dir else out / "work"
+    sd = SDModel.from_pretrained(model, load_au_adapter=False)
+    if sd.vae is None:
+        raise ValueError(f"{model} is a pixel-space model (no vae/): its 'latents' are the image, so guidance needs no decoder; "
+                         "semantic_guidance.decoder: approx is for latent models")
+    sd.vae.requires_grad_(False).eval()
+    dataset = FETextDataset(data, sd.native_size)
+    latents, _ = cached_latents(sd, dataset, work, model / "vae", data)
+    n_test = max(1, int(round(holdout * len(latents)))) if len(latents) > 1 else 0
+    train_z = latents[: len(latents) - n_test]
+    inputs, targets = distillation_pairs(sd, train_z, size, seed=seed)
+    seed_everything(seed)
+    decoder = ApproxDecoder(sd.vae.config.latent_channels, sd.native_size // sd.vae_scale_factor, size, width, depth)
+    result = run_training(_train_model_class()(decoder), _Pairs(inputs, targets), work_dir=work, max_iters=iters, batch_size=batch_size,
+                          lr=lr, lr_schedule="cosine", warmup_iters=min(50, iters // 20), log_interval=log_interval, seed=seed,
+                          resume=resume, name="approx_decoder")
+    decoder = result.model.decoder.eval()
+    test_z = torch.from_numpy(np.array(latents[len(latents) - n_test:] if n_test else latents[:1], dtype=np.float32))
+    error = decoder_error(decoder, sd, test_z, size)
+    if result.is_main:
+        decoder.save(out, {"model": str(model.resolve()), "fetext": str(data), "iters": result.iters, "heldout_images": int(len(test_z)),
+                           "heldout_error": error})
+    return out, error

@@ -1,0 +1,105 @@
+"""semantic_guidance.decoder: approx (issue 16 item 1): a small conv decoder distilled from the VAE by
+`synfer train approx-decoder`, differentiable, close to the VAE decode at the classifier's size."""
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+from synfer import labels as L  # noqa: E402
+from synfer.cli import main  # noqa: E402
+from synfer.dataset import read_metadata  # noqa: E402
+
+from test_training import make_fetext  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE = 64
+
+
+class Clf:
+    """A fixed differentiable 8-class 'classifier': mean colour -> logits."""
+
+    label_space = "affectnet8"
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) @ torch.linspace(-1, 1, 24).view(3, 8)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A narrow SD 1.5-topology model (random weights, 64 px: 8x8x4 latents) and its approx decoder, distilled on 24 faces."""
+    from synfer_plugins.sd.testing import build_sd15
+
+    root = tmp_path_factory.mktemp("approx")
+    data = make_fetext(root / "fetext", n=24, size=SIZE)
+    build_sd15(root / "model", [r["caption"] for r in read_metadata(data)] + ["", "a happy person"], "narrow", sample_size=SIZE)
+    result = CliRunner().invoke(main, ["train", "approx-decoder", "--model", str(root / "model"), "--data", str(data), "--iters", "300",
+                                       "--batch-size", "16", "--width", "32", "--log-interval", "100"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "held-out error" in result.output
+    return root
+
+
+@pytest.mark.slow
+def test_approx_decoder_matches_the_vae_decode_at_classifier_size(distilled):
+    import json
+
+    from synfer_plugins.sd.approx_decoder import ApproxDecoder, decoder_error
+    from synfer_plugins.sd.model import SDModel
+
+    dec = ApproxDecoder.load(distilled / "model" / "approx_decoder")
+    assert dec.size == 64 and json.loads((distilled / "model" / "approx_decoder" / "config.json").read_text())["heldout_images"] == 2
+    sd = SDModel.from_pretrained(distilled / "model")
+    from synfer_plugins.sd.training import FETextDataset
+
+    ds = FETextDataset(distilled / "fetext", SIZE)
+    with torch.no_grad():
+        z = sd.encode_image(torch.stack([ds.image(i) for i in range(len(ds))]))
+    err = decoder_error(dec, sd, z, 64)
+    baseline = decoder_error(lambda x: torch.zeros(len(x), 3, 64, 64), sd, z, 64)  # predicting mid-grey everywhere
+    print(err, baseline)
+    # measured (2026-12-02): RMSE 0.299 against 0.336 for mid-grey. A random-weight VAE decoder is a chaotic function of
+    # the latents (global GroupNorm, attention), so a small conv net distils little of it; on out/fetext-quick (922 faces,
+    # 600 steps, width 64) the held-out RMSE is 0.294 against a target std of 0.323 (bench/README.md)
+    assert err["rmse"] < 0.95 * baseline["rmse"] and err["rmse"] < 0.32
+
+
+@pytest.mark.slow
+def test_approx_decode_is_differentiable_and_guides(distilled):
+    from synfer.stages import SampleRequest
+    from synfer_plugins.sd.approx_decoder import ApproxDecoder
+    from synfer_plugins.sd.generator import SDGenerator
+    from synfer_plugins.sd.sampling import GuidanceConfig, SemanticGuidance
+
+    dec = ApproxDecoder.load(distilled / "model" / "approx_decoder")
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
+    dec(z).square().sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # the weights are frozen, the latents get the gradient
+
+    gen = SDGenerator(SDGenerator.Config(model=str(distilled / "model"), steps=4, channels_last=False))
+    reqs = [SampleRequest(index=i, seed=i, expression=e, aus=None, prompt=f"a {e} person") for i, e in enumerate(["happy", "sad"])]
+    text, aus = gen.conditions(reqs)
+    x_t, t = gen.initial_latents(reqs), gen.timesteps()[2]
+    ups = {}
+    for decoder in ("vae", "approx"):
+        sg = SemanticGuidance(gen, Clf(), reqs, aus, GuidanceConfig(start=0.0, lambda_g=1.0, decoder=decoder))
+        ups[decoder] = sg(2, t, x_t, text) - text
+        assert torch.allclose(ups[decoder].flatten(1).norm(dim=1), torch.ones(2), atol=1e-4)  # the text embedding got a gradient
+    # No claim on direction here: on this random-weight VAE the approximation explains ~17% of the decode's variance, and the
+    # two updates measured cosine -0.49 and below for a mean-colour classifier; judging it needs a trained latent model.
+
+
+@pytest.mark.slow
+def test_missing_approx_decoder_names_the_command(tmp_path, distilled):
+    import shutil
+
+    from synfer_plugins.sd.generator import SDGenerator
+    from synfer_plugins.sd.sampling import GuidanceConfig, SemanticGuidance
+
+    bare = tmp_path / "bare"
+    shutil.copytree(distilled / "model", bare, ignore=shutil.ignore_patterns("approx_decoder"))
+    gen = SDGenerator(SDGenerator.Config(model=str(bare), steps=4, channels_last=False))
+    with pytest.raises(FileNotFoundError, match="synfer train approx-decoder --model"):
+        SemanticGuidance(gen, Clf(), [], None, GuidanceConfig(decoder="approx"))
