@@ -151,7 +151,12 @@ def main():
         gen = SDGenerator(SDGenerator.Config(**cfg))
         gen.model = sd
         gen._approx_decoder = approx
-        return lambda reqs: gen.generate(reqs, guidance=guidance)
+
+        def run(reqs):
+            if "chunk" in fields:  # one UNet batch of the measured size, like the bare pipeline (issue 17: chunks
+                gen.config = gen.config.model_copy(update={"chunk": len(reqs)})  # pad a smaller call to the chunk)
+            return gen.generate(reqs, guidance=guidance)
+        return run
 
     def bare(reqs):
         g = [torch.Generator().manual_seed(r.seed) for r in reqs]

@@ -2,15 +2,23 @@
 
     python bench/bench_speed.py                       # everything, ~10 min on 2 cores
     python bench/bench_speed.py --only e2e --n 64     # one section
+    python bench/bench_speed.py --only headline --n 128 --quality   # today's full quickstart beside the new default
 
 Sections (each prints a table; all numbers land in bench/results/speed.json):
   peak     torch float32 matmul GFLOP/s on this machine (the reference for "fraction of peak")
   unet     the tiny UNet's FLOPs per CFG pass (torch.utils.flop_counter) and achieved GFLOP/s
   e2e      `synfer run recipes/quickstart.yaml` images/s, one fresh process per variant
            (weights loading, prompts, PNG + metadata writing included), with peak RSS
+  headline the full quickstart (layout, guidance, calibration, written files) as it was before
+           issue 17 (one sample per UNet call = generator.chunk=1, 25 DDIM steps, torch's default
+           threads) beside the quickstart as it is now (threads: auto), in the same run; with
+           --quality, each output's oracle FER accuracy, label quality and FID (`synfer eval`)
+           (give an --n that is a multiple of the chunk, 16: a short chunk is padded to 16 slots)
+  chunks   the full quickstart at 1 thread, one sample per UNet call (chunk 1, the old exact path)
+           against chunks of 16 (the default), same steps, same run
   bare     the same weights in a bare diffusers StableDiffusionPipeline loop (same steps,
            batch size, CFG scale and AU tokens), and our overhead ratio against it
-  batch    images/s against generator.batch_size (batched UNet)
+  batch    images/s against generator.chunk (the UNet batch shape; batch_size only groups chunks)
   procs    1 process x 2 threads, 1 x 1, and torchrun 2 processes x 1 thread
 
 Every run is a subprocess, so peak memory is per variant and imports are not shared.
@@ -31,28 +39,47 @@ RESULTS = ROOT / "bench" / "results" / "speed.json"
 
 PLAIN = ["guidance_classifier=null", "calibrator=null", "experts=[]", "evaluators=[]", "generator.layout.enabled=false",
          "grid=false", "report=false"]
+ONE = ["generator.chunk=1"]  # one sample per UNet call: what generator.exact_batching=true (retired) did
 VARIANTS = {  # name -> overrides on recipes/quickstart.yaml
-    "text+AU, batched (no layout, guidance, calibration)": PLAIN + ["generator.exact_batching=false"],
-    "text+AU, exact batching (one sample per UNet call)": PLAIN,
-    "+ layout init (batched)": [o for o in PLAIN if "layout" not in o] + ["generator.exact_batching=false",
-                                                                          "generator.layout.source=out/fetext-quick"],
-    "+ semantic guidance (batched)": [o for o in PLAIN if "guidance_classifier" not in o] + ["generator.exact_batching=false"],
+    "text+AU, batched (no layout, guidance, calibration)": PLAIN + ["generator.chunk=16"],
+    "text+AU, one sample per UNet call (chunk 1)": PLAIN + ONE,
+    "+ layout init (batched)": [o for o in PLAIN if "layout" not in o] + ["generator.chunk=16", "generator.layout.source=out/fetext-quick"],
+    "+ semantic guidance (batched)": [o for o in PLAIN if "guidance_classifier" not in o] + ["generator.chunk=16"],
     "+ calibration: FERAnno + tiny-cnn (batched)": [o for o in PLAIN if o not in ("calibrator=null", "experts=[]")]
-    + ["generator.exact_batching=false"],
-    "full quickstart (layout, guidance, calibration; exact)": ["evaluators=[]", "grid=false", "report=false",
-                                                               "generator.layout.source=out/fetext-quick"],
+    + ["generator.chunk=16"],
+    "full quickstart (layout, guidance, calibration; chunk 1)": ["evaluators=[]", "grid=false", "report=false",
+                                                                 "generator.layout.source=out/fetext-quick"] + ONE,
 }
+FULL = ["evaluators=[]", "grid=false", "report=false"]  # the full method; metrics come from `synfer eval` afterwards
+
+
+def before_issue_17(threads: int | None = None) -> list[str]:
+    """Overrides that give back the quickstart as it ran before issue 17: one sample per UNet call, 25 DDIM
+    steps, guidance at every step from 30% on, torch's default thread count. Settings added since (a scheduler,
+    guidance every k steps) are named only where this checkout's sd Config has them."""
+    from synfer_plugins.sd.generator import SDGenerator
+    from synfer_plugins.sd.sampling import GuidanceConfig
+
+    fields, guidance = SDGenerator.Config.model_fields, GuidanceConfig.model_fields
+    old = ONE + ["generator.steps=25", "generator.semantic_guidance.start=0.3", f"threads={threads or os.cpu_count() or 1}"]
+    old += ["generator.scheduler=ddim"] if "scheduler" in fields else []
+    old += ["generator.semantic_guidance.every=1"] if "every" in guidance else []
+    old += ["generator.semantic_guidance.end=1.0"] if "end" in guidance else []
+    return old
+
 
 RUN_ONE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 from synfer.recipe import load_recipe
 from synfer.pipeline import run_recipe
+from synfer.threads import configure
 recipe = load_recipe("recipes/quickstart.yaml", sys.argv[1:])
+threads = configure(recipe.threads)  # as `synfer run` does at start-up
 t1 = time.perf_counter()
 s = run_recipe(recipe, progress=False)
 t2 = time.perf_counter()
-print(json.dumps({"images": s.generated, "run_s": t2 - t1, "import_s": t1 - t0,
+print(json.dumps({"images": s.generated, "run_s": t2 - t1, "import_s": t1 - t0, "threads": threads, "output": recipe.output,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -84,16 +111,17 @@ print(json.dumps({"images": done, "run_s": t2 - t1, "peak_rss_mb": resource.getr
 
 
 def _py(code: str, *args, env=None, launcher=None) -> dict:
-    """Run `code` (or a `launcher` command line) with `args`; its last JSON line of output."""
+    """Run `code` (or a `launcher` command line) with `args`; its last JSON line of output. A None in `env` unsets."""
     cmd = (launcher or [sys.executable, "-c", code]) + [str(a) for a in args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def run_variant(overrides: list[str], n: int, threads: int | None = None, world: int = 1) -> dict:
-    out = tempfile.mkdtemp(prefix="synfer-bench-")
+def run_variant(overrides: list[str], n: int, threads: int | None = None, world: int = 1, out: str | None = None) -> dict:
+    out = out or tempfile.mkdtemp(prefix="synfer-bench-")
     args = [f"num_images={n}", f"output={out}/ds", *overrides]
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     if world > 1:
@@ -156,10 +184,45 @@ def unet_speed(batch_sizes=(1, 16), repeats: int = 10) -> list[dict]:
     return rows
 
 
+def headline(args, results) -> None:
+    """Today's full quickstart (before issue 17) beside the new default, same n, same machine, same run.
+    OMP/MKL_NUM_THREADS are unset for both, so `threads` (the recipe's) decides as `synfer run` would."""
+    unset = {"OMP_NUM_THREADS": None, "MKL_NUM_THREADS": None}
+    rows = {"before issue 17 (chunk 1, 25 DDIM steps, default threads)": before_issue_17(args.before_threads), "quickstart default now": []}
+    results["headline"] = {"n": args.n, "load_before": os.getloadavg()[0]}
+    print(f"| full quickstart, {args.n} images | images/s | wall s | threads | peak RSS MB |"
+          + (" oracle FER acc | label quality | FID |" if args.quality else "") + "\n|---|---|---|---|---|" + ("---|---|---|" if args.quality else ""))
+    for name, overrides in rows.items():
+        out = tempfile.mkdtemp(prefix="synfer-headline-")
+        r = _py(RUN_ONE, f"num_images={args.n}", f"output={out}/ds", "generator.layout.source=out/fetext-quick", *FULL, *overrides,
+                env=unset)
+        r["img_s"], r["overrides"] = r["images"] / r["run_s"], overrides
+        line = f"| {name} | {r['img_s']:.2f} | {r['run_s']:.1f} | {r['threads']} | {r['peak_rss_mb']:.0f} |"
+        if args.quality:
+            r["metrics"] = _py(EVAL, f"{out}/ds", env={**unset, "OMP_NUM_THREADS": "1"})
+            m = r["metrics"]
+            line += f" {m.get('fer_accuracy', float('nan')):.3f} | {m.get('label_quality', float('nan')):.3f} | {m.get('fid', float('nan')):.2f} |"
+        results["headline"][name] = r
+        print(line, flush=True)
+    results["headline"]["load_after"] = os.getloadavg()[0]
+    print(f"load average (1 min) before {results['headline']['load_before']:.2f}, after {results['headline']['load_after']:.2f}")
+
+
+EVAL = r"""
+import json, sys
+from synfer.evaluate import evaluate_dataset
+m = evaluate_dataset(sys.argv[1], "out/fetext-quick-test", ["fer-accuracy", "label-quality", "fid"])
+print(json.dumps(m))
+"""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=128, help="images per end-to-end variant")
-    ap.add_argument("--only", default=None, help="peak | unet | e2e | bare | batch | procs")
+    ap.add_argument("--only", default=None, help="peak | unet | e2e | headline | chunks | bare | batch | procs")
+    ap.add_argument("--before-threads", type=int, default=None, help="headline: threads of the before-issue-17 run "
+                    "(default: the cores, torch's own default then)")
+    ap.add_argument("--quality", action="store_true", help="headline: also evaluate each output (oracle FER accuracy, FID, ...)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
@@ -186,6 +249,15 @@ def main():
             r = run_variant(overrides, args.n)
             results["e2e"][name] = r
             print(f"| {name} | {r['img_s']:.2f} | {r['run_s']:.1f} | {r['peak_rss_mb']:.0f} |", flush=True)
+    if want("headline"):
+        headline(args, results)
+    if want("chunks"):
+        results["chunks"] = {}
+        print(f"| full quickstart, {args.n} images, 1 thread | images/s | wall s |\n|---|---|---|")
+        for c in (1, 16):
+            r = run_variant(FULL + ["generator.layout.source=out/fetext-quick", f"generator.chunk={c}", "threads=1"], args.n)
+            results["chunks"][c] = r
+            print(f"| generator.chunk={c} | {r['img_s']:.2f} | {r['run_s']:.1f} |", flush=True)
     if want("bare"):
         bs = 16
         bare = _py(BARE, args.n, bs, 25, 4.0)
@@ -196,9 +268,9 @@ def main():
               f"overhead {results['bare']['overhead']:.2f}x")
     if want("batch"):
         results["batch"] = {}
-        print("| generator.batch_size | images/s |\n|---|---|")
+        print("| generator.chunk (= batch_size) | images/s |\n|---|---|")
         for bs in (1, 4, 16, 64):
-            r = run_variant(VARIANTS[next(iter(VARIANTS))] + [f"generator.batch_size={bs}"], args.n)
+            r = run_variant(PLAIN + [f"generator.chunk={bs}", f"generator.batch_size={bs}"], args.n)
             results["batch"][bs] = r
             print(f"| {bs} | {r['img_s']:.2f} |", flush=True)
     if want("procs"):

@@ -35,7 +35,7 @@ def main():
         by.setdefault(r["expression"], []).append(r)
     rows = [r for e in by for r in by[e][:args.per_class]]
     oracle = load_net(MODELS / "oracle-cnn")[0]
-    gen = SDGenerator(SDGenerator.Config(model=args.model, guidance_scale=args.cfg, au_scale=0.0, exact_batching=False, batch_size=64))
+    gen = SDGenerator(SDGenerator.Config(model=args.model, guidance_scale=args.cfg, au_scale=0.0, chunk=64, batch_size=64))
     labels = np.array([r["label"] for r in rows])
     x, y, _, all_rows = load_arrays(args.test, "affectnet8")
     pos = {r["index"]: i for i, r in enumerate(all_rows)}

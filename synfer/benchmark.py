@@ -4,9 +4,13 @@ The same small FER classifier (`classifier:`, a registered guidance classifier t
 synfer.stages.TrainableClassifier; default the built-in tiny-cnn) is trained on
 (a) real only, (b) synthetic only and (c) real + synthetic, with the synthetic set at
 several multiples of the real set's size, for several seeds, and tested on a held-out real
-set. Every training gets the same number of steps, so a setting wins by its data, not by a
-longer schedule. Writes `downstream.json` and `downstream.png` (accuracy vs synthetic scale,
-a line per setting, a band for real only) and prints a table.
+set (and, when `real_test_2` names one, on a second held-out split built with another seed:
+every trained model is scored on both, and no setting was chosen on the second). Every
+training gets the same number of steps, so a setting wins by its data, not by a longer
+schedule. `real_per_class` picks the regime (50: data-scarce; 250: data-rich). Writes
+`downstream.json` and `downstream.png` (accuracy and UAR vs synthetic scale, a line per
+setting, a band for real only) and prints a table. `synfer benchmark ssl` (synfer.selfsup)
+adds the self-supervised paradigm in the same format.
 """
 from __future__ import annotations
 
@@ -14,12 +18,15 @@ import time
 from pathlib import Path
 
 import click
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from synfer import labels as L
 from synfer.dataset import write_json
 from synfer.recipe import LabelSpaceName, RecipeModel
 from synfer.seeds import stream_rng
+from synfer.selfsup import SSLConfig
 
 SETTINGS = ("real", "synthetic", "real+synthetic")
 
@@ -29,9 +36,10 @@ class DownstreamConfig(RecipeModel):
     real_train: str  # FEText-format folder (metadata.jsonl with `expression`)
     synthetic: str  # a generated dataset (final `label`, `kept`)
     real_test: str  # held-out real set, FEText format
+    real_test_2: str | None = None  # a second held-out split (another seed); the same models are scored on it too
     label_space: LabelSpaceName = "affectnet8"
     classifier: str = "tiny-cnn"  # a guidance classifier plugin that can be trained from arrays (TrainableClassifier)
-    real_per_class: int = Field(50, gt=0)  # real training images per class (the data-scarce regime)
+    real_per_class: int = Field(50, gt=0)  # real training images per class (50: the data-scarce regime; 250: data-rich)
     scales: list[float] = [1, 2, 5]  # synthetic images per class = scale x real_per_class
     seeds: list[int] = [0, 1, 2]  # each seed redraws the subsets and the initialisation
     iters: int = Field(400, gt=0)  # optimiser steps per training (same for every setting)
@@ -39,10 +47,15 @@ class DownstreamConfig(RecipeModel):
     lr: float = Field(3e-3, gt=0)
     size: int = Field(32, ge=16)  # training/test input size (32 keeps 21 trainings at a few CPU minutes)
     width: int = Field(16, gt=0)  # tiny_cnn width
+    settings: list[Literal["real", "synthetic", "real+synthetic"]] = list(SETTINGS)  # which rows to train
     synthetic_kept_only: bool = True  # train only on samples the calibration kept
+    synthetic_min_confidence: float | None = Field(None, gt=0, le=1)  # drop synthetic samples whose soft label's top probability is lower
+    mix: Literal["concat", "balanced"] = "concat"  # real+synthetic: one pool, or real repeated to the synthetic count (half of each batch)
+    allow_short: bool = False  # true: train on what there is when a class has fewer images than a scale asks for
     test_limit: int | None = Field(None, gt=0)
     threads: int | None = Field(None, gt=0)  # torch.set_num_threads
     output: str | None = None  # folder for downstream.json/png; default: the synthetic dataset folder
+    ssl: SSLConfig = SSLConfig()  # `synfer benchmark ssl`: SimCLR pretraining + linear probe (synfer.selfsup)
 
     @field_validator("scales")
     @classmethod
@@ -93,7 +106,8 @@ def trainable(name: str):
     return cls
 
 
-def train_and_test(cfg: DownstreamConfig, x, y, x_test, y_test, seed: int) -> dict[str, float]:
+def train_and_test(cfg: DownstreamConfig, x, y, tests: dict, seed: int) -> dict[str, float]:
+    """Train one classifier; scores on every test split (`tests`: prefix -> (x, y); prefix "" is the main split)."""
     import contextlib
     import io
 
@@ -108,47 +122,103 @@ def train_and_test(cfg: DownstreamConfig, x, y, x_test, y_test, seed: int) -> di
     except Exception:
         print(log.getvalue())
         raise
-    pred = predict(x_test).argmax(1)
-    return scores(y_test, pred, len(L.label_space(cfg.label_space)))
+    out = {}
+    for prefix, (xt, yt) in tests.items():
+        out.update({prefix + k: v for k, v in scores(yt, predict(xt).argmax(1), len(L.label_space(cfg.label_space))).items()})
+    return out
+
+
+def load_sets(cfg: DownstreamConfig, echo=print):
+    """(x_real, y_real), (x_syn, y_syn), tests {prefix: (x, y)}: the folders as arrays, with the synthetic filters applied."""
+    import numpy as np
+
+    from synfer.arrays import load_arrays
+
+    t0 = time.time()
+    x_real, y_real, _, _ = load_arrays(cfg.real_train, cfg.label_space, cfg.size, kept_only=True, label_key="expression")
+    x_syn, y_syn, _, rows = load_arrays(cfg.synthetic, cfg.label_space, cfg.size, kept_only=cfg.synthetic_kept_only)
+    if cfg.synthetic_min_confidence is not None:
+        conf = np.array([max(r.get("soft_label") or [1.0]) for r in rows])
+        keep = conf >= cfg.synthetic_min_confidence
+        x_syn, y_syn = x_syn[keep], y_syn[keep]
+    tests = {"": load_arrays(cfg.real_test, cfg.label_space, cfg.size, kept_only=True, label_key="expression", limit=cfg.test_limit)[:2]}
+    if cfg.real_test_2:
+        tests["test2_"] = load_arrays(cfg.real_test_2, cfg.label_space, cfg.size, kept_only=True, label_key="expression", limit=cfg.test_limit)[:2]
+    named = [("real_train", y_real), ("synthetic", y_syn)] + [("real_test_2" if k else "real_test", v[1]) for k, v in tests.items()]
+    for name, y in named:
+        if len(y) == 0:
+            raise click.ClickException(f"{name} ({getattr(cfg, name)}) has no images with labels in {cfg.label_space}")
+    echo(f"loaded {len(y_real)} real, {len(y_syn)} synthetic, " + ", ".join(f"{len(v[1])} test{k[4:5] or ''}" for k, v in tests.items())
+         + f" images at {cfg.size}x{cfg.size} ({time.time() - t0:.1f} s)")
+    return (x_real, y_real), (x_syn, y_syn), tests
+
+
+def check_coverage(cfg: DownstreamConfig, y_real, y_syn, scales, echo=print) -> list[str]:
+    """Every class of the real set must hold real_per_class real images and max(scale) x real_per_class synthetic ones,
+    else a row would silently train on fewer (and on a class mix other than asked). Returns the shortfalls."""
+    import numpy as np
+
+    n = len(L.label_space(cfg.label_space))
+    present = np.flatnonzero(np.bincount(y_real, minlength=n))  # the classes of the real set (of the protocol)
+    short = []
+    for name, y, need in (("real_train", y_real, cfg.real_per_class),
+                          ("synthetic", y_syn, int(round(max(scales, default=0) * cfg.real_per_class)))):
+        have = np.bincount(y, minlength=n)
+        low = [f"{L.label_space(cfg.label_space)[c]} {have[c]}" for c in present if have[c] < need]
+        if need and low:
+            short.append(f"{name} ({getattr(cfg, name)}) has fewer than {need} images in: {', '.join(low)}")
+    if short and not cfg.allow_short:
+        raise click.ClickException("; ".join(short) + ". Expected every class to cover real_per_class x the largest scale. "
+                                   "Generate more (a larger num_images resumes the run), lower `scales`/`real_per_class`, "
+                                   "or set allow_short=true to train on what there is (rows record their real image counts).")
+    for line in short:
+        echo(f"warning: {line} (allow_short: rows train on fewer)")
+    return short
+
+
+def compose(setting, x_real, y_real, x_syn, y_syn, mix: str):
+    """The training arrays of a setting; `balanced` repeats the real images to about the synthetic count."""
+    import numpy as np
+
+    if setting == "real" or len(y_syn) == 0:
+        return x_real, y_real
+    if setting == "synthetic":
+        return x_syn, y_syn
+    reps = max(1, int(round(len(y_syn) / max(len(y_real), 1)))) if mix == "balanced" else 1
+    return np.concatenate([x_real] * reps + [x_syn]), np.concatenate([y_real] * reps + [y_syn])
 
 
 def run_downstream(cfg: DownstreamConfig, echo=print) -> dict:
     """All trainings; returns the downstream.json content (and writes it, with the plot)."""
-    import numpy as np
     import torch
-
-    from synfer.arrays import load_arrays
 
     trainable(cfg.classifier)  # before the images load: a wrong name fails at once
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    x_real, y_real, _, _ = load_arrays(cfg.real_train, cfg.label_space, cfg.size, kept_only=True, label_key="expression")
-    x_syn, y_syn, _, _ = load_arrays(cfg.synthetic, cfg.label_space, cfg.size, kept_only=cfg.synthetic_kept_only)
-    x_test, y_test, _, _ = load_arrays(cfg.real_test, cfg.label_space, cfg.size, kept_only=True, label_key="expression", limit=cfg.test_limit)
-    for name, y in (("real_train", y_real), ("synthetic", y_syn), ("real_test", y_test)):
-        if len(y) == 0:
-            raise click.ClickException(f"{name} ({getattr(cfg, name)}) has no images with labels in {cfg.label_space}")
-    echo(f"loaded {len(y_real)} real, {len(y_syn)} synthetic, {len(y_test)} test images at {cfg.size}x{cfg.size} ({time.time() - t0:.1f} s)")
+    (x_real, y_real), (x_syn, y_syn), tests = load_sets(cfg, echo)
+    plan = ([("real", 0.0)] if "real" in cfg.settings else []) + [(s, k) for s in SETTINGS[1:] if s in cfg.settings for k in cfg.scales]
+    short = check_coverage(cfg, y_real, y_syn, [k for _, k in plan], echo)
     runs = []
-    plan = [("real", 0.0)] + [(s, k) for s in SETTINGS[1:] for k in cfg.scales]
     for seed in cfg.seeds:
         rng = stream_rng(seed, "benchmark.real")
         real_idx = per_class_subset(y_real, cfg.real_per_class, rng)
         for setting, scale in plan:
             # one permutation per seed: the 2x synthetic subset contains the 1x one
             syn_idx = per_class_subset(y_syn, int(round(scale * cfg.real_per_class)), stream_rng(seed, "benchmark.synthetic")) if scale else []
-            parts_x = ([x_real[real_idx]] if setting != "synthetic" else []) + ([x_syn[syn_idx]] if scale else [])
-            parts_y = ([y_real[real_idx]] if setting != "synthetic" else []) + ([y_syn[syn_idx]] if scale else [])
-            x, y = np.concatenate(parts_x), np.concatenate(parts_y)
+            x, y = compose(setting, x_real[real_idx], y_real[real_idx], x_syn[syn_idx], y_syn[syn_idx], cfg.mix)
             t = time.time()
-            res = train_and_test(cfg, x, y, x_test, y_test, seed)
+            res = train_and_test(cfg, x, y, tests, seed)
             run = {"setting": setting, "scale": scale, "seed": seed, "train_images": int(len(y)),
                    "synthetic_images": int(len(syn_idx)), **res, "seconds": round(time.time() - t, 2)}
             runs.append(run)
-            echo(f"  seed {seed} {setting:<15} x{scale:<4g} {len(y):>5} imgs  acc {res['accuracy']:.3f}  uar {res['uar']:.3f}  ({run['seconds']:.1f} s)")
+            extra = f"  | test2 acc {res['test2_accuracy']:.3f} uar {res['test2_uar']:.3f}" if "test2_accuracy" in res else ""
+            echo(f"  seed {seed} {setting:<15} x{scale:<4g} {len(y):>5} imgs  acc {res['accuracy']:.3f}  uar {res['uar']:.3f}{extra}  ({run['seconds']:.1f} s)")
+    counts = {"real_train": int(len(y_real)), "synthetic": int(len(y_syn)), "real_test": int(len(tests[""][1]))}
+    if "test2_" in tests:
+        counts["real_test_2"] = int(len(tests["test2_"][1]))
     result = {"config": cfg.model_dump(), "runs": runs, "summary": summarize(runs), "seconds": round(time.time() - t0, 1),
-              "counts": {"real_train": int(len(y_real)), "synthetic": int(len(y_syn)), "real_test": int(len(y_test))}}
+              "counts": counts, "short": short}
     out = Path(cfg.output or cfg.synthetic)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "downstream.json", result)
@@ -156,16 +226,26 @@ def run_downstream(cfg: DownstreamConfig, echo=print) -> dict:
     return result
 
 
+METRICS = ("accuracy", "uar", "test2_accuracy", "test2_uar")
+
+
+def setting_order(setting: str) -> tuple[int, str]:
+    from synfer.selfsup import SSL_SETTINGS
+
+    known = SETTINGS + SSL_SETTINGS
+    return (known.index(setting), "") if setting in known else (len(known), setting)
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    """Mean and std over seeds per (setting, scale)."""
+    """Mean and std over seeds per (setting, scale), of every metric the runs carry (the second split's too)."""
     import numpy as np
 
-    keys = sorted({(r["setting"], r["scale"]) for r in runs}, key=lambda k: (SETTINGS.index(k[0]), k[1]))
+    keys = sorted({(r["setting"], r["scale"]) for r in runs}, key=lambda k: (setting_order(k[0]), k[1]))
     out = []
     for setting, scale in keys:
         rs = [r for r in runs if r["setting"] == setting and r["scale"] == scale]
         row = {"setting": setting, "scale": scale, "seeds": len(rs), "train_images": int(np.mean([r["train_images"] for r in rs]))}
-        for m in ("accuracy", "uar"):
+        for m in (m for m in METRICS if all(m in r for r in rs)):
             v = np.array([r[m] for r in rs])
             row[f"{m}_mean"], row[f"{m}_std"] = float(v.mean()), float(v.std())
         out.append(row)
@@ -173,17 +253,19 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'setting':<16}{'scale':>6}{'images':>8}{'accuracy':>17}{'UAR':>17}"]
+    two = any("test2_accuracy_mean" in r for r in result["summary"])
+    lines = [f"{'setting':<20}{'scale':>6}{'images':>8}{'accuracy':>17}{'UAR':>17}" + (f"{'split 2 acc':>17}{'split 2 UAR':>17}" if two else "")]
     for r in result["summary"]:
-        scale = "-" if r["setting"] == "real" else f"{r['scale']:g}x"
-        lines.append(f"{r['setting']:<16}{scale:>6}{r['train_images']:>8}"
-                     f"{r['accuracy_mean']:>10.3f} ± {r['accuracy_std']:.3f}{r['uar_mean']:>10.3f} ± {r['uar_std']:.3f}")
+        scale = "-" if r["scale"] == 0 else f"{r['scale']:g}x"
+        cells = "".join(f"{r[f'{m}_mean']:>10.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS[:4 if two else 2] if f"{m}_mean" in r)
+        lines.append(f"{r['setting']:<20}{scale:>6}{r['train_images']:>8}{cells}")
     lines.append(f"({len(result['runs'])} trainings, {result['seconds']:.0f} s in all; mean ± std over seeds)")
     return "\n".join(lines)
 
 
 def plot_downstream(result: dict, path):
-    """Fig. 6 style: accuracy and UAR vs synthetic scale; real-only as a horizontal band."""
+    """Fig. 6 style: accuracy and UAR vs synthetic scale; real-only as a horizontal band; the second
+    held-out split (when scored) in dotted lines of the same colours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,18 +274,22 @@ def plot_downstream(result: dict, path):
     summary = result["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
     for ax, m, title in zip(axes, ("accuracy", "uar"), ("accuracy", "UAR")):
-        for r in (r for r in summary if r["setting"] == "real"):
+        for r in (r for r in summary if r["scale"] == 0):
             lo, hi = r[f"{m}_mean"] - r[f"{m}_std"], r[f"{m}_mean"] + r[f"{m}_std"]
             ax.axhspan(lo, hi, color="0.6", alpha=0.3, lw=0)
-            ax.axhline(r[f"{m}_mean"], color="0.3", ls="--", label=f"real only ({r['train_images']} imgs)")
-        for setting, style in (("synthetic", "o-"), ("real+synthetic", "s-")):
-            rs = [r for r in summary if r["setting"] == setting]
-            if rs:
-                ax.errorbar([r["scale"] for r in rs], [r[f"{m}_mean"] for r in rs], yerr=[r[f"{m}_std"] for r in rs],
-                            fmt=style, capsize=3, label=f"{setting} only" if setting == "synthetic" else setting)
+            ax.axhline(r[f"{m}_mean"], color="0.3", ls="--", label=f"{r['setting']} only ({r['train_images']} imgs)")
+            if f"test2_{m}_mean" in r:
+                ax.axhline(r[f"test2_{m}_mean"], color="0.3", ls=":", label="(dotted: split 2)")
+        for i, setting in enumerate(sorted({r["setting"] for r in summary if r["scale"]}, key=setting_order)):
+            rs = [r for r in summary if r["setting"] == setting and r["scale"]]
+            kw = dict(color=f"C{i}", capsize=3)
+            ax.errorbar([r["scale"] for r in rs], [r[f"{m}_mean"] for r in rs], yerr=[r[f"{m}_std"] for r in rs],
+                        fmt="os^v"[i % 4] + "-", label=f"{setting} only" if setting == "synthetic" else setting, **kw)
+            if all(f"test2_{m}_mean" in r for r in rs):
+                ax.plot([r["scale"] for r in rs], [r[f"test2_{m}_mean"] for r in rs], ":", color=f"C{i}")
         ax.set_xlabel("synthetic images (x real set size)")
         ax.set_ylabel(f"test {title} (real)")
-        ax.set_xticks(sorted({r["scale"] for r in summary if r["setting"] != "real"}))
+        ax.set_xticks(sorted({r["scale"] for r in summary if r["scale"]}))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
     cfg = result.get("config", {})
@@ -232,9 +318,18 @@ def downstream(recipe, overrides):
         cfg = load_config(recipe, overrides)
     except RecipeError as exc:
         raise click.ClickException(str(exc))
-    n = len(cfg.seeds) * (1 + 2 * len(cfg.scales))
+    n = len(cfg.seeds) * (("real" in cfg.settings) + (len(cfg.settings) - ("real" in cfg.settings)) * len(cfg.scales))
     click.echo(f"downstream: {n} trainings of {cfg.iters} steps at {cfg.size}x{cfg.size}")
     result = run_downstream(cfg, echo=click.echo)
     click.echo(table(result))
     out = Path(cfg.output or cfg.synthetic)
     click.echo(f"-> {out / 'downstream.json'}, {out / 'downstream.png'}")
+
+
+def _add_ssl():
+    from synfer.selfsup import ssl_command
+
+    benchmark_cli.add_command(ssl_command)
+
+
+_add_ssl()

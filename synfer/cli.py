@@ -133,6 +133,9 @@ def run(recipe, overrides, limit, force):
     OVERRIDES are key=value pairs, e.g. generator.steps=10 num_images=16 output=out/x
     """
     r = _load_recipe(recipe, overrides)
+    from synfer.threads import configure
+
+    configure(r.threads)  # once, before any torch work (synfer/threads.py)
     from synfer.pipeline import run_recipe
 
     from synfer.resume import ResumeMismatch

@@ -23,6 +23,8 @@ from pydantic import Field
 
 from synfer import labels as L
 from synfer.recipe import LabelSpaceName, OutputDir, RecipeError, RecipeModel, Seed, validate_recipe
+from synfer.threads import configure as configure_threads
+from synfer.threads import threads_option
 
 SUMMARY_FILE = "fetext_summary.json"
 STAGE_BLOCKS = {"upscaler": "upscaler", "captioner": "captioner", "au_detector": "au_detector"}
@@ -363,12 +365,14 @@ def fetext_cli():
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs, CI).")
-def build(recipe, overrides, no_progress):
+@threads_option
+def build(recipe, overrides, no_progress, threads):
     """Build FEText from a recipe; a rerun resumes.
 
     OVERRIDES are key=value pairs, e.g. output=out/x limit=100 sources.0.limit=50
     """
     r = _load(recipe, overrides)
+    configure_threads(threads)
     click.echo(build_fetext(r, progress=not no_progress).table())
 
 

@@ -1,8 +1,9 @@
 """The run loop of `synfer run`: plan -> generate -> calibrate -> write -> evaluate.
 
 Stages are plain objects called through their typed methods. Every sample's
-randomness derives from (recipe seed, sample index), so the output does not depend
-on the batch size, the number of workers, or an interruption and resume.
+randomness derives from (recipe seed, sample index), and the plan is split in whole chunks
+of the generator's `chunk` indices (the shape its batches always have), so the output does
+not depend on the batch size, the number of workers, or an interruption and resume.
 """
 from __future__ import annotations
 
@@ -56,9 +57,18 @@ def iter_plan(recipe: Recipe, indices) -> Iterator[SampleRequest]:
         yield SampleRequest(index=index, seed=seed, expression=expression, aus=L.au_dict(aus))
 
 
-def shard(requests: list[SampleRequest], rank: int, world: int) -> list[SampleRequest]:
-    """Deterministic sharding by sample index: N workers produce exactly what one would."""
-    return [r for r in requests if r.index % world == rank]
+def shard(n: int, chunk: int, rank: int, world: int) -> Iterator[int]:
+    """The sample indices of rank `rank` of `world`: chunks k = [k*chunk, (k+1)*chunk) with k % world == rank,
+    so a chunk is never split between workers and N workers produce exactly what one would."""
+    for k in range(rank, -(-n // chunk), world):
+        yield from range(k * chunk, min((k + 1) * chunk, n))
+
+
+def shard_size(n: int, chunk: int, rank: int, world: int) -> int:
+    """How many indices `shard` yields, without walking them."""
+    chunks = -(-n // chunk)
+    size = len(range(rank, chunks, world)) * chunk
+    return size - (chunks * chunk - n if chunks and (chunks - 1) % world == rank else 0)
 
 
 @dataclass
@@ -186,7 +196,7 @@ def _reduce_device(dist):
 def run_recipe(recipe: Recipe, limit: int | None = None, registry=None, progress: bool = True, force: bool = False) -> RunSummary:
     """Generate, label and write every planned sample not yet on disk, then merge, summarise, evaluate.
 
-    Under torchrun each rank takes the indices `index % world == rank` and appends to its own
+    Under torchrun each rank takes the chunks `(index // chunk) % world == rank` and appends to its own
     metadata part; rank 0 merges after a barrier and runs the summary steps alone. Every step
     after generation rewrites its file whole (atomically), so a rerun after a crash ends with the
     same files as an uninterrupted run. A rerun whose recipe would draw other samples than the
@@ -210,16 +220,18 @@ def _run(recipe, limit, registry, progress, t0, rank, world, out, force) -> RunS
     check_resume(recipe, out, collect_rows(out), force=force, registry=registry, write=rank == 0)  # before anything is written
     writer = DatasetWriter(out, part=part_name(rank) if world > 1 else None)
     n = recipe.num_images if limit is None else min(limit, recipe.num_images)
-    mine = range(rank, n, world)  # deterministic sharding by sample index: N workers produce what one would
-    done_mine = sum(1 for i in writer.done if i < n and i % world == rank)
-    todo = (r for r in iter_plan(recipe, (i for i in mine if i not in writer.done)))  # lazy: progress from the first sample
     stages = Stages(recipe, registry)
     classes = L.label_space(recipe.label_space)
-    batch_size = int(getattr(stages.generator.config, "batch_size", 8) or 8)
+    chunk = max(1, int(getattr(stages.generator, "chunk", 1) or 1))  # the generator's batch shape (synfer.stages.Generator)
+    mine = shard_size(n, chunk, rank, world)
+    done_mine = sum(1 for i in writer.done if i < n and (i // chunk) % world == rank)
+    todo_plan = iter_plan(recipe, (i for i in shard(n, chunk, rank, world) if i not in writer.done))  # lazy
+    todo = (list(g) for _, g in itertools.groupby(todo_plan, key=lambda r: r.index // chunk))  # one list per chunk
+    per_call = -(-int(getattr(stages.generator.config, "batch_size", 8) or 8) // chunk)  # whole chunks per generate() call
     generated = failed = 0
-    with tqdm(total=len(mine) - done_mine, desc=f"generate (rank {rank}/{world})" if world > 1 else "generate", unit="img",
+    with tqdm(total=mine - done_mine, desc=f"generate (rank {rank}/{world})" if world > 1 else "generate", unit="img",
               disable=not progress or (rank != 0 and world > 1)) as bar:
-        while batch := list(itertools.islice(todo, batch_size)):
+        while batch := [r for rs in itertools.islice(todo, per_call) for r in rs]:
             for r, p in zip(batch, stages.prompter.prompt(batch)):
                 r.prompt = p
             samples = stages.generator.generate(batch, guidance=stages.guidance)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synfer import labels as L
+from synfer.threads import parse as parse_threads
 
 
 class RecipeError(ValueError):
@@ -62,6 +63,7 @@ def _not_a_file(v: str) -> str:
 LabelSpaceName = Annotated[str, AfterValidator(_known_space)]  # a key of synfer.labels.LABEL_SPACES
 Seed = Annotated[int, Field(ge=0)]  # numpy seed sequences take only non-negative integers
 OutputDir = Annotated[str, AfterValidator(_not_a_file)]  # a dataset folder, existing or not, never a file
+Threads = Annotated[int | str, AfterValidator(parse_threads)]  # "auto" or a positive int
 Mix = Annotated[dict[str, float] | list[str] | None, AfterValidator(_mix_weights)]  # None = every class equally
 
 
@@ -135,6 +137,8 @@ class Recipe(RecipeModel):
     evaluators: list[dict[str, Any]] = []
     grid: bool = True  # write <output>-grid.png next to the dataset
     report: bool = True  # write <output>/report.html (synfer report)
+    threads: Threads = "auto"  # CPU threads, set once at start; auto: OMP_NUM_THREADS if set, else free cores split by torchrun workers
+    # (cores minus load average, at least 1; synfer/threads.py). Never blocks a resume
 
     @classmethod
     def item_problems(cls, key, i, block, registry):

@@ -6,7 +6,7 @@ model or label space would silently mix two datasets. `check_resume` compares th
 change what is drawn (every key of the resolved recipe, stage blocks with their plugins'
 defaults filled in) and names those that differ; `--force` (force=True) continues anyway and
 records the new recipe. Keys that only say how many or what else to do (`num_images`,
-`evaluators`, `grid`, `report`, batch sizes) never block: growing a run is a resume too.
+`evaluators`, `grid`, `report`, `threads`, batch sizes) never block: growing a run is a resume too.
 The output path itself is not stored (a moved folder still resumes).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 RECIPE_FILE = "recipe.json"
 # Top-level keys that do not change any sample's pixels or labels.
-FREE_KEYS = ("num_images", "output", "evaluators", "grid", "report")
+FREE_KEYS = ("num_images", "output", "evaluators", "grid", "report", "threads")
 # Leaf names that change speed or memory only (the output does not depend on the batch size).
 FREE_LEAVES = ("batch_size",)
 

@@ -169,6 +169,9 @@ class Generator(Stage):
     """Text + AU conditioned diffusion sampler (paper 4.2, 4.3)."""
 
     kind = "generator"
+    # Sample indices the run keeps together: torchrun ranks and resumes split the plan in whole chunks
+    # [kC, (k+1)C), and each generate() call gets whole chunks (minus samples already on disk). 1: any split.
+    chunk: int = 1
 
     @abc.abstractmethod
     def generate(self, requests: list[SampleRequest], guidance: "GuidanceClassifier | None" = None) -> list[GeneratedSample]: ...

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import click
 
 from synfer.checkpoints import latest_checkpoint  # noqa: F401  (resume looks here; tests and plugins import it from synfer.training)
+from synfer.threads import apply_to_subcommands, threads_option
 
 OWN_CHECKPOINT_PREFIX = "synfer-run://"
 DEFAULT_SCOPE = "synfer"
@@ -411,6 +412,8 @@ def kind_work_dir(out, kind: str, work_dir=None) -> Path:
     return run
 
 
+@apply_to_subcommands
 @click.group("train")
-def train_cli():
+@threads_option
+def train_cli(threads):
     """Train the models of the method (runs under torchrun for several GPUs); plugins add the subcommands."""

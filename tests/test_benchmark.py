@@ -77,3 +77,75 @@ def test_downstream_config_is_strict(tmp_path):
     assert "itres" in str(err.value) and "scales" in str(err.value)
     shipped = Path(__file__).parents[1] / "recipes" / "downstream.yaml"
     assert bench.load_config(shipped).scales == [1, 2, 5]
+
+
+def test_uar_on_a_known_confusion():
+    # confusion (rows true, cols predicted): class 0: 6 right, 2 as 1; class 1: 1 right, 1 as 0; class 2: 2 right
+    y = np.array([0] * 8 + [1] * 2 + [2] * 2)
+    p = np.array([0] * 6 + [1] * 2 + [1, 0] + [2, 2])
+    out = bench.scores(y, p, 3)
+    assert out["accuracy"] == pytest.approx(9 / 12)
+    assert out["uar"] == pytest.approx((6 / 8 + 1 / 2 + 1) / 3)  # 0.75: the small class counts as much as the large one
+
+
+def test_second_split_is_scored_by_the_same_models(tmp_path):
+    from click.testing import CliRunner
+
+    real, syn, test = write_set(tmp_path / "real", 30, 0, False), write_set(tmp_path / "syn", 60, 1, True), write_set(tmp_path / "test", 15, 2, False)
+    test2 = write_set(tmp_path / "test2", 9, 7, False)
+    recipe = tmp_path / "downstream.yaml"
+    recipe.write_text(yaml.safe_dump({"real_train": str(real), "synthetic": str(syn), "real_test": str(test), "real_test_2": str(test2),
+                                      "real_per_class": 4, "scales": [1], "seeds": [0, 1], "iters": 3, "batch_size": 8, "size": 16, "width": 8,
+                                      "settings": ["real", "real+synthetic"], "output": str(tmp_path / "out")}))
+    res = CliRunner().invoke(bench.benchmark_cli, ["downstream", str(recipe)])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "out" / "downstream.json").read_text())
+    assert [(r["setting"], r["seed"]) for r in result["runs"]] == [("real", 0), ("real+synthetic", 0), ("real", 1), ("real+synthetic", 1)]
+    assert result["counts"]["real_test_2"] == 9
+    for r in result["runs"]:  # split 2 has 9 images: every accuracy is a multiple of 1/9
+        assert round(r["test2_accuracy"] * 9, 6) == round(r["test2_accuracy"] * 9)
+    for r in result["summary"]:
+        v = [x["test2_uar"] for x in result["runs"] if x["setting"] == r["setting"]]
+        assert r["test2_uar_mean"] == pytest.approx(np.mean(v)) and r["test2_uar_std"] == pytest.approx(np.std(v))
+    assert "split 2 acc" in res.output
+
+
+def test_data_rich_regime_checks_coverage(tmp_path):
+    """real_per_class 250 at 5x needs 1,250 synthetic per class: a short set fails with what to do, or trains on fewer if allowed."""
+    import click
+
+    shipped = Path(__file__).parents[1] / "recipes" / "downstream.yaml"
+    cfg = bench.load_config(shipped, ["real_per_class=250"])
+    assert cfg.real_per_class == 250 and cfg.scales == [1, 2, 5]
+    y_real = np.repeat(np.arange(8), 300)
+    y_syn = np.repeat(np.arange(8), 260)
+    with pytest.raises(click.ClickException) as err:
+        bench.check_coverage(cfg, y_real, y_syn, cfg.scales, echo=lambda m: None)
+    assert "fewer than 1250" in err.value.message and "allow_short" in err.value.message
+    assert bench.check_coverage(cfg, y_real, y_syn, [1], echo=lambda m: None) == []  # 1x needs 250 per class: covered
+    said = []
+    short = bench.check_coverage(bench.load_config(shipped, ["real_per_class=250", "allow_short=true"]), y_real[:2000], y_syn, [2], said.append)
+    assert len(short) == 2 and len(said) == 2  # real 250 per class and synthetic 500 per class both short, both said
+    with pytest.raises(Exception):
+        bench.load_config(shipped, ["mix=half"])
+
+
+def test_balanced_mix_and_confidence_filter(tmp_path):
+    x_r, y_r = np.zeros((10, 4, 4, 3), np.uint8), np.arange(10) % 2
+    x_s, y_s = np.ones((50, 4, 4, 3), np.uint8), np.arange(50) % 2
+    x, y = bench.compose("real+synthetic", x_r, y_r, x_s, y_s, "balanced")
+    assert len(y) == 100 and (x[:, 0, 0, 0] == 0).sum() == 50  # real repeated 5x: half of every batch, in expectation
+    assert len(bench.compose("real+synthetic", x_r, y_r, x_s, y_s, "concat")[1]) == 60
+    syn = write_set(tmp_path / "syn", 12, 1, True)
+    rows = [json.loads(line) for line in (syn / "metadata.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):  # soft labels: top probability 0.9 for even indices, 0.4 for odd
+        r["soft_label"] = [0.9, 0.1] if i % 2 == 0 else [0.4, 0.3, 0.3]
+    (syn / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real = write_set(tmp_path / "real", 6, 0, False)
+    base = {"real_train": str(real), "synthetic": str(syn), "real_test": str(real), "size": 16}
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(yaml.safe_dump(base))
+    kept = [i for i in range(12) if i % 7 != 3]
+    n_all = len(bench.load_sets(bench.load_config(recipe), echo=lambda m: None)[1][1])
+    n_conf = len(bench.load_sets(bench.load_config(recipe, ["synthetic_min_confidence=0.5"]), echo=lambda m: None)[1][1])
+    assert n_all == len(kept) and n_conf == len([i for i in kept if i % 2 == 0])

@@ -90,7 +90,7 @@ def test_sd15_recipe_on_tiny_models(tmp_path):
     torch.jit.save(torch.jit.script(Clf()), str(tmp_path / "clf.ts"))
     clf = {"plugin": "torch-checkpoint", "path": str(tmp_path / "clf.ts"), "label_space": "affectnet8", "size": 16}
     overrides = [f"output={tmp_path / 'out'}", "num_images=3", f"generator.model={tmp_path / 'sd15'}", "generator.dtype=float32",
-                 "generator.device=cpu", "generator.steps=3", "generator.batch_size=2", f"generator.layout.source={tmp_path / 'fetext'}",
+                 "generator.device=cpu", "generator.steps=3", "generator.batch_size=2", "generator.chunk=2", f"generator.layout.source={tmp_path / 'fetext'}",
                  f"guidance_classifier={clf}", f"calibrator.weights={tmp_path / 'feranno'}",
                  f"experts=[{clf}, {dict(clf, weight=2.0)}]", "evaluators=[]"]
     recipe = load_recipe(ROOT / "recipes" / "sd15-affectnet8.yaml", overrides)

@@ -131,16 +131,16 @@ def test_semantic_guidance_lowers_loss_and_spares_weights(model_dir, classifier)
 
 def test_guided_generation_is_batch_size_invariant(model_dir, classifier):
     imgs = {}
-    for bs in (1, 3):
-        g = generator(model_dir, steps=6, batch_size=bs, semantic_guidance=dict(start=0.5, lambda_g=0.3))
-        out = g.generate(requests(3), guidance=classifier)
+    for bs in (1, 3):  # one sample per generate() call vs all three: the same chunk of 3
+        g = generator(model_dir, steps=6, chunk=3, batch_size=bs, semantic_guidance=dict(start=0.5, lambda_g=0.3))
+        out = [s for r in requests(3) for s in g.generate([r], guidance=classifier)] if bs == 1 else g.generate(requests(3), guidance=classifier)
         imgs[bs] = [np.asarray(s.image) for s in out]
         assert out[0].extra["semantic_guidance"]["lambda_g"] == 0.3
     for a, b in zip(imgs[1], imgs[3]):
         assert np.array_equal(a, b)
     # the moved embedding is what the later steps denoise with: guided != unguided, and a zero
     # step (lambda_g 0, same callback) gives back the unguided pixels exactly
-    # (first sample only: each sample is denoised on its own, so it is the same sample as in the batch)
+    # (first sample only, at its place in the chunk: the same sample as in the batch)
     g = generator(model_dir, steps=6, batch_size=3, semantic_guidance=dict(start=0.5, lambda_g=0.0))
     zero = np.asarray(g.generate(requests(1), guidance=classifier)[0].image)
     plain = np.asarray(g.generate(requests(1), guidance=None)[0].image)

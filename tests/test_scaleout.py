@@ -72,8 +72,9 @@ def test_kill9_at_each_point_then_rerun_gives_identical_files(tmp_path):
 @pytest.mark.slow  # subprocess runs
 def test_torchrun_two_processes_equal_one(tmp_path):
     """`torchrun --nproc-per-node 2 -m synfer run` (gloo) writes the same bytes as one process:
-    the shipped tiny model with semantic guidance, FERAnno and an expert vote."""
-    data = {"generator": {"plugin": "sd", "steps": 4, "batch_size": 3, "layout": {"enabled": False}},
+    the shipped tiny model with semantic guidance, FERAnno and an expert vote. Chunks of 3 over 8
+    samples: rank 0 runs chunks 0 and 2 (the short one, padded), rank 1 chunk 1."""
+    data = {"generator": {"plugin": "sd", "steps": 4, "chunk": 3, "batch_size": 3, "layout": {"enabled": False}},
             "guidance_classifier": {"plugin": "tiny-cnn"}, "calibrator": {"plugin": "feranno"},
             "experts": [{"plugin": "tiny-cnn", "weight": 1.0}], "num_images": 8}
     one, two = tmp_path / "one" / "ds", tmp_path / "two" / "ds"
@@ -134,7 +135,7 @@ def test_nan_during_guidance_is_retried_with_derived_seed_or_dropped(tmp_path, r
 
     def recipe(name, poison):
         p = _write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, num_images=3, grid=False, evaluators=[], experts=[],
-                          generator={"plugin": "sd", "steps": 3, "layout": {"enabled": False}, "nan_retries": 1,
+                          generator={"plugin": "sd", "steps": 3, "chunk": 1, "layout": {"enabled": False}, "nan_retries": 1,
                                      "semantic_guidance": {"start": 0.0}},
                           guidance_classifier={"plugin": "dummy-nan", "poison_calls": poison})
         return load_recipe(p, registry=registry)

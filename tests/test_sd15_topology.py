@@ -200,7 +200,7 @@ def _run_recipe(world, out, dtype, device):
 
     clf = {"plugin": "torch-checkpoint", "path": str(world / "clf.ts"), "label_space": "affectnet8", "size": SIZE}
     overrides = [f"output={out}", "num_images=2", f"generator.model={world / 'sd15-fer'}", f"generator.dtype={dtype}",
-                 f"generator.device={device}", "generator.steps=3", "generator.batch_size=2", "generator.channels_last=false", "vote.threshold=0",
+                 f"generator.device={device}", "generator.steps=3", "generator.batch_size=2", "generator.chunk=2", "generator.channels_last=false", "vote.threshold=0",
                  f"generator.layout.source={world / 'fetext'}", "generator.semantic_guidance.micro_batch=1",
                  f"guidance_classifier={clf}", f"calibrator.weights={world / 'feranno'}", f"experts=[{clf}, {dict(clf, weight=2.0)}]",
                  f"evaluators=[{{plugin: fer-accuracy, judge: {clf}}}]"]

@@ -3,9 +3,13 @@
 The model itself (loading, text/image encoding, one UNet pass) is `SDModel` in model.py;
 layout initialization and semantic guidance are in sampling.py; training in training.py.
 
-Sampling is batched, but every sample's starting noise comes from its own
-`torch.Generator().manual_seed(request.seed)`, so an image does not depend on the
-batch it was drawn in. Hooks for the method's other parts:
+Sampling runs in fixed chunks: sample index i sits at position i % C of chunk i // C, and
+every chunk runs as one UNet batch of exactly C = `chunk` slots (slots of samples not asked
+for are filled with throwaway copies). Batched CPU kernels round differently per batch shape,
+but a sample's bytes depend only on (C, its position), not on the other slots' content
+(docs/results.md, Speed), so the files depend on `chunk` and not on `batch_size`, the number
+of torchrun workers or a resume. Every sample's starting noise comes from its own
+`torch.Generator().manual_seed(request.seed)`. Hooks for the method's other parts:
 - layout initialization (4.3): pass `x_T` (e.g. a DDIM-inverted FEText face) and
   `start_step` to `denoise`/`sample`; `scheduler`, `unet`, `encode_image` are public;
 - semantic guidance (Eq. 4-6): `denoise(..., on_step=fn)`; `fn(i, t, latents, text_emb)`
@@ -16,10 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from synfer.labels import sample_seed
 from synfer.stages import GeneratedSample, Generator, SampleRequest, StageConfig, missing_path
@@ -46,16 +51,27 @@ class SDGenerator(Generator):
         guidance_scale: float = Field(4.0, ge=0)  # classifier-free guidance; uncond = empty prompt + all-zero AUs; 1 turns it off
         au_scale: float = Field(1.0, ge=0)  # weight of the AU cross-attention (0: text only); ignored without an AU adapter
         eta: float = Field(0.0, ge=0)  # DDIM eta (0: deterministic; ddim only); its noise is per sample too
-        batch_size: int = Field(16, gt=0)
+        chunk: int = Field(16, gt=0, le=4096)  # UNet batch shape, padded when short: the one batching setting that changes the bytes
+        # (1 = one sample per UNet call, the retired exact_batching=true); docs/results.md, Speed
+        batch_size: int = Field(16, gt=0)  # samples per generate() call, rounded up to whole chunks; never changes the bytes
         device: str = "auto"  # "auto": cuda if available, else cpu
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
         size: int | None = None  # output side in pixels; None: the model's native size
         channels_last: bool = True  # UNet (and VAE) in channels-last memory: 11-13% faster per UNet call on CPU (docs/results.md, Speed)
         nan_retries: int = Field(2, ge=0)  # a non-finite sample is redrawn from derived seeds this often, then dropped
-        exact_batching: bool = True  # denoise each sample on its own: files identical whatever batch_size (CPU
-        # batched kernels round differently); false batches the UNet for GPU throughput
         layout: LayoutConfig = LayoutConfig()  # layout initialization (paper 4.3)
         semantic_guidance: GuidanceConfig = GuidanceConfig()  # Eq. 4-6, active when the recipe names a guidance_classifier
+
+        @model_validator(mode="before")
+        @classmethod
+        def _retired(cls, data):
+            if isinstance(data, dict) and "exact_batching" in data:
+                raise ValueError(
+                    "generator.exact_batching was retired: samples now run in fixed chunks of generator.chunk (default 16) "
+                    "and the files depend on chunk alone, never on batch_size. Delete exact_batching from the recipe or "
+                    "override; exact_batching=true (one sample per UNet call, the old bytes) is generator.chunk=1, "
+                    "exact_batching=false (the UNet batched for speed) is generator.chunk=<your batch_size>.")
+            return data
 
     def __init__(self, config: StageConfig | None = None):
         super().__init__(config)
@@ -278,21 +294,33 @@ class SDGenerator(Generator):
                                       if guidance is not None and sg.enabled else None),
                 "layout_init": {"depth": lay.depth, "source": lay.source} if lay.enabled else None}
 
+    @property
+    def chunk(self) -> int:
+        """C: the pipeline shards and resumes in whole chunks of this many sample indices."""
+        return int(self.config.chunk)
+
     def generate(self, requests: list[SampleRequest], guidance=None) -> list[GeneratedSample]:
-        out: list[GeneratedSample] = []
-        bs = 1 if self.config.exact_batching else max(1, int(self.config.batch_size))
+        """Each chunk k (indices [kC, (k+1)C)) among `requests` runs as one UNet batch of C slots, a
+        request at slot index % C; the slots nobody asked for (a short last chunk, samples already on
+        disk) hold throwaway copies of the chunk's first request. Output in the order of `requests`."""
+        c = self.chunk
         extra = self.settings(guidance)
-        for start in range(0, len(requests), bs):
-            batch = requests[start:start + bs]
-            images = self._sample_with_layout(batch, guidance)
+        chunks: dict[int, list[SampleRequest]] = {}
+        for r in requests:
+            chunks.setdefault(r.index // c, []).append(r)
+        made: dict[int, GeneratedSample | None] = {}
+        for members in chunks.values():
+            slots = [replace(members[0]) for _ in range(c)]  # throwaway copies: layout init sets their layout_source
+            for r in members:
+                slots[r.index % c] = r
+            images = self._sample_with_layout(slots, guidance)
             finite = images.flatten(1).isfinite().all(1).tolist()
             pils = self.to_pil(images.nan_to_num())
-            for r, im, ok in zip(batch, pils, finite):
-                if ok:
-                    out.append(GeneratedSample(request=r, image=im, extra=extra))
-                elif (fixed := self._retry(r, guidance, extra)) is not None:
-                    out.append(fixed)
-        return out
+            for r in members:
+                pos = r.index % c
+                made[id(r)] = (GeneratedSample(request=r, image=pils[pos], extra=extra) if finite[pos]
+                               else self._retry(r, guidance, extra))
+        return [s for r in requests if (s := made[id(r)]) is not None]
 
     def _sample_with_layout(self, batch, guidance):
         layout = self._layout() if self.config.layout.enabled else None
@@ -301,9 +329,8 @@ class SDGenerator(Generator):
 
     def _retry(self, request: SampleRequest, guidance, extra: dict) -> GeneratedSample | None:
         """A sample came out non-finite (NaN/inf, e.g. from a guidance gradient): sample it again from
-        seeds derived from its own, `nan_retries` times; None (dropped, logged) if all fail."""
-        from dataclasses import replace
-
+        seeds derived from its own, `nan_retries` times; None (dropped, logged) if all fail. A retry
+        runs alone (a batch of shape 1, whatever `chunk`): as deterministic as the chunk it replaces."""
         for attempt in range(1, self.config.nan_retries + 1):
             again = replace(request, seed=sample_seed(request.seed, attempt))
             images = self._sample_with_layout([again], guidance)
