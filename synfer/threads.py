@@ -5,8 +5,11 @@ with a load of 9 ran ~65x slower than quiet (issue 17; bench/README.md, Threads)
 (the default) takes only the cores that are actually free:
 
 - OMP_NUM_THREADS set by the user wins (torchrun sets it to 1 for its workers);
-- else the cores this process may run on (`os.sched_getaffinity`) minus the 1-minute load
-  average (`os.getloadavg`), rounded, at least 1;
+- else the cores this process may run on (`os.sched_getaffinity`) minus the load: the other tasks
+  runnable right now (/proc/loadavg's running count, averaged over ~0.2 s), or, where that file is
+  missing, the 1-minute load average. The average lags by a minute: right after another job ended
+  it still counted that job and chose 1 thread on an idle 2-core machine (bench/README.md, Threads);
+  rounded, at least 1;
 - shared by the torchrun workers of this machine (LOCAL_WORLD_SIZE, else WORLD_SIZE): 1 each on 2 cores.
 
 An integer (recipe `threads: 2`, `synfer train --threads 2`, SYNFER_THREADS=2) is used as given.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Mapping
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,26 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _runnable_others(samples: int = 10, interval: float = 0.02) -> float | None:
+    """Tasks other than this one runnable now (mean over `samples` reads of /proc/loadavg), or None off Linux."""
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        except (OSError, IndexError):
+            return None
+        counts.append(max(0, int(running) - 1))  # minus ourselves, running while we read
+        if i + 1 < samples:
+            time.sleep(interval)
+    return sum(counts) / len(counts)
+
+
 def _load() -> float:
+    now = _runnable_others()
+    if now is not None:
+        return now
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -73,7 +96,7 @@ def decide(setting="auto", env: Mapping[str, str] | None = None, cores: int | No
     free = max(1, min(cores, int(cores - load + 0.5)))
     workers = int(env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE") or 1)
     n = max(1, free // max(1, workers))
-    why = f"auto: {cores} core(s) for this process, load average {load:.2f}, so {free} free"
+    why = f"auto: {cores} core(s) for this process, load {load:.2f}, so {free} free"
     return n, why + (f", shared by {workers} torchrun workers" if workers > 1 else "")
 
 

@@ -31,8 +31,21 @@ def test_auto(env, cores, load, want):
 
 def test_auto_reads_affinity_and_load(monkeypatch):
     monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(T, "_runnable_others", lambda: None)  # no /proc: the 1-minute load average
     monkeypatch.setattr(T.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-    assert T.decide("auto", env={}) == (2, "auto: 3 core(s) for this process, load average 1.20, so 2 free")
+    assert T.decide("auto", env={}) == (2, "auto: 3 core(s) for this process, load 1.20, so 2 free")
+
+
+def test_load_is_what_runs_now_not_the_lagging_average(monkeypatch, tmp_path):
+    """Right after a job ends the 1-minute average still counts it; /proc/loadavg's running count does not."""
+    reads = iter(["1.90 1.2 0.9 1/200 77\n", "1.90 1.2 0.9 1/200 77\n", "1.90 1.2 0.9 3/200 77\n", "1.90 1.2 0.9 1/200 77\n"])
+    monkeypatch.setattr(T.Path, "read_text", lambda self: next(reads))
+    monkeypatch.setattr(T.os, "getloadavg", lambda: (1.9, 1.2, 0.9))
+    assert T._runnable_others(samples=4, interval=0) == 0.5  # (0 + 0 + 2 + 0) / 4 others runnable
+    monkeypatch.setattr(T, "_runnable_others", lambda: 0.0)
+    assert T.decide("auto", env={}, cores=2)[0] == 2  # idle now: both cores, though the average says 1.9
+    monkeypatch.setattr(T, "_runnable_others", lambda: 2.0)  # two burners
+    assert T.decide("auto", env={}, cores=2)[0] == 1
 
 
 def test_explicit_number_wins_over_everything():
@@ -53,14 +66,14 @@ def test_configure_sets_torch_and_logs_why(monkeypatch, caplog):
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(T, "_ours", {})
-    monkeypatch.setattr(T.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(T, "_runnable_others", lambda: 0.0)
     monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     try:
         with caplog.at_level(logging.INFO, logger="synfer.threads"):
             assert T.configure("auto") == 1
         assert torch.get_num_threads() == 1
         assert T.os.environ["OMP_NUM_THREADS"] == "1"  # child processes follow
-        assert "threads: 1 (auto: 1 core(s) for this process, load average 0.00, so 1 free)" in caplog.text
+        assert "threads: 1 (auto: 1 core(s) for this process, load 0.00, so 1 free)" in caplog.text
         # what configure wrote is not "the user's OMP_NUM_THREADS": auto decides again
         monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
         assert T.decide("auto")[0] == 2
