@@ -73,12 +73,22 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
-def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) for every sample-changing key that differs."""
+def explicit_keys(recipe) -> set[str]:
+    """Dotted keys the recipe (file + overrides) sets itself, as opposed to defaults filled in."""
+    return set(_flatten(recipe.model_dump(mode="json", exclude_unset=True, exclude={"output"})))
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], explicit: set[str] | None = None) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every sample-changing key that differs. With `explicit`
+    (the keys the new recipe sets itself), a key the old recipe.json lacks and the new recipe leaves
+    at its default is a setting added by a later synfer, at the value that keeps the old behaviour:
+    not a change (a folder started before `generator.scheduler` existed still resumes)."""
     a, b = _flatten(old), _flatten(new)
     out = []
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in FREE_KEYS or key.split(".")[-1] in FREE_LEAVES:
+            continue
+        if explicit is not None and key not in a and key not in explicit:
             continue
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             out.append((key, a.get(key, "<unset>"), b.get(key, "<unset>")))
@@ -101,7 +111,7 @@ def check_resume(recipe, out: str | Path, rows: list[dict], force: bool = False,
             old = None
         if old is not None and old == new:
             return
-        diff = changed_keys(old, new) if old is not None else [("recipe.json", "unreadable", "this recipe")]
+        diff = changed_keys(old, new, explicit_keys(recipe)) if old is not None else [("recipe.json", "unreadable", "this recipe")]
         if diff and not force:
             shown = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, a, b in diff[:8])
             more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""

@@ -50,6 +50,22 @@ def test_growing_the_run_or_changing_evaluators_does_not_block(tmp_path, registr
     assert json.loads((tmp_path / "out" / RECIPE_FILE).read_text())["num_images"] == 9
 
 
+
+def test_a_setting_added_by_a_later_synfer_does_not_block_at_its_default(tmp_path, registry):
+    """A folder started before a Config field existed (its recipe.json lacks the key) resumes when the
+    new recipe leaves the field at its default; setting it explicitly is still a change."""
+    run_recipe(_recipe(tmp_path, registry), registry=registry, progress=False)
+    path = tmp_path / "out" / RECIPE_FILE
+    saved = json.loads(path.read_text())
+    assert "steps" in saved["generator"]
+    del saved["generator"]["steps"]  # as written by a synfer that had no generator.steps yet
+    path.write_text(json.dumps(saved))
+    s = run_recipe(_recipe(tmp_path, registry, ["num_images=8"]), registry=registry, progress=False)
+    assert (s.resumed, s.generated) == (6, 2)
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ResumeMismatch, match=r"generator.steps \('<unset>' -> 7\)"):
+        run_recipe(_recipe(tmp_path, registry, ["num_images=9", "generator.steps=7"]), registry=registry, progress=False)
+
 def test_a_labelled_folder_is_not_a_run_output(tmp_path, registry):
     from PIL import Image
 
