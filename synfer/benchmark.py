@@ -26,7 +26,7 @@ from synfer import labels as L
 from synfer.dataset import write_json
 from synfer.recipe import LabelSpaceName, RecipeModel
 from synfer.seeds import stream_rng
-from synfer.selfsup import SSLConfig
+from synfer.selfsup import SSLConfig, positive_scales
 
 SETTINGS = ("real", "synthetic", "real+synthetic")
 
@@ -57,12 +57,7 @@ class DownstreamConfig(RecipeModel):
     output: str | None = None  # folder for downstream.json/png; default: the synthetic dataset folder
     ssl: SSLConfig = SSLConfig()  # `synfer benchmark ssl`: SimCLR pretraining + linear probe (synfer.selfsup)
 
-    @field_validator("scales")
-    @classmethod
-    def _scales(cls, v):
-        if not v or min(v) <= 0:
-            raise ValueError(f"scales must be a non-empty list of positive multiples, got {v}")
-        return v
+    _scales = field_validator("scales")(classmethod(lambda cls, v: positive_scales(v)))
 
 
 def load_config(path: str | Path, overrides=()) -> DownstreamConfig:

@@ -44,13 +44,15 @@ class SSLConfig(BaseModel):
             raise ValueError(f"settings must be a non-empty subset of {list(SSL_SETTINGS)}, got {v}")
         return v
 
-    @field_validator("scales")
-    @classmethod
-    def _scales(cls, v):
-        if not v or min(v) <= 0:
-            raise ValueError(f"scales must be a non-empty list of positive multiples, got {v}")
-        return v
+    _scales = field_validator("scales")(classmethod(lambda cls, v: positive_scales(v)))
 
+
+
+def positive_scales(v: list[float]) -> list[float]:
+    """The `scales` check shared by the downstream and SSL configs (multiples of the real set's size)."""
+    if not v or min(v) <= 0:
+        raise ValueError(f"scales must be a non-empty list of positive multiples, got {v}")
+    return v
 
 def build_encoder(width: int):
     """3 stride-2 stages (32 -> 4 px), global average pool: features of size 2 x width."""

@@ -32,6 +32,29 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random tiny SD model folder (test_generator.tiny), shared by a test module."""
+    from test_generator import tiny
+
+    path = tmp_path_factory.mktemp("m")
+    tiny().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A random 16 px tiny-cnn guidance classifier over affectnet8, shared by a test module."""
+    import torch
+
+    from synfer_plugins.tiny_cnn import TinyCNN, build_net, save_net
+
+    path = tmp_path_factory.mktemp("clf")
+    torch.manual_seed(0)
+    save_net(build_net(8, width=8, size=16), path, {"num_outputs": 8, "width": 8, "size": 16, "label_space": "affectnet8"})
+    return TinyCNN(TinyCNN.Config(weights=str(path)))
+
+
 def make_dist(tmp: Path, name: str, entry_points: dict[str, str]) -> Path:
     """A fake installed distribution (dist-info on a PYTHONPATH entry) declaring synfer entry points."""
     info = tmp / f"{name.replace('-', '_')}-0.0.1.dist-info"

@@ -8,26 +8,9 @@ torch = pytest.importorskip("torch")
 
 from synfer.dataset import DatasetWriter  # noqa: E402
 from synfer.stages import SampleRequest  # noqa: E402
-from test_generator import CAPTIONS, generator, requests, tiny  # noqa: E402
+from test_generator import CAPTIONS, generator, requests  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m")
-    tiny().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    from synfer_plugins.tiny_cnn import TinyCNN, build_net, save_net
-
-    path = tmp_path_factory.mktemp("clf")
-    torch.manual_seed(0)
-    save_net(build_net(8, width=8, size=16), path, {"num_outputs": 8, "width": 8, "size": 16, "label_space": "affectnet8"})
-    return TinyCNN(TinyCNN.Config(weights=str(path)))
 
 
 def faces(folder, n=6, size=32):

@@ -7,27 +7,10 @@ torch = pytest.importorskip("torch")
 from synfer import labels as L  # noqa: E402
 from synfer.dataset import DatasetWriter  # noqa: E402
 from synfer_plugins.sd.sampling import GuidanceConfig, LayoutConfig, SemanticGuidance, invert  # noqa: E402
-from test_generator import generator, requests, tiny  # noqa: E402
+from test_generator import generator, requests  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m")
-    tiny().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    from synfer_plugins.tiny_cnn import TinyCNN, build_net, save_net
-
-    path = tmp_path_factory.mktemp("clf")
-    torch.manual_seed(0)
-    save_net(build_net(8, width=8, size=16), path, {"num_outputs": 8, "width": 8, "size": 16, "label_space": "affectnet8"})
-    return TinyCNN(TinyCNN.Config(weights=str(path)))
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "unipc"])
