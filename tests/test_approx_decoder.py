@@ -103,3 +103,16 @@ def test_missing_approx_decoder_names_the_command(tmp_path, distilled):
     gen = SDGenerator(SDGenerator.Config(model=str(bare), steps=4, channels_last=False))
     with pytest.raises(FileNotFoundError, match="synfer train approx-decoder --model"):
         SemanticGuidance(gen, Clf(), [], None, GuidanceConfig(decoder="approx"))
+    # `synfer validate` says it before any weights load
+    problems = SDGenerator.problems(SDGenerator.Config(model=str(bare), semantic_guidance={"decoder": "approx"}))
+    assert any("synfer train approx-decoder --model" in p for p in problems), problems
+    assert not [p for p in SDGenerator.problems(SDGenerator.Config(model=str(distilled / "model"), semantic_guidance={"decoder": "approx"}))
+                if "approx" in p]
+
+
+def test_validate_refuses_approx_on_a_pixel_space_model():
+    from synfer_plugins.sd.generator import SDGenerator
+
+    problems = SDGenerator.problems(SDGenerator.Config(semantic_guidance={"decoder": "approx"}))  # the shipped tiny model: no vae/
+    assert any("pixel-space model" in p and "decoder=vae" in p for p in problems), problems
+    assert not SDGenerator.problems(SDGenerator.Config())

@@ -86,6 +86,14 @@ class SDGenerator(Generator):
         if config.eta > 0 and config.scheduler != "ddim":
             out.append(f"eta={config.eta} is DDIM's stochastic step; scheduler {config.scheduler!r} is deterministic. "
                        "Set generator.eta=0 or generator.scheduler=ddim.")
+        model = Path(config.model) if config.model else TINY_MODEL_DIR
+        approx = model / "approx_decoder" / "model.safetensors"  # approx_decoder.FOLDER (that module imports torch)
+        if config.semantic_guidance.decoder == "approx" and model.exists() and not (model / "vae").is_dir():
+            out.append(f"semantic_guidance.decoder: approx, but {model} is a pixel-space model (no vae/): there is no VAE decode to "
+                       "approximate. Set semantic_guidance.decoder=vae.")
+        elif config.semantic_guidance.decoder == "approx" and model.exists() and not approx.is_file():
+            out.append(f"semantic_guidance.decoder: approx, but {approx} does not exist; distil it from the model's VAE with "
+                       f"'synfer train approx-decoder --model {model} --data FETEXT_DIR', or set semantic_guidance.decoder=vae.")
         lay = config.layout
         if lay.enabled and lay.source and not Path(lay.source).exists():
             out.append(f"layout.source: {lay.source!r} does not exist; expected a FEText folder (images/ + metadata.jsonl) to invert "
