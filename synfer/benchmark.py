@@ -299,6 +299,12 @@ def benchmark_cli():
     """Benchmarks of a synthetic dataset's usefulness (paper 5.2)."""
 
 
+
+def training_count(seeds, settings, scales, alone: str) -> int:
+    """How many models a benchmark trains: per seed, the setting without synthetic data (`alone`) once,
+    every other setting once per scale."""
+    return len(seeds) * ((alone in settings) + (len(settings) - (alone in settings)) * len(scales))
+
 @benchmark_cli.command("downstream")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("overrides", nargs=-1)
@@ -313,7 +319,7 @@ def downstream(recipe, overrides):
         cfg = load_config(recipe, overrides)
     except RecipeError as exc:
         raise click.ClickException(str(exc))
-    n = len(cfg.seeds) * (("real" in cfg.settings) + (len(cfg.settings) - ("real" in cfg.settings)) * len(cfg.scales))
+    n = training_count(cfg.seeds, cfg.settings, cfg.scales, alone="real")
     click.echo(f"downstream: {n} trainings of {cfg.iters} steps at {cfg.size}x{cfg.size}")
     result = run_downstream(cfg, echo=click.echo)
     click.echo(table(result))

@@ -233,7 +233,7 @@ def ssl_command(recipe, overrides):
 
     Same recipe as `downstream` (its `ssl:` block sets the pretraining), e.g. ssl.steps=100 seeds=[0]
     """
-    from synfer.benchmark import load_config, table
+    from synfer.benchmark import load_config, table, training_count
     from synfer.recipe import RecipeError
 
     try:
@@ -241,7 +241,7 @@ def ssl_command(recipe, overrides):
     except RecipeError as exc:
         raise click.ClickException(str(exc))
     s = cfg.ssl
-    n = len(cfg.seeds) * (("ssl-real" in s.settings) + (len(s.settings) - ("ssl-real" in s.settings)) * len(s.scales))
+    n = training_count(cfg.seeds, s.settings, s.scales, alone="ssl-real")
     click.echo(f"ssl: {n} SimCLR pretrainings of {s.steps} steps (batch {s.batch_size} x 2 views) at {cfg.size}x{cfg.size} + linear probes")
     result = run_ssl(cfg, echo=click.echo)
     click.echo(table(result))
