@@ -79,7 +79,8 @@ def _common_options(fn):
 
 
 def _options(kw: dict, extra: dict) -> tuple[str, TrainOptions]:
-    from synfer.training import check_optimizer, seed_everything
+    from synfer.optimizers import check_optimizer
+    from synfer.training import seed_everything
 
     plugin = kw.pop("plugin")
     try:
