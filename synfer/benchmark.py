@@ -42,7 +42,7 @@ class DownstreamConfig(RecipeModel):
     real_per_class: int = Field(50, gt=0)  # real training images per class (50: the data-scarce regime; 250: data-rich)
     scales: list[float] = [1, 2, 5]  # synthetic images per class = scale x real_per_class
     seeds: list[int] = [0, 1, 2]  # each seed redraws the subsets and the initialisation
-    iters: int = Field(400, gt=0)  # optimiser steps per training (same for every setting)
+    iters: int = Field(800, gt=0)  # optimiser steps per training (same for every setting)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(3e-3, gt=0)
     size: int = Field(32, ge=16)  # training/test input size (32 keeps 21 trainings at a few CPU minutes)
