@@ -238,8 +238,11 @@ def _run(recipe, limit, registry, progress, t0, rank, world, out, force) -> RunS
             failed += len(batch) - len(samples)  # dropped by the generator (non-finite even after retries)
             crash_point("generate")
             if samples:
+                # label chunk by chunk: the experts' and calibrator's batch shapes (and so their float rounding,
+                # kept in metadata.jsonl) then do not depend on how many chunks one generate() call ran
+                by_chunk = (list(g) for _, g in itertools.groupby(samples, key=lambda s: s.request.index // chunk))
                 writer.write_many([(ls.sample.request.index, ls.sample.image, ls.metadata(""))
-                                   for ls in label_batch(stages, samples, classes)])
+                                   for group in by_chunk for ls in label_batch(stages, group, classes)])
             generated += len(samples)
             bar.update(len(batch))
             bar.set_postfix(img_s=f"{generated / max(time.time() - t0, 1e-9):.2f}", **({"failed": failed} if failed else {}))
