@@ -8,6 +8,7 @@ unit; without it bf16 is emulated and slower. Prints the median ms of each."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     from synfer_plugins.sd.generator import SDGenerator
 
     torch.set_num_threads(args.threads)
-    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     print(f"threads {args.threads}; AMX bf16: {'amx_bf16' in flags}")
     for dtype in ("float32", "bfloat16"):
         m = SDGenerator(SDGenerator.Config(dtype=dtype)).load()

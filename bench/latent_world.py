@@ -35,6 +35,11 @@ def sh(args: list[str]) -> None:
     print(f"  ({time.time() - t:.0f} s)", flush=True)
 
 
+def resume(work: Path) -> list[str]:
+    """--resume when a stage's work dir exists (an interrupted training)."""
+    return ["--resume"] if work.exists() else []
+
+
 def stage_base(a) -> None:
     if (a.out / "base" / "model_index.json").exists():
         return
@@ -50,7 +55,7 @@ def stage_vae(a) -> None:
     if not (a.out / "vae" / "vae" / "config.json").exists():
         sh([*SYNFER, "train", "vae", "--model", a.out / "base", "--data", a.data, "--out", a.out / "vae", "--iters", a.vae_iters,
             "--batch-size", 16, "--lr", 1e-3, "--threads", 1, "--log-interval", 25, "--checkpoint-interval", 100,
-            "--work-dir", a.out / "work-vae", *(["--resume"] if (a.out / "work-vae").exists() else [])])
+            "--work-dir", a.out / "work-vae", *resume(a.out / "work-vae")])
 
 
 def stage_generator(a) -> None:
@@ -58,7 +63,7 @@ def stage_generator(a) -> None:
         sh([*SYNFER, "train", "generator", "--model", a.out / "vae", "--data", a.data, "--out", a.out / "gen", "--iters", a.gen_iters,
             "--batch-size", 32, "--lr", 1e-3, "--threads", 1, "--log-interval", 50, "--checkpoint-interval", 250,
             "--train-text-encoder", "--ema", "--snr-gamma", 5,
-            "--work-dir", a.out / "work-gen", *(["--resume"] if (a.out / "work-gen").exists() else [])])
+            "--work-dir", a.out / "work-gen", *resume(a.out / "work-gen")])
 
 
 def stage_approx(a) -> None:
@@ -82,7 +87,7 @@ def stage_eval(a) -> None:
         sh([*SYNFER, "run", "recipes/quickstart.yaml", f"generator.model={a.out / 'gen'}", f"num_images={a.n}", f"output={out}",
             "calibrator=null", "experts=[]", "evaluators=[]", "grid=false", "report=false", "threads=1", *extra])
         secs = time.time() - t
-        sh([*SYNFER, "eval", out, "--evaluators", "fer-accuracy,diversity", "--reference", a.quick_test])
+        sh([*SYNFER, "eval", out, "--evaluators", "fer-accuracy,diversity"])
         metrics = json.loads((out / "metrics.json").read_text())
         rows[name] = {"overrides": extra, "fer_accuracy": metrics["fer_accuracy"], "diversity": metrics.get("diversity"),
                       "n": metrics.get("fer_accuracy_n"), "run_s": round(secs, 1)}
@@ -105,7 +110,6 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "out" / "fetext-procedural", help="FEText faces the VAE and UNet learn")
     ap.add_argument("--approx-data", type=Path, default=None, help="FEText faces the approx decoder learns on (default: --data)")
     ap.add_argument("--approx-width", type=int, default=128)
-    ap.add_argument("--quick-test", type=Path, default=ROOT / "out" / "fetext-quick-test", help="FID reference")
     ap.add_argument("--vae-iters", type=int, default=1500)
     ap.add_argument("--gen-iters", type=int, default=3000)
     ap.add_argument("--approx-iters", type=int, default=2000)
