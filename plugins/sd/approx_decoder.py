@@ -7,10 +7,16 @@ few 3x3 convolutions at the latent resolution, then x2 upsamplings (or average-p
 `size`. At 512 px (64x64 latents, size 64) it never upsamples: 0.64 GFLOP a forward (78k parameters) against the
 VAE decoder's 2515 GFLOP.
 
-It is distilled from the model's own VAE by `synfer train approx-decoder`: FEText images are encoded
-once (the latent cache of latent_cache.py), and each latent z, and z with Gaussian noise (x0 estimates
-at guidance time are not clean latents), is decoded by the VAE and resized to `size` the way the
-classifiers resize (bilinear, antialiased); the decoder learns that with an MSE loss. The weights go to
+It is distilled from the model's own VAE by `synfer train approx-decoder`. FEText images are encoded once
+(the latent cache of latent_cache.py). Guidance never decodes a clean latent: it decodes the model's x0
+estimate (Eq. 4) at a guided step. So each latent is noised to a random timestep of the default guidance
+window and the model's own UNet predicts x0 from it; the VAE decodes that x0 and the result is resized to
+`size` the way the classifiers resize (bilinear, antialiased). The decoder learns it with an MSE loss.
+
+Guidance reads the decoder's gradient, not its pixels. With `--classifier NAME` the decoder also learns to
+pass the guidance classifier's gradient the way the VAE does: for a random class y, v = d CE(f(image), y) /
+d image at the VAE's image, and the loss adds gradient_weight * (1 - cos(J_approx^T v, J_vae^T v)).
+On the latent procedural model this is what moved the guidance gain (bench/README.md). The weights go to
 MODEL/approx_decoder/ (config.json + model.safetensors), beside the model they were distilled from.
 """
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 FOLDER = "approx_decoder"
-NOISE_LEVELS = (0.0, 0.5)  # per latent: the clean latent and one with N(0, 0.5^2) added (units of the scaled latents)
+GUIDED_SPAN = 0.7  # x0 estimates come from timesteps t < 0.7 T: the default guidance window (semantic_guidance.start 0.3)
 
 
 class ApproxDecoder(nn.Module):
@@ -97,18 +103,54 @@ def vae_target(sd, latents, size: int):
     return image
 
 
-def distillation_pairs(sd, latents, size: int, seed: int = 0, batch_size: int = 32):
-    """(inputs, targets): each latent at every NOISE_LEVELS, and the VAE's decode of it at `size` (float16 targets)."""
+def x0_estimates(sd, z, captions, gen):
+    """The model's x0 estimate (Eq. 4) from z noised to a random timestep t < GUIDED_SPAN * T: what guidance decodes."""
+    a_all = sd.scheduler.alphas_cumprod
+    t = torch.randint(int(GUIDED_SPAN * len(a_all)), (len(z),), generator=gen)
+    a = a_all[t].view(-1, 1, 1, 1).float()
+    xt = a.sqrt() * z + (1 - a).sqrt() * torch.randn(z.shape, generator=gen)
+    eps = sd.predict_noise(xt.to(sd.device, sd.dtype), t.to(sd.device), sd.encode_text(captions)).float().cpu()
+    return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def gradient_pair(sd, classifier, x0, size: int, gen):
+    """(v, g) for a random class per sample: v = d CE(f(image), y) / d image at the VAE's image of x0, g = J_vae^T v."""
+    x = x0.detach().to(sd.device, sd.dtype).clone().requires_grad_(True)  # a copy: x0 itself stays a plain input
+    with torch.enable_grad():
+        image = vae_target(sd, x, size)
+        seen = image.detach().requires_grad_(True)
+        logits = classifier.forward(seen)
+        y = torch.randint(logits.shape[1], (len(x0),), generator=gen).to(logits.device)
+        (v,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), seen)
+        (g,) = torch.autograd.grad(image, x, v)
+    return v.cpu().half(), g.float().cpu()
+
+
+def distillation_pairs(sd, latents, captions, size: int, seed: int = 0, batch_size: int = 32, classifier=None) -> dict:
+    """{"latents": x0 estimates of `latents`, "target": their VAE decode at `size` (float16)} and, with a classifier,
+    "v" and "g" (gradient_pair) per row."""
     gen = torch.Generator().manual_seed(seed)
-    inputs, targets = [], []
+    rows: dict[str, list] = {"latents": [], "target": []}
     with torch.no_grad():
         for start in range(0, len(latents), batch_size):
             z = torch.from_numpy(np.array(latents[start:start + batch_size], dtype=np.float32))
-            for level in NOISE_LEVELS:
-                zi = z + level * torch.randn(z.shape, generator=gen) if level else z
-                inputs.append(zi)
-                targets.append(vae_target(sd, zi.to(sd.device, sd.dtype), size).cpu().half())
-    return torch.cat(inputs), torch.cat(targets)
+            x0 = x0_estimates(sd, z, captions[start:start + batch_size], gen)
+            rows["latents"].append(x0)
+            rows["target"].append(vae_target(sd, x0.to(sd.device, sd.dtype), size).cpu().half())
+            if classifier is not None:
+                v, g = gradient_pair(sd, classifier, x0, size, gen)
+                rows.setdefault("v", []).append(v)
+                rows.setdefault("g", []).append(g)
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def vjp_cosine(decoder, latents, v, g, create_graph: bool = False):
+    """Per-row cosine between J_approx^T v and g = J_vae^T v: whether the decoder passes the classifier's gradient
+    to the latents in the VAE's direction (guidance normalises the step, so the direction is what counts)."""
+    x = latents.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        (got,) = torch.autograd.grad(decoder(x).float(), x, v.float(), create_graph=create_graph)
+    return F.cosine_similarity(got.flatten(1), g.float().flatten(1), dim=1)
 
 
 def decoder_error(decoder, sd, latents, size: int) -> dict:
@@ -127,36 +169,45 @@ def _train_model_class():
     from mmengine.model import BaseModel
 
     class ApproxDecoderTrainModel(BaseModel):
-        def __init__(self, decoder):
+        def __init__(self, decoder, gradient_weight: float = 0.0):
             super().__init__()
-            self.decoder = decoder
+            self.decoder, self.gradient_weight = decoder, gradient_weight
 
         def init_weights(self):
             """Keep the weights as built (seeded)."""
 
-        def forward(self, latents, target, mode: str = "loss"):
+        def forward(self, latents, target, v=None, g=None, mode: str = "loss"):
             pred = self.decoder(latents).float()
-            return {"loss": F.mse_loss(pred, target.float())} if mode == "loss" else pred
+            if mode != "loss":
+                return pred
+            losses = {"loss_mse": F.mse_loss(pred, target.float())}
+            if v is not None and self.gradient_weight:
+                losses["loss_grad"] = self.gradient_weight * (1 - vjp_cosine(self.decoder, latents, v, g, create_graph=True)).mean()
+            return losses
 
     return ApproxDecoderTrainModel
 
 
 class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, inputs, targets):
-        self.inputs, self.targets = inputs, targets
+    def __init__(self, pairs: dict):
+        self.pairs = pairs
 
     def __len__(self):
-        return len(self.inputs)
+        return len(self.pairs["latents"])
 
     def __getitem__(self, i):
-        return {"latents": self.inputs[i], "target": self.targets[i]}
+        return {k: v[i] for k, v in self.pairs.items()}
 
 
 def train_approx_decoder(model: str | Path, data: str | Path, out: str | Path | None = None, *, size: int = 64, width: int = 64,
                          depth: int = 3, iters: int = 2000, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                         work_dir: str | Path | None = None, resume: bool = False, threads: int | None = None,
-                         log_interval: int = 100, holdout: float = 0.1) -> tuple[Path, dict]:
-    """Distil MODEL's VAE decoder into an ApproxDecoder at `size`; returns (folder written, held-out error)."""
+                         classifier: str | None = None, gradient_weight: float = 1.0, work_dir: str | Path | None = None,
+                         resume: bool = False, threads: int | None = None, log_interval: int = 100,
+                         holdout: float = 0.1) -> tuple[Path, dict]:
+    """Distil MODEL's VAE decoder into an ApproxDecoder at `size`, on the model's own x0 estimates; with `classifier`
+    (a guidance-classifier plugin name) it also learns to pass that classifier's gradient as the VAE does.
+    Returns (folder written, held-out error)."""
+    from synfer.plugins import get_registry
     from synfer.training import run_training, seed_everything
     from synfer_plugins.sd.data import FETextDataset
     from synfer_plugins.sd.latent_cache import cached_latents
@@ -171,21 +222,29 @@ def train_approx_decoder(model: str | Path, data: str | Path, out: str | Path | 
     if sd.vae is None:
         raise ValueError(f"{model} is a pixel-space model (no vae/): its 'latents' are the image, so guidance needs no decoder; "
                          "semantic_guidance.decoder: approx is for latent models")
-    sd.vae.requires_grad_(False).eval()
+    for net in (sd.vae, sd.unet, sd.text_encoder):
+        net.requires_grad_(False).eval()
+    clf = get_registry().build("guidance_classifier", {"plugin": classifier}) if classifier else None
     dataset = FETextDataset(data, sd.native_size)
     latents, _ = cached_latents(sd, dataset, work, model / "vae", data)
     n_test = max(1, int(round(holdout * len(latents)))) if len(latents) > 1 else 0
-    train_z = latents[: len(latents) - n_test]
-    inputs, targets = distillation_pairs(sd, train_z, size, seed=seed)
+    n_train = len(latents) - n_test
+    train = distillation_pairs(sd, latents[:n_train], dataset.captions[:n_train], size, seed=seed, classifier=clf)
+    test = distillation_pairs(sd, latents[n_train:] if n_test else latents[:1], dataset.captions[n_train:] if n_test else dataset.captions[:1],
+                              size, seed=seed + 1, classifier=clf)
     seed_everything(seed)
     decoder = ApproxDecoder(sd.vae.config.latent_channels, sd.native_size // sd.vae_scale_factor, size, width, depth)
-    result = run_training(_train_model_class()(decoder), _Pairs(inputs, targets), work_dir=work, max_iters=iters, batch_size=batch_size,
-                          lr=lr, lr_schedule="cosine", warmup_iters=min(50, iters // 20), log_interval=log_interval, seed=seed,
-                          resume=resume, name="approx_decoder")
+    result = run_training(_train_model_class()(decoder, gradient_weight if clf else 0.0), _Pairs(train), work_dir=work, max_iters=iters,
+                          batch_size=batch_size, lr=lr, lr_schedule="cosine", warmup_iters=min(50, iters // 20),
+                          log_interval=log_interval, seed=seed, resume=resume, name="approx_decoder")
     decoder = result.model.decoder.eval()
-    test_z = torch.from_numpy(np.array(latents[len(latents) - n_test:] if n_test else latents[:1], dtype=np.float32))
-    error = decoder_error(decoder, sd, test_z, size)
+    with torch.no_grad():
+        d = decoder(test["latents"]).float().clamp(-1, 1) - test["target"].float()
+    error = {"mae": float(d.abs().mean()), "rmse": float(d.pow(2).mean().sqrt()), "target_std": float(test["target"].float().std())}
+    if clf is not None:
+        error["gradient_cosine"] = float(vjp_cosine(decoder, test["latents"], test["v"], test["g"]).mean())
     if result.is_main:
-        decoder.save(out, {"model": str(model.resolve()), "fetext": str(data), "iters": result.iters, "heldout_images": int(len(test_z)),
-                           "heldout_error": error})
+        decoder.save(out, {"model": str(model.resolve()), "fetext": str(data), "iters": result.iters, "heldout_images": int(len(test["latents"])),
+                           "inputs": f"x0 estimates at t < {GUIDED_SPAN} T", "classifier": classifier,
+                           "gradient_weight": gradient_weight if clf else 0.0, "heldout_error": error})
     return out, error

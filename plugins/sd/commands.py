@@ -173,21 +173,28 @@ def train_vae_cmd(**kw):
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--classifier", default=None,
+              help="Guidance-classifier plugin (e.g. tiny-cnn) whose gradient the decoder also learns to pass as the VAE does: "
+                   "what guidance reads. Default: pixels only.")
+@click.option("--gradient-weight", type=float, default=1.0, show_default=True, help="Weight of that gradient term (with --classifier).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Checkpoints, logs, latent cache (default OUT/work).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the work dir.")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
 @click.option("--log-interval", type=int, default=100, show_default=True)
-def train_approx_decoder_cmd(model, data, out, size, width, iters, batch_size, lr, seed, work_dir, resume, threads, log_interval):
+def train_approx_decoder_cmd(model, data, out, size, width, iters, batch_size, lr, seed, classifier, gradient_weight, work_dir, resume, threads,
+                             log_interval):
     """Distil the model's VAE decoder into a small conv decoder for cheap guidance (semantic_guidance.decoder: approx)."""
     from synfer_plugins.sd.approx_decoder import train_approx_decoder
 
     try:
         folder, error = train_approx_decoder(model, data, out, size=size, width=width, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
-                                             work_dir=work_dir, resume=resume, threads=threads, log_interval=log_interval)
+                                             classifier=classifier, gradient_weight=gradient_weight, work_dir=work_dir, resume=resume,
+                                             threads=threads, log_interval=log_interval)
     except ValueError as exc:
         raise click.UsageError(str(exc))
     click.echo(f"approximate decoder written to {folder}; held-out error against the VAE decode at {size} px (images in [-1, 1]): "
-               f"MAE {error['mae']:.4f}, RMSE {error['rmse']:.4f} (target std {error['target_std']:.4f})")
+               f"MAE {error['mae']:.4f}, RMSE {error['rmse']:.4f} (target std {error['target_std']:.4f})"
+               + (f"; gradient cosine with the VAE's {error['gradient_cosine']:.3f}" if "gradient_cosine" in error else ""))
 
 
 def add_commands(train: click.Group) -> None:
