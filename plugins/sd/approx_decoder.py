@@ -201,7 +201,7 @@ class _Pairs(torch.utils.data.Dataset):
 
 def train_approx_decoder(model: str | Path, data: str | Path, out: str | Path | None = None, *, size: int = 64, width: int = 64,
                          depth: int = 3, iters: int = 2000, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                         classifier: str | None = None, gradient_weight: float = 1.0, work_dir: str | Path | None = None,
+                         classifier: str | None = None, gradient_weight: float = 1.0, draws: int = 1, work_dir: str | Path | None = None,
                          resume: bool = False, threads: int | None = None, log_interval: int = 100,
                          holdout: float = 0.1) -> tuple[Path, dict]:
     """Distil MODEL's VAE decoder into an ApproxDecoder at `size`, on the model's own x0 estimates; with `classifier`
@@ -229,7 +229,10 @@ def train_approx_decoder(model: str | Path, data: str | Path, out: str | Path | 
     latents, _ = cached_latents(sd, dataset, work, model / "vae", data)
     n_test = max(1, int(round(holdout * len(latents)))) if len(latents) > 1 else 0
     n_train = len(latents) - n_test
-    train = distillation_pairs(sd, latents[:n_train], dataset.captions[:n_train], size, seed=seed, classifier=clf)
+    # `draws` x0 estimates per face (fresh timestep, noise and class each): more pairs for the same encoded faces
+    draw = [distillation_pairs(sd, latents[:n_train], dataset.captions[:n_train], size, seed=seed + 1000 * k, classifier=clf)
+            for k in range(draws)]
+    train = {key: torch.cat([d[key] for d in draw]) for key in draw[0]}
     test = distillation_pairs(sd, latents[n_train:] if n_test else latents[:1], dataset.captions[n_train:] if n_test else dataset.captions[:1],
                               size, seed=seed + 1, classifier=clf)
     seed_everything(seed)
@@ -246,5 +249,5 @@ def train_approx_decoder(model: str | Path, data: str | Path, out: str | Path | 
     if result.is_main:
         decoder.save(out, {"model": str(model.resolve()), "fetext": str(data), "iters": result.iters, "heldout_images": int(len(test["latents"])),
                            "inputs": f"x0 estimates at t < {GUIDED_SPAN} T", "classifier": classifier,
-                           "gradient_weight": gradient_weight if clf else 0.0, "heldout_error": error})
+                           "gradient_weight": gradient_weight if clf else 0.0, "draws": draws, "heldout_error": error})
     return out, error

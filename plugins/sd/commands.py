@@ -177,19 +177,21 @@ def train_vae_cmd(**kw):
               help="Guidance-classifier plugin (e.g. tiny-cnn) whose gradient the decoder also learns to pass as the VAE does: "
                    "what guidance reads. Default: pixels only.")
 @click.option("--gradient-weight", type=float, default=1.0, show_default=True, help="Weight of that gradient term (with --classifier).")
+@click.option("--draws", type=int, default=1, show_default=True,
+              help="x0 estimates drawn per training face (each at a fresh timestep, noise and class).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Checkpoints, logs, latent cache (default OUT/work).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the work dir.")
 @click.option("--threads", type=int, default=None, help="torch.set_num_threads.")
 @click.option("--log-interval", type=int, default=100, show_default=True)
-def train_approx_decoder_cmd(model, data, out, size, width, iters, batch_size, lr, seed, classifier, gradient_weight, work_dir, resume, threads,
-                             log_interval):
+def train_approx_decoder_cmd(model, data, out, size, width, iters, batch_size, lr, seed, classifier, gradient_weight, draws, work_dir, resume,
+                             threads, log_interval):
     """Distil the model's VAE decoder into a small conv decoder for cheap guidance (semantic_guidance.decoder: approx)."""
     from synfer_plugins.sd.approx_decoder import train_approx_decoder
 
     try:
         folder, error = train_approx_decoder(model, data, out, size=size, width=width, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
-                                             classifier=classifier, gradient_weight=gradient_weight, work_dir=work_dir, resume=resume,
-                                             threads=threads, log_interval=log_interval)
+                                             classifier=classifier, gradient_weight=gradient_weight, draws=draws, work_dir=work_dir,
+                                             resume=resume, threads=threads, log_interval=log_interval)
     except ValueError as exc:
         raise click.UsageError(str(exc))
     click.echo(f"approximate decoder written to {folder}; held-out error against the VAE decode at {size} px (images in [-1, 1]): "
