@@ -68,8 +68,9 @@ def stage_generator(a) -> None:
 
 def stage_approx(a) -> None:
     if not (a.out / "gen" / "approx_decoder" / "config.json").exists():
+        grad = ["--classifier", a.approx_classifier, "--draws", a.approx_draws] if a.approx_classifier != "none" else []
         sh([*SYNFER, "train", "approx-decoder", "--model", a.out / "gen", "--data", a.approx_data or a.data, "--iters", a.approx_iters,
-            "--width", a.approx_width, "--threads", 1])
+            "--width", a.approx_width, *grad, "--threads", 1])
 
 
 VARIANTS = {
@@ -110,6 +111,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "out" / "fetext-procedural", help="FEText faces the VAE and UNet learn")
     ap.add_argument("--approx-data", type=Path, default=None, help="FEText faces the approx decoder learns on (default: --data)")
     ap.add_argument("--approx-width", type=int, default=128)
+    ap.add_argument("--approx-classifier", default="tiny-cnn",
+                    help="guidance classifier whose gradient the approx decoder learns to pass ('none': pixels only)")
+    ap.add_argument("--approx-draws", type=int, default=2, help="x0 estimates per face for the approx decoder")
     ap.add_argument("--vae-iters", type=int, default=1500)
     ap.add_argument("--gen-iters", type=int, default=3000)
     ap.add_argument("--approx-iters", type=int, default=2000)
