@@ -129,10 +129,12 @@ def gradient_pair(sd, classifier, x0, size: int, gen):
 def distillation_pairs(sd, latents, captions, size: int, seed: int = 0, batch_size: int = 32, classifier=None) -> dict:
     """{"latents": x0 estimates of `latents`, "target": their VAE decode at `size` (float16)} and, with a classifier,
     "v" and "g" (gradient_pair) per row."""
+    from tqdm.auto import tqdm
+
     gen = torch.Generator().manual_seed(seed)
     rows: dict[str, list] = {"latents": [], "target": []}
     with torch.no_grad():
-        for start in range(0, len(latents), batch_size):
+        for start in tqdm(range(0, len(latents), batch_size), desc="distillation pairs", unit="batch"):
             z = torch.from_numpy(np.array(latents[start:start + batch_size], dtype=np.float32))
             x0 = x0_estimates(sd, z, captions[start:start + batch_size], gen)
             rows["latents"].append(x0)
