@@ -8,7 +8,8 @@ Stages (each a `synfer` command, printed before it runs; a stage whose output ex
              8x8x4 latents, VAE 32/32/64/64), its CLIP BPE learnt from the FEText captions
   vae        synfer train vae: the VAE from scratch on FEText faces (MSE + small KL)
   generator  synfer train generator: the UNet + text encoder on the VAE's cached latents
-  approx     synfer train approx-decoder: the small conv decoder distilled from that VAE, at 64 px
+  approx     synfer train approx-decoder: the small conv decoder distilled from that VAE, at 64 px, on the
+             model's x0 estimates and the guidance classifier's gradient (--classifier tiny-cnn)
   eval       synfer run of the same N samples three times (no guidance; guidance with the `vae`
              decode; with the `approx` decode), then synfer eval: oracle FER accuracy of each,
              and the gain of each decoder over no guidance. JSON: bench/results/latent-guidance.json
