@@ -177,7 +177,7 @@ def train_vae_cmd(**kw):
               help="Guidance-classifier plugin (e.g. tiny-cnn) whose gradient the decoder also learns to pass as the VAE does: "
                    "what guidance reads. Default: pixels only.")
 @click.option("--gradient-weight", type=float, default=1.0, show_default=True, help="Weight of that gradient term (with --classifier).")
-@click.option("--draws", type=int, default=1, show_default=True,
+@click.option("--draws", type=click.IntRange(min=1), default=1, show_default=True,
               help="x0 estimates drawn per training face (each at a fresh timestep, noise and class).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Checkpoints, logs, latent cache (default OUT/work).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the work dir.")
