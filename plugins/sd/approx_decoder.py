@@ -146,22 +146,29 @@ def distillation_pairs(sd, latents, captions, size: int, seed: int = 0, batch_si
     return {k: torch.cat(v) for k, v in rows.items()}
 
 
-def vjp_cosine(decoder, latents, v, g, create_graph: bool = False):
+def vjp_cosine(decoder, latents, v, g):
     """Per-row cosine between J_approx^T v and g = J_vae^T v: whether the decoder passes the classifier's gradient
     to the latents in the VAE's direction (guidance normalises the step, so the direction is what counts)."""
     x = latents.detach().float().requires_grad_(True)
     with torch.enable_grad():
-        (got,) = torch.autograd.grad(decoder(x).float(), x, v.float(), create_graph=create_graph)
-    return F.cosine_similarity(got.flatten(1), g.float().flatten(1), dim=1)
+        (got,) = torch.autograd.grad(decoder(x).float(), x, v.float())
+    return _cosine(got, g)
+
+
+def _cosine(a, b):
+    return F.cosine_similarity(a.flatten(1), b.float().flatten(1), dim=1)
+
+
+def image_error(got, want) -> dict:
+    """Mean absolute and RMS error of decoded images against the VAE's (images in [-1, 1])."""
+    d = got.float().clamp(-1, 1) - want.float()
+    return {"mae": float(d.abs().mean()), "rmse": float(d.pow(2).mean().sqrt()), "target_std": float(want.float().std())}
 
 
 def decoder_error(decoder, sd, latents, size: int) -> dict:
     """Mean absolute and RMS error of the decoder against the VAE target (images in [-1, 1]) on `latents`."""
     with torch.no_grad():
-        want = vae_target(sd, latents, size)
-        got = decoder(latents).float().clamp(-1, 1)
-    d = got - want
-    return {"mae": float(d.abs().mean()), "rmse": float(d.pow(2).mean().sqrt()), "target_std": float(want.std())}
+        return image_error(decoder(latents), vae_target(sd, latents, size))
 
 
 # ---------------------------------------------------------------- distillation (synfer train approx-decoder)
@@ -179,12 +186,15 @@ def _train_model_class():
             """Keep the weights as built (seeded)."""
 
         def forward(self, latents, target, v=None, g=None, mode: str = "loss"):
-            pred = self.decoder(latents).float()
+            matched = mode == "loss" and v is not None and bool(self.gradient_weight)
+            x = latents.detach().requires_grad_(True) if matched else latents
+            pred = self.decoder(x).float()  # one forward serves the MSE and the vector-Jacobian product
             if mode != "loss":
                 return pred
             losses = {"loss_mse": F.mse_loss(pred, target.float())}
-            if v is not None and self.gradient_weight:
-                losses["loss_grad"] = self.gradient_weight * (1 - vjp_cosine(self.decoder, latents, v, g, create_graph=True)).mean()
+            if matched:
+                (got,) = torch.autograd.grad(pred, x, v.float(), create_graph=True)
+                losses["loss_grad"] = self.gradient_weight * (1 - _cosine(got, g)).mean()
             return losses
 
     return ApproxDecoderTrainModel
@@ -244,8 +254,7 @@ def train_approx_decoder(model: str | Path, data: str | Path, out: str | Path | 
                           log_interval=log_interval, seed=seed, resume=resume, name="approx_decoder")
     decoder = result.model.decoder.eval()
     with torch.no_grad():
-        d = decoder(test["latents"]).float().clamp(-1, 1) - test["target"].float()
-    error = {"mae": float(d.abs().mean()), "rmse": float(d.pow(2).mean().sqrt()), "target_std": float(test["target"].float().std())}
+        error = image_error(decoder(test["latents"]), test["target"])
     if clf is not None:
         error["gradient_cosine"] = float(vjp_cosine(decoder, test["latents"], test["v"], test["g"]).mean())
     if result.is_main:
