@@ -207,10 +207,15 @@ def plugins(as_json):
 
 
 @main.command()
-def labels():
-    """Show the label spaces, the AU set and the FAU-FE prior."""
+@click.option("--fit", "fit", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A labelled folder (FEText): print the au_prior block whose AU statistics match its annotations.")
+def labels(fit):
+    """Show the label spaces, the AU set and the FAU-FE prior (or, with --fit, a recipe's au_prior fitted to data)."""
     from synfer import labels as L
     from synfer.plugins import get_registry
+
+    if fit:
+        return _fit_prior(fit)
 
     get_registry()  # plugins may declare label spaces
     click.echo("Label spaces:")
@@ -222,6 +227,22 @@ def labels():
     click.echo("\nFAU-FE prior (EMFACS prototypes):")
     for expr, aus in L.FAU_FE_PRIOR.items():
         click.echo(f"  {expr:<9} {', '.join(f'AU{a}' for a in aus) or '(none)'}")
+
+
+def _fit_prior(folder: str) -> None:
+    from synfer import labels as L
+    from synfer.dataset import DatasetError, read_metadata
+
+    try:
+        rows = [r for r in read_metadata(folder, verify=False) if r.get("aus") and (r.get("expression") or r.get("label"))]
+        if not rows:
+            raise DatasetError(f"{folder}: no row has both `aus` and an `expression` (or `label`); expected a FEText folder "
+                               "from 'synfer fetext build' with an AU detector")
+        fitted = L.fit_au_prior([L.au_vector(r["aus"]) for r in rows], [r.get("expression") or r["label"] for r in rows])
+    except (DatasetError, ValueError) as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"# fitted to the AU annotations of {len(rows)} faces in {folder} (synfer labels --fit)")
+    click.echo("au_prior:\n" + "".join(f"  {k}: {v}\n" for k, v in fitted.items()), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

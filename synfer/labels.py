@@ -136,6 +136,29 @@ class AUPrior:
         return vec
 
 
+def fit_au_prior(vectors, expressions, quantile: float = 0.01, floor: float = 0.05) -> dict[str, float]:
+    """The AUPrior fields that match a labelled set's AU annotations (a distribution-alignment step in
+    the spirit of the paper's Real-Fake reference): synthetic faces then carry the AU statistics of the
+    real ones, distractors included, instead of clean prototypes.
+
+    `vectors` (N, len(AU_KEYS)) intensities, `expressions` N names. low/high: the `quantile` and
+    1 - `quantile` of the active prototype intensities; extra_rate: the share of non-prototype AU slots
+    that are active (above `floor`, under which an annotation counts as absent); extra_high: the 1 - `quantile` of their intensities.
+    """
+    vectors = np.asarray(vectors, dtype=np.float64).reshape(len(expressions), len(AU_KEYS))
+    proto = np.zeros(vectors.shape, dtype=bool)
+    for i, name in enumerate(expressions):
+        proto[i, [AU_IDS.index(a) for a in FAU_FE_PRIOR[canonical(name)]]] = True
+    active = vectors > floor
+    on_proto, on_extra = vectors[proto & active], vectors[~proto & active]
+    if on_proto.size == 0:
+        raise ValueError(f"no active prototype AU in {len(expressions)} labelled faces; expected AU annotations "
+                         f"(intensities in [0, 1]) on faces of non-neutral expressions")
+    return {"low": round(float(np.quantile(on_proto, quantile)), 3), "high": round(float(np.quantile(on_proto, 1 - quantile)), 3),
+            "extra_rate": round(float(on_extra.size / max((~proto).sum(), 1)), 4),
+            "extra_high": round(float(np.quantile(on_extra, 1 - quantile)) if on_extra.size else 0.45, 3)}
+
+
 def sample_aus(expression: str, seed: int, prior: AUPrior | None = None) -> np.ndarray:
     """Deterministic AU vector for (expression, seed)."""
     return (prior or AUPrior()).sample(expression, np.random.default_rng(seed))

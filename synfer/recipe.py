@@ -93,6 +93,7 @@ class AUPriorConfig(_Strict):
     low: float = Field(0.45, ge=0, le=1)   # intensity range of prototype AUs
     high: float = Field(1.0, ge=0, le=1)
     extra_rate: float = Field(0.0, ge=0, le=1)  # chance of each non-prototype AU switching on weakly
+    extra_high: float = Field(0.45, ge=0.1, le=1)  # ... at an intensity in [0.1, extra_high]; `synfer labels --fit DIR` fits all four
 
     @model_validator(mode="after")
     def _ordered(self):

@@ -40,6 +40,37 @@ def test_au_prior_deterministic_and_prototypical():
     assert L.sample_seed(0, 1) != L.sample_seed(0, 2) and L.sample_seed(5, 9) == L.sample_seed(5, 9)
 
 
+def test_fitted_au_prior_recovers_the_prior_that_drew_the_annotations(tmp_path):
+    """`synfer labels --fit` (the distribution-alignment lever of issue 18): a set drawn from a known
+    AUPrior gives back its four numbers, as a recipe block that validates."""
+    from click.testing import CliRunner
+
+    from synfer.cli import main
+
+    truth = L.AUPrior(low=0.3, high=0.9, extra_rate=0.1, extra_high=0.6)
+    rng = np.random.default_rng(0)
+    names = [L.EXPRESSIONS[i % 8] for i in range(4000)]
+    vecs = [truth.sample(n, rng) for n in names]
+    fit = L.fit_au_prior(vecs, names)
+    assert abs(fit["low"] - 0.3) < 0.02 and abs(fit["high"] - 0.9) < 0.02, fit
+    assert abs(fit["extra_rate"] - 0.1) < 0.005 and abs(fit["extra_high"] - 0.6) < 0.02, fit
+    assert L.fit_au_prior(vecs, names) == fit  # no randomness in the fit
+
+    (tmp_path / "images").mkdir()
+    rows = [{"file_name": f"images/{i}.png", "index": i, "expression": n, "aus": L.au_dict(v)} for i, (n, v) in enumerate(zip(names, vecs))]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = CliRunner().invoke(main, ["labels", "--fit", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    block = yaml.safe_load(out.output)["au_prior"]
+    assert block == pytest.approx(fit, abs=1e-4)
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"au_prior.{k}={v}" for k, v in block.items()])
+    assert recipe.au_prior.extra_rate == block["extra_rate"] and recipe.au_prior.extra_high == block["extra_high"]
+
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "images/0.png", "index": 0, "label": "happy"}) + "\n")
+    out = CliRunner().invoke(main, ["labels", "--fit", str(tmp_path)])
+    assert out.exit_code != 0 and "no row has both `aus`" in out.output
+
+
 def test_plugins_list_builtins_and_example(registry):
     assert registry.get("prompter", "template")
     assert registry.get("guidance_classifier", "example-smile")
