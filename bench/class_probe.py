@@ -13,14 +13,6 @@ from __future__ import annotations
 import argparse
 
 
-def recalls(y, pred, n: int):
-    import numpy as np
-
-    cm = np.zeros((n, n), dtype=int)
-    np.add.at(cm, (y, pred), 1)
-    return cm.diagonal() / np.maximum(cm.sum(1), 1), float((y == pred).mean())
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("synthetic")
@@ -31,6 +23,7 @@ def main():
 
     from synfer import labels as L
     from synfer.benchmark import load_config, load_sets, per_class_subset, trainable
+    from synfer.scoring import per_class_recall
     from synfer.seeds import stream_rng
 
     cfg = load_config(args.recipe, [f"synthetic={args.synthetic}", f"real_per_class={args.per_class}", "allow_short=true"])
@@ -43,8 +36,10 @@ def main():
         predict = cls.fit_arrays(x[idx], y[idx], len(names), iters=cfg.iters, batch_size=cfg.batch_size, lr=cfg.lr,
                                  seed=args.seed, size=cfg.size, width=cfg.width, threads=cfg.threads)
         for test, xe, ye in (("real test", xt, yt), ("synthetic set", xs, ys)):
-            r, acc = recalls(ye, predict(xe).argmax(1), len(names))
-            print(f"{train + ' -> ' + test:<22}" + " ".join(f"{v:8.2f}" for v in r) + f"  {acc:6.3f}")
+            pred = predict(xe).argmax(1)
+            r = per_class_recall(ye, pred, len(names))
+            print(f"{train + ' -> ' + test:<22}" + " ".join(f"{r.get(c, float('nan')):8.2f}" for c in range(len(names)))
+                  + f"  {float((pred == ye).mean()):6.3f}")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def fit_au_prior(vectors, expressions, quantile: float = 0.01, floor: float = 0.
                          f"(intensities in [0, 1]) on faces of non-neutral expressions")
     return {"low": round(float(np.quantile(on_proto, quantile)), 3), "high": round(float(np.quantile(on_proto, 1 - quantile)), 3),
             "extra_rate": round(float(on_extra.size / max((~proto).sum(), 1)), 4),
-            "extra_high": round(float(np.quantile(on_extra, 1 - quantile)) if on_extra.size else 0.45, 3)}
+            "extra_high": round(float(np.quantile(on_extra, 1 - quantile)) if on_extra.size else AUPrior.extra_high, 3)}
 
 
 def sample_aus(expression: str, seed: int, prior: AUPrior | None = None) -> np.ndarray:

@@ -18,10 +18,18 @@ def classification_scores(y_true, y_pred, num_classes: int | None = None) -> dic
     import numpy as np
 
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    present = np.unique(y_true) if num_classes is None else [c for c in range(num_classes) if (y_true == c).any()]
-    recalls = [float((y_pred[y_true == c] == c).mean()) for c in present]
+    recalls = list(per_class_recall(y_true, y_pred, num_classes).values())
     return {"accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
             "uar": float(np.mean(recalls)) if recalls else 0.0}
+
+
+def per_class_recall(y_true, y_pred, num_classes: int | None = None) -> dict[int, float]:
+    """Recall of each class index present in `y_true` (`num_classes` bounds which indices count)."""
+    import numpy as np
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    present = np.unique(y_true) if num_classes is None else [c for c in range(num_classes) if (y_true == c).any()]
+    return {int(c): float((y_pred[y_true == c] == c).mean()) for c in present}
 
 
 def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
