@@ -327,6 +327,57 @@ def downstream(recipe, overrides):
     click.echo(f"-> {out / 'downstream.json'}, {out / 'downstream.png'}")
 
 
+# config keys that may differ between runs that merge: which rows ran, where, on how many threads
+MERGE_FREE = {"settings", "scales", "output", "threads"}
+
+
+def merge_results(results: list[dict]) -> dict:
+    """One downstream.json from several runs on the same data (e.g. `settings=[real,synthetic]` and
+    `settings=[real+synthetic]` run side by side). Each row's subsets and initialisation come from
+    (seed, row) alone, so the merge holds exactly the rows one run of them all would."""
+    base = {k: v for k, v in results[0]["config"].items() if k not in MERGE_FREE}
+    for r in results[1:]:
+        diff = sorted(k for k in set(base) | set(r["config"]) if k not in MERGE_FREE and r["config"].get(k) != base.get(k))
+        if diff:
+            raise ValueError(f"these runs did not use the same data or protocol: they differ in {', '.join(diff)}; "
+                             "merge only runs of one recipe that differ in settings, scales, output or threads")
+    runs, seen = [], set()
+    for r in results:
+        for run in r["runs"]:
+            key = (run["setting"], run["scale"], run["seed"])
+            if key in seen:
+                raise ValueError(f"the row {run['setting']} {run['scale']:g}x seed {run['seed']} is in more than one run; "
+                                 "merge runs of different settings or scales")
+            seen.add(key)
+            runs.append(run)
+    config = {**results[0]["config"],
+              "settings": [s for s in SETTINGS if any(s in r["config"]["settings"] for r in results)],
+              "scales": sorted({k for r in results for k in r["config"]["scales"]})}
+    return {"config": config, "runs": runs, "summary": summarize(runs),
+            "seconds": round(sum(r["seconds"] for r in results), 1), "counts": results[0]["counts"],
+            "short": sorted({s for r in results for s in r["short"]})}
+
+
+@benchmark_cli.command("merge")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="folder for the merged downstream.json/png")
+def merge(results, output):
+    """Merge downstream.json files of one recipe run in parts (different settings or scales)."""
+    import json
+
+    try:
+        result = merge_results([json.loads(Path(p).read_text()) for p in results])
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    result["config"]["output"] = str(out)
+    write_json(out / "downstream.json", result)
+    plot_downstream(result, out / "downstream.png")
+    click.echo(table(result))
+    click.echo(f"-> {out / 'downstream.json'}, {out / 'downstream.png'}")
+
+
 def _add_ssl():
     from synfer.selfsup import ssl_command
 

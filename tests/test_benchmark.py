@@ -67,6 +67,34 @@ def test_downstream_end_to_end(tmp_path):
     assert "real+synthetic" in res.output and "UAR" in res.output
 
 
+def test_runs_in_parts_merge_into_the_run_of_all(tmp_path):
+    """Settings run side by side, then `synfer benchmark merge`: the same rows as one run of them all."""
+    from click.testing import CliRunner
+
+    real, syn, test = write_set(tmp_path / "real", 30, 0, False), write_set(tmp_path / "syn", 60, 1, True), write_set(tmp_path / "test", 15, 2, False)
+    recipe = tmp_path / "downstream.yaml"
+    recipe.write_text(yaml.safe_dump({"real_train": str(real), "synthetic": str(syn), "real_test": str(test),
+                                      "real_per_class": 4, "scales": [1], "seeds": [0], "iters": 3,
+                                      "batch_size": 8, "size": 16, "width": 8, "threads": 1}))
+    run = lambda *args: CliRunner().invoke(bench.benchmark_cli, [*args], catch_exceptions=False)
+    assert run("downstream", str(recipe), f"output={tmp_path / 'all'}").exit_code == 0
+    assert run("downstream", str(recipe), "settings=[real,synthetic]", f"output={tmp_path / 'a'}").exit_code == 0
+    assert run("downstream", str(recipe), "settings=[real+synthetic]", f"output={tmp_path / 'b'}").exit_code == 0
+    res = run("merge", str(tmp_path / "a" / "downstream.json"), str(tmp_path / "b" / "downstream.json"), "--output", str(tmp_path / "m"))
+    assert res.exit_code == 0, res.output
+    merged, whole = (json.loads((tmp_path / d / "downstream.json").read_text()) for d in ("m", "all"))
+    assert merged["summary"] == whole["summary"]  # every row, to the last digit
+    assert merged["config"]["settings"] == ["real", "synthetic", "real+synthetic"]
+    assert (tmp_path / "m" / "downstream.png").exists()
+    res = run("merge", str(tmp_path / "a" / "downstream.json"), str(tmp_path / "all" / "downstream.json"), "--output", str(tmp_path / "x"))
+    assert res.exit_code != 0 and "more than one run" in res.output  # the same row twice
+    other = json.loads((tmp_path / "b" / "downstream.json").read_text())
+    other["config"]["real_per_class"] = 5
+    (tmp_path / "b2.json").write_text(json.dumps(other))
+    res = run("merge", str(tmp_path / "a" / "downstream.json"), str(tmp_path / "b2.json"), "--output", str(tmp_path / "y"))
+    assert res.exit_code != 0 and "differ in real_per_class" in res.output
+
+
 def test_downstream_config_is_strict(tmp_path):
     from synfer.recipe import RecipeError
 
