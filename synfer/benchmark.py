@@ -214,7 +214,11 @@ def run_downstream(cfg: DownstreamConfig, echo=print) -> dict:
         counts["real_test_2"] = int(len(tests["test2_"][1]))
     result = {"config": cfg.model_dump(), "runs": runs, "summary": summarize(runs), "seconds": round(time.time() - t0, 1),
               "counts": counts, "short": short}
-    out = Path(cfg.output or cfg.synthetic)
+    return write_result(result, Path(cfg.output or cfg.synthetic))
+
+
+def write_result(result: dict, out: Path) -> dict:
+    """downstream.json + downstream.png into `out` (run, merge)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "downstream.json", result)
     plot_downstream(result, out / "downstream.png")
@@ -370,11 +374,8 @@ def merge(results, output):
     except ValueError as exc:
         raise click.ClickException(str(exc))
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     result["config"]["output"] = str(out)
-    write_json(out / "downstream.json", result)
-    plot_downstream(result, out / "downstream.png")
-    click.echo(table(result))
+    click.echo(table(write_result(result, out)))
     click.echo(f"-> {out / 'downstream.json'}, {out / 'downstream.png'}")
 
 
