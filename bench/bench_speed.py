@@ -55,14 +55,15 @@ FULL = ["evaluators=[]", "grid=false", "report=false"]  # the full method; metri
 
 def before_issue_17(threads: int | None = None) -> list[str]:
     """Overrides that give back the quickstart as it ran before issue 17: one sample per UNet call, 25 DDIM
-    steps, guidance (lambda_g 1) at every step from 30% on, torch's default thread count. Settings added since (a scheduler,
+    steps, classifier-free guidance 4 (the quickstart's until 2026-12-03), semantic guidance (lambda_g 1) at every
+    step from 30% on, torch's default thread count. Settings added since (a scheduler,
     guidance every k steps) are named only where this checkout's sd Config has them."""
     from synfer_plugins.sd.generator import SDGenerator
     from synfer_plugins.sd.sampling import GuidanceConfig
 
     fields, guidance = SDGenerator.Config.model_fields, GuidanceConfig.model_fields
-    old = ONE + ["generator.steps=25", "generator.semantic_guidance.start=0.3", "generator.semantic_guidance.lambda_g=1.0",
-                 f"threads={threads or os.cpu_count() or 1}"]
+    old = ONE + ["generator.steps=25", "generator.guidance_scale=4.0", "generator.semantic_guidance.start=0.3",
+                 "generator.semantic_guidance.lambda_g=1.0", f"threads={threads or os.cpu_count() or 1}"]
     old += ["generator.scheduler=ddim"] if "scheduler" in fields else []
     old += ["generator.semantic_guidance.every=1"] if "every" in guidance else []
     old += ["generator.semantic_guidance.stop=1.0"] if "stop" in guidance else []
