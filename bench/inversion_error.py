@@ -3,6 +3,8 @@
 the solver's grid (what `invert` does) with DPM-Solver++'s own inverse scheduler.
 
     OMP_NUM_THREADS=1 python bench/inversion_error.py [--faces 8] [--source out/fetext-quick]
+    OMP_NUM_THREADS=1 python bench/inversion_error.py --schedulers ddim --steps 25 --depths 0.85 --calls 21 10 6 4 2 1
+    (--calls: `layout.inversion_steps`, UNet calls on a coarser grid to the same depth; 0 = one per step)
 """
 import argparse
 import json
@@ -34,10 +36,12 @@ def main():
     ap.add_argument("--source", default="out/fetext-quick")
     ap.add_argument("--steps", type=int, nargs="*", default=[25, 12, 8])
     ap.add_argument("--depths", type=float, nargs="*", default=[1.0, 0.85])
+    ap.add_argument("--schedulers", nargs="*", default=["ddim", "dpm++", "unipc"])
+    ap.add_argument("--calls", type=int, nargs="*", default=[0])
     a = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for sched in ("ddim", "dpm++", "unipc"):
+    for sched in a.schedulers:
         g = SDGenerator(SDGenerator.Config(scheduler=sched, guidance_scale=1.0, device="cpu"))
         layout = LayoutInit(g, LayoutConfig(enabled=True, source=a.source, expressions=None))
         images = layout.load_images(layout.files[:a.faces], g.size)
@@ -47,7 +51,8 @@ def main():
         for steps in a.steps:
             for depth in a.depths:
                 num = max(1, min(steps, int(round(depth * steps))))
-                methods = {"ddim-inversion": lambda: invert(g, images, prompts, aus, num, steps)}
+                methods = {f"ddim-inversion{f'-{c}-calls' if c else ''}": lambda c=c: invert(g, images, prompts, aus, num, steps, calls=c or None)
+                           for c in a.calls}
                 if sched == "dpm++":
                     methods["own-inverse"] = lambda: own_dpm_inversion(g, images, prompts, aus, num, steps)[:2]
                 for how, fn in methods.items():

@@ -14,7 +14,8 @@ out/fetext-quick-test, diversity, label quality).
     OMP_NUM_THREADS=1 python bench/sweep_solvers.py --n 256 --cells unipc-8-every2 ...
     python bench/sweep_solvers.py --table            # print the table of what is in the JSON
 
-A cell name is <scheduler>-<steps>-<guidance schedule>; schedules are in SCHEDULES.
+A cell name is [cfg<X>-]<scheduler>-<steps>-<guidance schedule>[-inv<K>]; schedules are in SCHEDULES. Cells
+without a cfg prefix run at classifier-free guidance 4, as the quickstart did when they were first measured.
 The sweep of 2026-12-02 ran with `generator.exact_batching=false` (batch 16), retired since; cells now
 run at the default `generator.chunk=16`, the same UNet batch shape (batching changes bytes, not quality).
 """
@@ -54,9 +55,14 @@ METRICS = ("fer_accuracy", "au_f1", "au_accuracy", "fid", "diversity", "label_qu
 
 
 def cell_overrides(cell: str) -> list[str]:
-    sched, steps, schedule = cell.rsplit("-", 2)
-    extra = [] if sched == "ddim" else [f"generator.scheduler={sched}"]  # ddim: today's recipe, untouched
-    return [f"generator.steps={int(steps)}", *extra, *BASE, *SCHEDULES[schedule]]
+    """A cell is [cfg<X>-]<scheduler>-<steps>-<schedule>[-inv<K>]: classifier-free guidance X (4 when absent, the
+    quickstart's when the sweep ran), layout inversion in K UNet calls (`layout.inversion_steps`; absent: one per step)."""
+    m = re.fullmatch(r"(?:cfg(?P<cfg>[\d.]+)-)?(?P<sched>[a-z+]+)-(?P<steps>\d+)-(?P<schedule>[\w.]+?)(?:-inv(?P<inv>\d+))?", cell)
+    if not m or m["schedule"] not in SCHEDULES:
+        raise SystemExit(f"cell {cell!r}: expected [cfg<X>-]<scheduler>-<steps>-<schedule>[-inv<K>], schedule one of {sorted(SCHEDULES)}")
+    extra = [] if m["sched"] == "ddim" else [f"generator.scheduler={m['sched']}"]  # ddim: today's recipe, untouched
+    extra += [f"generator.guidance_scale={float(m['cfg'] or 4)}"] + ([f"generator.layout.inversion_steps={m['inv']}"] if m["inv"] else [])
+    return [f"generator.steps={int(m['steps'])}", *extra, *BASE, *SCHEDULES[m["schedule"]]]
 
 
 def synfer(*args: str) -> subprocess.CompletedProcess:

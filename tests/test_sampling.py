@@ -47,6 +47,21 @@ def test_inversion_ends_at_the_samplers_start_timestep(model_dir, monkeypatch):
     assert generator(model_dir, steps=12, scheduler="dpm++").timesteps().tolist() != generator(model_dir, steps=12).timesteps().tolist()
 
 
+def test_coarse_inversion_calls_and_end_point(model_dir, monkeypatch):
+    """`layout.inversion_steps` K: K UNet calls on timesteps of the sampler's grid, evenly spread, the last at
+    timesteps[start]; K at or above the steps inverted is the full inversion."""
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    prompts = ["a photo of a person"]
+    g = generator(model_dir, steps=25, guidance_scale=1.0)
+    m, ts = g.load(), g.timesteps().tolist()
+    seen, real = [], m.predict_noise
+    monkeypatch.setattr(m, "predict_noise", lambda x, t, *a, **k: (seen.append(int(t)), real(x, t, *a, **k))[1])
+    for calls, want in ((4, [ts[20], ts[15], ts[10], ts[4]]), (1, [ts[4]]), (21, ts[4:][::-1]), (30, ts[4:][::-1])):
+        seen.clear()
+        _, start = invert(g, image, prompts, m.au_tensor([None]), num_steps=21, calls=calls)
+        assert start == 4 and seen == want, (calls, seen)
+
+
 def test_multistep_solvers_share_no_state(model_dir):
     """A fresh solver per denoise: the same request gives the same pixels alone, in a batch, and after
     other batches; the model's own scheduler (read by guidance and FERAnno) is never stepped."""

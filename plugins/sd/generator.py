@@ -300,7 +300,8 @@ class SDGenerator(Generator):
                 "semantic_guidance": ({"classifier": guidance.name, "start": sg.start, "stop": sg.stop, "every": sg.every,
                                        "lambda_g": sg.lambda_g, "updates": sg.updates}
                                       if guidance is not None and sg.enabled else None),
-                "layout_init": {"depth": lay.depth, "source": lay.source} if lay.enabled else None}
+                "layout_init": ({"depth": lay.depth, "source": lay.source}
+                                | ({"inversion_steps": lay.inversion_steps} if lay.inversion_steps else {})) if lay.enabled else None}
 
     @property
     def chunk(self) -> int:

@@ -30,6 +30,8 @@ class LayoutConfig(BaseModel):
     expressions: list[str] | str | None = ["neutral"]  # draw only faces of these classes (None: any;
     # "match": a face of the sample's own preassigned class)
     prompt: str = "a photo of a person"  # inversion runs with this prompt, zero AUs and CFG 1 (drift-free)
+    inversion_steps: int | None = Field(None, ge=1)  # UNet calls to invert down to the depth, on a coarser grid ending at
+    # the sampler's first step (None: one per sampler step, depth x steps)
 
 
 class GuidanceConfig(BaseModel):
@@ -96,10 +98,18 @@ class LayoutInit:
         for r in requests:
             r.layout_source = self.pick(r)
         x0 = self.load_images([r.layout_source for r in requests], self.gen.size)
-        return invert(self.gen, x0, [self.cfg.prompt] * len(requests), None, self.num_inverted(self.gen.config.steps))
+        return invert(self.gen, x0, [self.cfg.prompt] * len(requests), None, self.num_inverted(self.gen.config.steps),
+                      calls=self.cfg.inversion_steps)
 
 
-def invert(generator, images, prompts, aus, num_steps: int, steps: int | None = None):
+def coarse_grid(grid, calls: int):
+    """`calls` of the ascending timesteps `grid`, evenly spread and always ending at its last (the level
+    denoising starts from)."""
+    n = len(grid)
+    return grid[[(j + 1) * n // calls - 1 for j in range(calls)]] if calls < n else grid
+
+
+def invert(generator, images, prompts, aus, num_steps: int, steps: int | None = None, calls: int | None = None):
     """DDIM inversion of images for `num_steps` of the sampler's `steps`, guidance 1 (no CFG, which
     keeps inversion from drifting), ending exactly at the sampler's `timesteps[start_step]`:
     -> (x_t, start_step) such that generator.denoise(x_t, ..., start_step=start_step) continues.
@@ -107,7 +117,8 @@ def invert(generator, images, prompts, aus, num_steps: int, steps: int | None = 
     With `scheduler: ddim` this is diffusers' DDIMInverseScheduler on DDIM's own grid. The multistep
     solvers space their timesteps differently, so the same DDIM inversion step runs on the solver's
     grid instead (`ddim_invert_onto`); that measured better than DPM-Solver++'s own inverse
-    scheduler (docs/results.md, Speed)."""
+    scheduler (docs/results.md, Speed). `calls` below `num_steps` inverts through `calls` of those
+    timesteps (`coarse_grid`): fewer UNet calls, the same end point."""
     import torch
     from diffusers import DDIMInverseScheduler
 
@@ -117,9 +128,9 @@ def invert(generator, images, prompts, aus, num_steps: int, steps: int | None = 
         latents = m.encode_image(images.to(device=m.device, dtype=m.dtype))
         text = m.encode_text(prompts)
         au_t = aus if aus is not None or m.au_adapter is None else torch.zeros(len(prompts), len(L.AU_KEYS), device=m.device, dtype=m.dtype)
-        if getattr(generator.config, "scheduler", "ddim") != "ddim":
-            grid = generator.timesteps(steps)[steps - num_steps:].flip(0)  # the solver's timesteps up to timesteps[start_step]
-            return ddim_invert_onto(m, latents, grid, text, au_t), steps - num_steps
+        if getattr(generator.config, "scheduler", "ddim") != "ddim" or (calls or num_steps) < num_steps:
+            grid = generator.timesteps(steps)[steps - num_steps:].flip(0)  # the sampler's timesteps up to timesteps[start_step]
+            return ddim_invert_onto(m, latents, coarse_grid(grid, calls or num_steps), text, au_t), steps - num_steps
         inverse = DDIMInverseScheduler.from_config(m.scheduler.config)
         inverse.set_timesteps(steps, device=m.device)
         for t in inverse.timesteps[:num_steps]:
