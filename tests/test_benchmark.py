@@ -53,7 +53,7 @@ def test_downstream_end_to_end(tmp_path):
     result = json.loads((tmp_path / "out" / "downstream.json").read_text())
     assert len(result["runs"]) == 6  # (real, synthetic, real+synthetic) x two seeds
     got = {(r["setting"], r["scale"]): r["train_images"] for r in result["summary"]}
-    assert got == {("real", 0.0): 12, ("synthetic", 2): 24, ("real+synthetic", 2): 36}
+    assert got == {("real", 0.0): 12, ("synthetic", 2): 24, ("real+synthetic", 2): 48}  # mix: balanced, the default: 12 real x 2 + 24
     for r in result["summary"]:  # mean and std over the two seeds' runs, exactly
         runs = [x for x in result["runs"] if (x["setting"], x["scale"]) == (r["setting"], r["scale"])]
         assert sorted(x["seed"] for x in runs) == [0, 1] and r["seeds"] == 2
