@@ -128,9 +128,10 @@ def invert(generator, images, prompts, aus, num_steps: int, steps: int | None = 
         latents = m.encode_image(images.to(device=m.device, dtype=m.dtype))
         text = m.encode_text(prompts)
         au_t = aus if aus is not None or m.au_adapter is None else torch.zeros(len(prompts), len(L.AU_KEYS), device=m.device, dtype=m.dtype)
-        if getattr(generator.config, "scheduler", "ddim") != "ddim" or (calls or num_steps) < num_steps:
+        calls = min(calls or num_steps, num_steps)
+        if getattr(generator.config, "scheduler", "ddim") != "ddim" or calls < num_steps:
             grid = generator.timesteps(steps)[steps - num_steps:].flip(0)  # the sampler's timesteps up to timesteps[start_step]
-            return ddim_invert_onto(m, latents, coarse_grid(grid, calls or num_steps), text, au_t), steps - num_steps
+            return ddim_invert_onto(m, latents, coarse_grid(grid, calls), text, au_t), steps - num_steps
         inverse = DDIMInverseScheduler.from_config(m.scheduler.config)
         inverse.set_timesteps(steps, device=m.device)
         for t in inverse.timesteps[:num_steps]:
