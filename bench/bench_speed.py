@@ -67,6 +67,7 @@ def before_issue_17(threads: int | None = None) -> list[str]:
     old += ["generator.scheduler=ddim"] if "scheduler" in fields else []
     old += ["generator.semantic_guidance.every=1"] if "every" in guidance else []
     old += ["generator.semantic_guidance.stop=1.0"] if "stop" in guidance else []
+    old += ["generator.forward_dtype=null"] if "forward_dtype" in fields else []  # float32 throughout, as then
     return old
 
 

@@ -1,5 +1,6 @@
-"""The shipped tiny UNet in float32 against bfloat16 (`generator.dtype`): one CFG forward at batch 32
-(inference_mode) and one guided step's forward + backward to the text embedding at batch 16.
+"""The shipped tiny UNet in float32 against bfloat16 (`generator.dtype`), and float32 with the gradient-free
+passes under bfloat16 autocast (`generator.forward_dtype`): one CFG forward at batch 32 (inference_mode, a
+denoising pass) and one guided step's forward + backward to the text embedding at batch 16.
 
     python bench/dtype_probe.py [--threads 2]
 
@@ -32,24 +33,26 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    print(f"threads {args.threads}; AMX bf16: {'amx_bf16' in flags}")
-    for dtype in ("float32", "bfloat16"):
-        m = SDGenerator(SDGenerator.Config(dtype=dtype)).load()
+    native = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx_tile": torch.cpu._is_amx_tile_supported()}
+    print(f"threads {args.threads}; AMX bf16 in /proc/cpuinfo: {'amx_bf16' in flags}; torch.cpu says {native}")
+    for dtype, fwd in (("float32", None), ("bfloat16", None), ("float32", "bfloat16")):
+        m = SDGenerator(SDGenerator.Config(dtype=dtype, forward_dtype=fwd)).load()
         x = torch.randn(32, m.unet.config.in_channels, m.native_size, m.native_size, dtype=m.dtype)
         emb = m.encode_text(["a photo of a happy person"] * 32)
         aus = m.au_tensor([{}] * 32)
         t = torch.tensor(500)
         with torch.inference_mode():
             for _ in range(2):
-                m.predict_noise(x, t, emb, aus)
-            fwd = median_ms(lambda: m.predict_noise(x, t, emb, aus), args.repeats)
+                m.predict_noise(x, t, emb, aus, no_grad_pass=True)
+            ms = median_ms(lambda: m.predict_noise(x, t, emb, aus, no_grad_pass=True), args.repeats)
         e = emb[:16].detach().clone().requires_grad_(True)
 
         def guided():
             m.predict_noise(x[:16], t, e, aus[:16]).float().square().mean().backward()
         guided()
         bwd = median_ms(guided, args.repeats)
-        print(f"{dtype:9s} CFG forward, batch 32: {fwd} ms; forward + backward to the text embedding, batch 16: {bwd} ms")
+        name = dtype + (f" + forward_dtype {fwd}" if fwd else "")
+        print(f"{name:34s} CFG forward, batch 32: {ms} ms; forward + backward to the text embedding, batch 16: {bwd} ms")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ SCHEDULES = {  # semantic_guidance overrides, explicit so that a cell does not f
     "lg3": ["generator.semantic_guidance.lambda_g=3"],
     "e2lg2": ["generator.semantic_guidance.every=2", "generator.semantic_guidance.lambda_g=2"],
     "e3lg3": ["generator.semantic_guidance.every=3", "generator.semantic_guidance.lambda_g=3"],
+    "e2lg3": ["generator.semantic_guidance.every=2", "generator.semantic_guidance.lambda_g=3"],
     "e2lg4": ["generator.semantic_guidance.every=2", "generator.semantic_guidance.lambda_g=4"],
     "u2": ["generator.semantic_guidance.updates=2"],
 }
@@ -55,13 +56,15 @@ METRICS = ("fer_accuracy", "au_f1", "au_accuracy", "fid", "diversity", "label_qu
 
 
 def cell_overrides(cell: str) -> list[str]:
-    """A cell is [cfg<X>-]<scheduler>-<steps>-<schedule>[-inv<K>]: classifier-free guidance X (4 when absent, the
-    quickstart's when the sweep ran), layout inversion in K UNet calls (`layout.inversion_steps`; absent: one per step)."""
-    m = re.fullmatch(r"(?:cfg(?P<cfg>[\d.]+)-)?(?P<sched>[a-z+]+)-(?P<steps>\d+)-(?P<schedule>[\w.]+?)(?:-inv(?P<inv>\d+))?", cell)
+    """A cell is [cfg<X>-]<scheduler>-<steps>-<schedule>[-inv<K>][-bf16]: classifier-free guidance X (4 when absent, the
+    quickstart's when the sweep ran), layout inversion in K UNet calls (`layout.inversion_steps`; absent: one per step),
+    the gradient-free UNet passes under bfloat16 autocast (`generator.forward_dtype`)."""
+    m = re.fullmatch(r"(?:cfg(?P<cfg>[\d.]+)-)?(?P<sched>[a-z+]+)-(?P<steps>\d+)-(?P<schedule>[\w.]+?)(?:-inv(?P<inv>\d+))?(?P<bf16>-bf16)?", cell)
     if not m or m["schedule"] not in SCHEDULES:
-        raise SystemExit(f"cell {cell!r}: expected [cfg<X>-]<scheduler>-<steps>-<schedule>[-inv<K>], schedule one of {sorted(SCHEDULES)}")
+        raise SystemExit(f"cell {cell!r}: expected [cfg<X>-]<scheduler>-<steps>-<schedule>[-inv<K>][-bf16], schedule one of {sorted(SCHEDULES)}")
     extra = [] if m["sched"] == "ddim" else [f"generator.scheduler={m['sched']}"]  # ddim: today's recipe, untouched
     extra += [f"generator.guidance_scale={float(m['cfg'] or 4)}"] + ([f"generator.layout.inversion_steps={m['inv']}"] if m["inv"] else [])
+    extra += [f"generator.forward_dtype={'bfloat16' if m['bf16'] else 'null'}"]  # pinned: the recipe's auto would follow the CPU
     return [f"generator.steps={int(m['steps'])}", *extra, *BASE, *SCHEDULES[m["schedule"]]]
 
 
@@ -105,7 +108,7 @@ def table(results: dict) -> str:
     for key, r in sorted(results.items(), key=lambda kv: (kv[1]["n"], kv[0])):
         m = r["metrics"]
         get = lambda k: m.get(k, float("nan"))  # noqa: E731
-        over = " ".join(o.replace("generator.", "").replace("semantic_guidance.", "sg.") for o in cell_overrides(r["cell"]) if o not in BASE)
+        over = " ".join(o.replace("generator.", "").replace("semantic_guidance.", "sg.") for o in cell_overrides(r["cell"]) if o not in BASE and o != "generator.forward_dtype=null")
         lines.append(f"| {r['cell']} | `{over}` | {r['n']} | {get('fer_accuracy'):.3f} | {get('au_f1'):.3f} | {get('au_accuracy'):.3f} | "
                      f"{get('fid'):.2f} | {get('diversity'):.3f} | {r['images_per_s'] or float('nan'):.3f} | {r.get('images_per_cpu_s') or float('nan'):.3f} |")
     return "\n".join(lines)
@@ -126,7 +129,8 @@ def main() -> None:
             print(f"{key}: done, skipped")
             continue
         print(f"{key}: running", flush=True)
-        results[key] = run_cell(cell, a.n, a.recipe, ROOT / a.out)
+        cell_result = run_cell(cell, a.n, a.recipe, ROOT / a.out)
+        results = {**load(), key: cell_result}  # re-read: sweeps of other cells may run side by side
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
         r = results[key]

@@ -179,11 +179,12 @@ def test_feranno_reads_all_16_maps_grouped_by_scale(world):
     assert cfg["attention"] == "scale" and cfg["num_scales"] == 4 and cfg["max_res"] == 8  # default: min(16, latent side)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sd15_recipe_on_the_narrow_sd15_topology(world, tmp_path, dtype):
+@pytest.mark.parametrize("dtype, forward", [("float32", None), ("bfloat16", None), ("float32", "bfloat16")])
+def test_sd15_recipe_on_the_narrow_sd15_topology(world, tmp_path, dtype, forward):
     from PIL import Image
 
-    summary, rows = _run_recipe(world, tmp_path / "out", dtype, "cpu")
+    summary, rows = _run_recipe(world, tmp_path / "out", dtype, "cpu", [f"generator.forward_dtype={forward}"] if forward else [])
+    assert rows[0]["generator"].get("forward_dtype") == forward
     assert summary.generated == 2 and len(rows) == 2
     row = rows[0]
     assert set(row["predictions"]) == {"feranno", "torch-checkpoint", "torch-checkpoint#2"}
@@ -194,7 +195,7 @@ def test_sd15_recipe_on_the_narrow_sd15_topology(world, tmp_path, dtype):
         assert im.size == (SIZE, SIZE)
 
 
-def _run_recipe(world, out, dtype, device):
+def _run_recipe(world, out, dtype, device, extra=()):
     from synfer.pipeline import run_recipe
     from synfer.recipe import load_recipe
 
@@ -203,7 +204,7 @@ def _run_recipe(world, out, dtype, device):
                  f"generator.device={device}", "generator.steps=3", "generator.batch_size=2", "generator.chunk=2", "generator.channels_last=false", "vote.threshold=0",
                  f"generator.layout.source={world / 'fetext'}", "generator.semantic_guidance.micro_batch=1",
                  f"guidance_classifier={clf}", f"calibrator.weights={world / 'feranno'}", f"experts=[{clf}, {dict(clf, weight=2.0)}]",
-                 f"evaluators=[{{plugin: fer-accuracy, judge: {clf}}}]"]
+                 f"evaluators=[{{plugin: fer-accuracy, judge: {clf}}}]", *extra]
     summary = run_recipe(load_recipe(ROOT / "recipes" / "sd15-affectnet8.yaml", overrides), progress=False)
     return summary, read_metadata(out)
 

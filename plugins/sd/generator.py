@@ -38,6 +38,16 @@ OnStep = Callable[[int, "object", "object", "object"], "object | None"]
 # ---------------------------------------------------------------- the generator stage
 
 
+def forward_dtype(setting: str | None, model: SDModel):
+    """generator.forward_dtype -> the torch dtype the gradient-free passes autocast to, or None."""
+    import torch
+
+    if setting != "auto":
+        return getattr(torch, setting) if setting else None
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if model.device.type == "cpu" and model.dtype == torch.float32 and native else None
+
+
 class SDGenerator(Generator):
     """Text + AU conditioned sampler (DDIM, DPM-Solver++ or UniPC) with classifier-free guidance on a diffusers model folder."""
 
@@ -56,6 +66,9 @@ class SDGenerator(Generator):
         batch_size: int = Field(16, gt=0)  # samples per generate() call, rounded up to whole chunks; never changes the bytes
         device: str = "auto"  # "auto": cuda if available, else cpu
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+        forward_dtype: Literal["auto", "bfloat16", "float16"] | None = "auto"  # the gradient-free UNet passes (denoising,
+        # layout inversion) under autocast to it; guided steps keep `dtype`. auto: bfloat16 on a float32 CPU model where the
+        # CPU computes bf16 natively (AVX512-BF16 or AMX), else none. Changes the bytes. docs/results.md, Speed
         size: int | None = None  # output side in pixels; None: the model's native size
         channels_last: bool = True  # UNet (and VAE) in channels-last memory: 11-13% faster per UNet call on CPU (docs/results.md, Speed)
         nan_retries: int = Field(2, ge=0)  # a non-finite sample is redrawn from derived seeds this often, then dropped
@@ -129,6 +142,7 @@ class SDGenerator(Generator):
                     module.requires_grad_(False)  # a guided backward's saved activations, docs/results.md)
                     module.eval()
             self.model.set_au_scale(self.config.au_scale)
+            self.model.forward_dtype = forward_dtype(self.config.forward_dtype, self.model)
             if self.config.channels_last:
                 for module in (self.model.unet, self.model.vae):
                     if module is not None:
@@ -243,10 +257,11 @@ class SDGenerator(Generator):
             with torch.no_grad() if on_step is not None else torch.inference_mode():  # guidance needs normal tensors
                 x_in = sched.scale_model_input(latents, t)
                 if uncond_emb is None:
-                    eps = m.predict_noise(x_in, t, text_emb, aus)
+                    eps = m.predict_noise(x_in, t, text_emb, aus, no_grad_pass=True)
                 else:
                     both_aus = torch.cat([uncond_aus, aus]) if aus is not None else None
-                    eps_u, eps_c = m.predict_noise(torch.cat([x_in, x_in]), t, torch.cat([uncond_emb, text_emb.to(uncond_emb.dtype)]), both_aus).chunk(2)
+                    eps_u, eps_c = m.predict_noise(torch.cat([x_in, x_in]), t, torch.cat([uncond_emb, text_emb.to(uncond_emb.dtype)]), both_aus,
+                                                  no_grad_pass=True).chunk(2)
                     eps = eps_u + cfg * (eps_c - eps_u)
                 extra = {}
                 if gens is not None:
@@ -294,9 +309,11 @@ class SDGenerator(Generator):
         """What each record keeps of how it was sampled."""
         sg = self.config.semantic_guidance
         lay = self.config.layout
-        return {"generator": {"model": str(self.model_path), "scheduler": self.config.scheduler, "steps": self.config.steps,
-                              "guidance_scale": self.config.guidance_scale,
-                              "au_scale": self.config.au_scale if self.load().au_adapter is not None else None},
+        gen = {"model": str(self.model_path), "scheduler": self.config.scheduler, "steps": self.config.steps,
+               "guidance_scale": self.config.guidance_scale, "au_scale": self.config.au_scale if self.load().au_adapter is not None else None}
+        if self.load().forward_dtype is not None:  # only when used: the records of runs without it keep their bytes
+            gen["forward_dtype"] = str(self.load().forward_dtype).removeprefix("torch.")
+        return {"generator": gen,
                 "semantic_guidance": ({"classifier": guidance.name, "start": sg.start, "stop": sg.stop, "every": sg.every,
                                        "lambda_g": sg.lambda_g, "updates": sg.updates}
                                       if guidance is not None and sg.enabled else None),

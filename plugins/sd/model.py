@@ -76,6 +76,7 @@ class SDModel:
     def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, au_adapter=None, info: dict | None = None):
         self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae = unet, text_encoder, tokenizer, scheduler, vae
         self.au_adapter = None
+        self.forward_dtype = None  # a torch dtype: the gradient-free passes (predict_noise(..., no_grad_pass=True)) autocast to it
         self.info = dict(info or {})
         if au_adapter is not None:
             self.set_au_adapter(au_adapter)
@@ -227,8 +228,10 @@ class SDModel:
 
         return torch.from_numpy(np.stack([au_vector(a) for a in aus])).to(device=self.device, dtype=self.dtype)
 
-    def predict_noise(self, latents, t, text_emb, aus=None, **unet_kwargs):
-        """One conditional UNet pass. With an AU adapter, `aus` (B, 16) in [0, 1] (None: all zero)."""
+    def predict_noise(self, latents, t, text_emb, aus=None, *, no_grad_pass: bool = False, **unet_kwargs):
+        """One conditional UNet pass. With an AU adapter, `aus` (B, 16) in [0, 1] (None: all zero).
+        `no_grad_pass`: a pass nobody differentiates (denoising, layout inversion); with `forward_dtype` set
+        it runs under autocast to that dtype and returns `latents`' dtype (generator.forward_dtype)."""
         import torch
 
         added = None
@@ -236,7 +239,9 @@ class SDModel:
             if aus is None:
                 aus = torch.zeros(latents.shape[0], len(AU_KEYS), device=latents.device, dtype=text_emb.dtype)
             added = self.au_adapter.added_cond_kwargs(aus.to(text_emb.dtype))
-        return self.unet(latents, t, encoder_hidden_states=text_emb, added_cond_kwargs=added, **unet_kwargs).sample
+        cast = no_grad_pass and self.forward_dtype is not None and self.forward_dtype != latents.dtype
+        with torch.autocast(latents.device.type, dtype=self.forward_dtype, enabled=cast):
+            return self.unet(latents, t, encoder_hidden_states=text_emb, added_cond_kwargs=added, **unet_kwargs).sample.to(latents.dtype)
 
 
 # ---------------------------------------------------------------- the tiny default

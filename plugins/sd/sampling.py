@@ -135,7 +135,7 @@ def invert(generator, images, prompts, aus, num_steps: int, steps: int | None = 
         inverse = DDIMInverseScheduler.from_config(m.scheduler.config)
         inverse.set_timesteps(steps, device=m.device)
         for t in inverse.timesteps[:num_steps]:
-            eps = m.predict_noise(inverse.scale_model_input(latents, t), t, text, au_t)
+            eps = m.predict_noise(inverse.scale_model_input(latents, t), t, text, au_t, no_grad_pass=True)
             latents = inverse.step(eps, t, latents).prev_sample
     return latents, steps - num_steps
 
@@ -148,7 +148,7 @@ def ddim_invert_onto(m, latents, grid, text, aus):
     a_prev = alphas.new_tensor(1.0) if cfg.set_alpha_to_one else alphas[0]  # the clean image's level, as DDIMInverseScheduler
     for t in grid:
         a_t = alphas[int(t)]
-        eps = m.predict_noise(latents, t, text, aus)
+        eps = m.predict_noise(latents, t, text, aus, no_grad_pass=True)
         x0 = (latents - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
