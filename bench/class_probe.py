@@ -27,7 +27,7 @@ def main():
     from synfer.seeds import stream_rng
 
     cfg = load_config(args.recipe, [f"synthetic={args.synthetic}", f"real_per_class={args.per_class}", "allow_short=true"])
-    (xr, yr), (xs, ys), tests = load_sets(cfg)
+    (xr, yr), (xs, ys, _), tests = load_sets(cfg)
     xt, yt = tests[""]
     names, cls = L.label_space(cfg.label_space), trainable(cfg.classifier)
     print(f"{'trained on':<22}" + " ".join(f"{n[:7]:>8}" for n in names) + "     all")

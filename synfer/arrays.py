@@ -39,3 +39,15 @@ def load_arrays(root: str | Path, label_space: str = "affectnet8", size: int | N
     y = np.array([classes.index(name(r)) for r in rows], dtype=np.int64)
     aus = np.stack([L.au_vector(r.get("aus")) for r in rows]) if rows else np.zeros((0, len(L.AU_KEYS)), np.float32)
     return x, y, aus, rows
+
+
+def soft_targets(rows: list[dict], y, num_classes: int):
+    """The rows' soft labels as (N, classes) float32; a row without one (or of another length) gets its one-hot class."""
+    import numpy as np
+
+    p = np.eye(num_classes, dtype=np.float32)[y]
+    for i, r in enumerate(rows):
+        soft = r.get("soft_label")
+        if soft and len(soft) == num_classes:
+            p[i] = np.asarray(soft, np.float32) / max(float(sum(soft)), 1e-8)
+    return p

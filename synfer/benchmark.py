@@ -50,6 +50,8 @@ class DownstreamConfig(RecipeModel):
     settings: list[Literal["real", "synthetic", "real+synthetic"]] = list(SETTINGS)  # which rows to train
     synthetic_kept_only: bool = True  # train only on samples the calibration kept
     synthetic_min_confidence: float | None = Field(None, gt=0, le=1)  # drop synthetic samples whose soft label's top probability is lower
+    synthetic_targets: Literal["label", "soft_label"] = "label"  # soft_label: train on the calibrated soft labels (paper 4.4);
+    # real images keep their one-hot class
     mix: Literal["concat", "balanced"] = "balanced"  # real+synthetic: real repeated to the synthetic count (half of each batch), or one pool
     allow_short: bool = False  # true: train on what there is when a class has fewer images than a scale asks for
     test_limit: int | None = Field(None, gt=0)
@@ -124,18 +126,20 @@ def train_and_test(cfg: DownstreamConfig, x, y, tests: dict, seed: int) -> dict[
 
 
 def load_sets(cfg: DownstreamConfig, echo=print):
-    """(x_real, y_real), (x_syn, y_syn), tests {prefix: (x, y)}: the folders as arrays, with the synthetic filters applied."""
+    """(x_real, y_real), (x_syn, y_syn, p_syn), tests {prefix: (x, y)}: the folders as arrays, with the synthetic filters
+    applied; p_syn: the soft labels (N, classes) when `synthetic_targets: soft_label`, else None."""
     import numpy as np
 
-    from synfer.arrays import load_arrays
+    from synfer.arrays import load_arrays, soft_targets
 
     t0 = time.time()
     x_real, y_real, _, _ = load_arrays(cfg.real_train, cfg.label_space, cfg.size, kept_only=True, label_key="expression")
     x_syn, y_syn, _, rows = load_arrays(cfg.synthetic, cfg.label_space, cfg.size, kept_only=cfg.synthetic_kept_only)
+    p_syn = soft_targets(rows, y_syn, len(L.label_space(cfg.label_space))) if cfg.synthetic_targets == "soft_label" else None
     if cfg.synthetic_min_confidence is not None:
         conf = np.array([max(r.get("soft_label") or [1.0]) for r in rows])
         keep = conf >= cfg.synthetic_min_confidence
-        x_syn, y_syn = x_syn[keep], y_syn[keep]
+        x_syn, y_syn, p_syn = x_syn[keep], y_syn[keep], (p_syn[keep] if p_syn is not None else None)
     tests = {"": load_arrays(cfg.real_test, cfg.label_space, cfg.size, kept_only=True, label_key="expression", limit=cfg.test_limit)[:2]}
     if cfg.real_test_2:
         tests["test2_"] = load_arrays(cfg.real_test_2, cfg.label_space, cfg.size, kept_only=True, label_key="expression", limit=cfg.test_limit)[:2]
@@ -145,7 +149,7 @@ def load_sets(cfg: DownstreamConfig, echo=print):
             raise click.ClickException(f"{name} ({getattr(cfg, name)}) has no images with labels in {cfg.label_space}")
     echo(f"loaded {len(y_real)} real, {len(y_syn)} synthetic, " + ", ".join(f"{len(v[1])} test{k[4:5] or ''}" for k, v in tests.items())
          + f" images at {cfg.size}x{cfg.size} ({time.time() - t0:.1f} s)")
-    return (x_real, y_real), (x_syn, y_syn), tests
+    return (x_real, y_real), (x_syn, y_syn, p_syn), tests
 
 
 def check_coverage(cfg: DownstreamConfig, y_real, y_syn, scales, echo=print) -> list[str]:
@@ -171,12 +175,15 @@ def check_coverage(cfg: DownstreamConfig, y_real, y_syn, scales, echo=print) -> 
     return short
 
 
-def compose(setting, x_real, y_real, x_syn, y_syn, mix: str):
-    """The training arrays of a setting; `balanced` repeats the real images to about the synthetic count."""
+def compose(setting, x_real, y_real, x_syn, y_syn, mix: str, p_syn=None):
+    """The training arrays of a setting; `balanced` repeats the real images to about the synthetic count.
+    With soft labels `p_syn` the targets of a setting with synthetic images are (N, classes) probabilities."""
     import numpy as np
 
     if setting == "real" or len(y_syn) == 0:
         return x_real, y_real
+    if p_syn is not None:
+        y_real, y_syn = np.eye(p_syn.shape[1], dtype=np.float32)[y_real], p_syn
     if setting == "synthetic":
         return x_syn, y_syn
     reps = max(1, int(round(len(y_syn) / max(len(y_real), 1)))) if mix == "balanced" else 1
@@ -191,7 +198,7 @@ def run_downstream(cfg: DownstreamConfig, echo=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    (x_real, y_real), (x_syn, y_syn), tests = load_sets(cfg, echo)
+    (x_real, y_real), (x_syn, y_syn, p_syn), tests = load_sets(cfg, echo)
     plan = ([("real", 0.0)] if "real" in cfg.settings else []) + [(s, k) for s in SETTINGS[1:] if s in cfg.settings for k in cfg.scales]
     short = check_coverage(cfg, y_real, y_syn, [k for _, k in plan], echo)
     runs = []
@@ -201,7 +208,8 @@ def run_downstream(cfg: DownstreamConfig, echo=print) -> dict:
         for setting, scale in plan:
             # one permutation per seed: the 2x synthetic subset contains the 1x one
             syn_idx = per_class_subset(y_syn, int(round(scale * cfg.real_per_class)), stream_rng(seed, "benchmark.synthetic")) if scale else []
-            x, y = compose(setting, x_real[real_idx], y_real[real_idx], x_syn[syn_idx], y_syn[syn_idx], cfg.mix)
+            x, y = compose(setting, x_real[real_idx], y_real[real_idx], x_syn[syn_idx], y_syn[syn_idx], cfg.mix,
+                           p_syn[syn_idx] if p_syn is not None else None)
             t = time.time()
             res = train_and_test(cfg, x, y, tests, seed)
             run = {"setting": setting, "scale": scale, "seed": seed, "train_images": int(len(y)),

@@ -188,7 +188,7 @@ def run_ssl(cfg, echo=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    (x_real, y_real), (x_syn, y_syn), tests = B.load_sets(cfg, echo)
+    (x_real, y_real), (x_syn, y_syn, _), tests = B.load_sets(cfg, echo)
     s = cfg.ssl
     plan = ([("ssl-real", 0.0)] if "ssl-real" in s.settings else []) + [(st, k) for st in SSL_SETTINGS[1:] if st in s.settings for k in s.scales]
     short = B.check_coverage(cfg, y_real, y_syn, [k for _, k in plan], echo)

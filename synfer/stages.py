@@ -234,7 +234,8 @@ class TrainableClassifier(abc.ABC):
     @abc.abstractmethod
     def fit_arrays(cls, images: "np.ndarray", targets: "np.ndarray", num_classes: int, *, iters: int, batch_size: int, lr: float,
                    seed: int, size: int, width: int, threads: int | None = None) -> "Callable[[np.ndarray], np.ndarray]":
-        """Train a fresh model on uint8 images (N, H, W, 3) and class indices; -> uint8 images -> logits (N, classes)."""
+        """Train a fresh model on uint8 images (N, H, W, 3) and targets: class indices (N,), or (N, classes) probabilities
+        (the downstream benchmark's `synthetic_targets: soft_label`); -> uint8 images -> logits (N, classes)."""
 
 
 class Expert(Stage):

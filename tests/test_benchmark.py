@@ -177,3 +177,28 @@ def test_balanced_mix_and_confidence_filter(tmp_path):
     n_all = len(bench.load_sets(bench.load_config(recipe), echo=lambda m: None)[1][1])
     n_conf = len(bench.load_sets(bench.load_config(recipe, ["synthetic_min_confidence=0.5"]), echo=lambda m: None)[1][1])
     assert n_all == len(kept) and n_conf == len([i for i in kept if i % 2 == 0])
+
+
+def test_soft_label_targets(tmp_path):
+    """synthetic_targets: soft_label trains the synthetic images on their soft labels and the real ones on one-hot rows;
+    the real-only setting keeps class indices, and tiny-cnn trains on probability targets."""
+    x_r, y_r = np.zeros((4, 16, 16, 3), np.uint8), np.array([0, 1, 0, 1])
+    x_s, y_s = np.full((4, 16, 16, 3), 200, np.uint8), np.array([1, 1, 0, 0])
+    p_s = np.array([[0.2, 0.8], [0.1, 0.9], [0.7, 0.3], [0.6, 0.4]], np.float32)
+    x, y = bench.compose("real+synthetic", x_r, y_r, x_s, y_s, "concat", p_s)
+    assert y.shape == (8, 2) and np.array_equal(y[:4], np.eye(2)[y_r]) and np.array_equal(y[4:], p_s)
+    assert np.array_equal(bench.compose("synthetic", x_r, y_r, x_s, y_s, "concat", p_s)[1], p_s)
+    assert np.array_equal(bench.compose("real", x_r, y_r, x_s, y_s, "concat", p_s)[1], y_r)
+    from synfer.arrays import soft_targets
+
+    rows = [{"soft_label": [1, 3]}, {}, {"soft_label": [0.5, 0.25, 0.25]}]
+    assert np.allclose(soft_targets(rows, np.array([0, 1, 0]), 2), [[0.25, 0.75], [0, 1], [1, 0]])
+    predict = bench.trainable("tiny-cnn").fit_arrays(x, y, 2, iters=3, batch_size=4, lr=1e-3, seed=0, size=16, width=4, threads=1)
+    assert predict(x).shape == (8, 2)
+    syn = write_set(tmp_path / "syn", 12, 1, True)
+    real = write_set(tmp_path / "real", 6, 0, False)
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(yaml.safe_dump({"real_train": str(real), "synthetic": str(syn), "real_test": str(real), "size": 16}))
+    _, (_, y_syn, p_syn), _ = bench.load_sets(bench.load_config(recipe, ["synthetic_targets=soft_label"]), echo=lambda m: None)
+    assert p_syn.shape == (len(y_syn), 8) and np.allclose(p_syn.sum(1), 1)
+    assert bench.load_sets(bench.load_config(recipe), echo=lambda m: None)[1][2] is None
