@@ -201,4 +201,4 @@ def test_soft_label_targets(tmp_path):
     recipe.write_text(yaml.safe_dump({"real_train": str(real), "synthetic": str(syn), "real_test": str(real), "size": 16}))
     _, (_, y_syn, p_syn), _ = bench.load_sets(bench.load_config(recipe, ["synthetic_targets=soft_label"]), echo=lambda m: None)
     assert p_syn.shape == (len(y_syn), 8) and np.allclose(p_syn.sum(1), 1)
-    assert bench.load_sets(bench.load_config(recipe), echo=lambda m: None)[1][2] is None
+    assert bench.load_sets(bench.load_config(recipe, ["synthetic_targets=label"]), echo=lambda m: None)[1][2] is None
