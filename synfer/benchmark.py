@@ -51,7 +51,7 @@ class DownstreamConfig(RecipeModel):
     synthetic_kept_only: bool = True  # train only on samples the calibration kept
     synthetic_min_confidence: float | None = Field(None, gt=0, le=1)  # drop synthetic samples whose soft label's top probability is lower
     synthetic_targets: Literal["label", "soft_label"] = "soft_label"  # the calibrated soft labels (paper 4.4) or the final class;
-    # real images keep their one-hot class. soft_label: +3 points data-rich, +5 data-scarce at 1x (docs/results.md)
+    # real images keep their one-hot class. soft_label: +3.2 points at 1x in both regimes (docs/results.md)
     mix: Literal["concat", "balanced"] = "balanced"  # real+synthetic: real repeated to the synthetic count (half of each batch), or one pool
     allow_short: bool = False  # true: train on what there is when a class has fewer images than a scale asks for
     test_limit: int | None = Field(None, gt=0)
