@@ -14,8 +14,9 @@ out/fetext-quick-test, diversity, label quality).
     OMP_NUM_THREADS=1 python bench/sweep_solvers.py --n 256 --cells unipc-8-every2 ...
     python bench/sweep_solvers.py --table            # print the table of what is in the JSON
 
-A cell name is [cfg<X>-]<scheduler>-<steps>-<guidance schedule>[-inv<K>]; schedules are in SCHEDULES. Cells
-without a cfg prefix run at classifier-free guidance 4, as the quickstart did when they were first measured.
+A cell name is [cfg<X>-]<scheduler>-<steps>-<guidance schedule>[-inv<K>][-bf16]; schedules are in SCHEDULES. Cells
+without a cfg prefix run at classifier-free guidance 4, as the quickstart did when they were first measured;
+cells without -bf16 pin generator.forward_dtype off (float32 throughout, as every cell before it existed).
 The sweep of 2026-12-02 ran with `generator.exact_batching=false` (batch 16), retired since; cells now
 run at the default `generator.chunk=16`, the same UNet batch shape (batching changes bytes, not quality).
 """
