@@ -184,7 +184,7 @@ def test_feranno_reads_all_16_maps_grouped_by_scale(world):
 def test_sd15_recipe_on_the_narrow_sd15_topology(world, tmp_path, dtype, forward):
     from PIL import Image
 
-    summary, rows = _run_recipe(world, tmp_path / "out", dtype, "cpu", [f"generator.forward_dtype={forward}"] if forward else [])
+    summary, rows = _run_recipe(world, tmp_path / "out", dtype, "cpu", [f"generator.forward_dtype={forward or 'null'}"])
     assert rows[0]["generator"].get("forward_dtype") == forward
     assert summary.generated == 2 and len(rows) == 2
     row = rows[0]
