@@ -239,8 +239,10 @@ class SDModel:
             if aus is None:
                 aus = torch.zeros(latents.shape[0], len(AU_KEYS), device=latents.device, dtype=text_emb.dtype)
             added = self.au_adapter.added_cond_kwargs(aus.to(text_emb.dtype))
-        cast = no_grad_pass and self.forward_dtype is not None and self.forward_dtype != latents.dtype
-        with torch.autocast(latents.device.type, dtype=self.forward_dtype, enabled=cast):
+        if not (no_grad_pass and self.forward_dtype is not None and self.forward_dtype != latents.dtype):
+            # no autocast context of our own here: autocast(enabled=False) would switch off a caller's (bf16 training)
+            return self.unet(latents, t, encoder_hidden_states=text_emb, added_cond_kwargs=added, **unet_kwargs).sample
+        with torch.autocast(latents.device.type, dtype=self.forward_dtype):
             return self.unet(latents, t, encoder_hidden_states=text_emb, added_cond_kwargs=added, **unet_kwargs).sample.to(latents.dtype)
 
 
