@@ -311,8 +311,8 @@ class SDGenerator(Generator):
         lay = self.config.layout
         gen = {"model": str(self.model_path), "scheduler": self.config.scheduler, "steps": self.config.steps,
                "guidance_scale": self.config.guidance_scale, "au_scale": self.config.au_scale if self.load().au_adapter is not None else None}
-        if self.load().forward_dtype is not None:  # only when used: the records of runs without it keep their bytes
-            gen["forward_dtype"] = str(self.load().forward_dtype).removeprefix("torch.")
+        if (fwd := self.load().forward_dtype) is not None:  # only when used: the records of runs without it keep their bytes
+            gen["forward_dtype"] = str(fwd).removeprefix("torch.")
         return {"generator": gen,
                 "semantic_guidance": ({"classifier": guidance.name, "start": sg.start, "stop": sg.stop, "every": sg.every,
                                        "lambda_g": sg.lambda_g, "updates": sg.updates}
