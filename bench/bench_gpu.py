@@ -213,7 +213,8 @@ def main():
             measure(name, fn, batch)
         if args.compile:
             eager_unet = sd.unet
-            compiled = torch.compile(eager_unet)
+            compiled = torch.compile(eager_unet, dynamic=False)  # static graphs per shape: the flop-count call at batch 1
+            # would otherwise switch the timed batch to a slower dynamic-shape graph
             sd.unet = pipe.unet = compiled
             try:
                 for name in ("bare", "synfer"):
