@@ -43,12 +43,11 @@ def main() -> None:
         x = torch.randn(b, m.unet.config.in_channels, m.native_size, m.native_size, dtype=m.dtype)
         emb = m.encode_text(["a photo of a happy person"] * b)
         aus = m.au_tensor([{}] * b)
-        t = torch.tensor(500)
+        t, f = torch.tensor(500), args.forward_batch
         with torch.inference_mode():
             for _ in range(2):
-                m.predict_noise(x[:args.forward_batch], t, emb[:args.forward_batch], aus[:args.forward_batch], no_grad_pass=True)
-            ms = median_ms(lambda: m.predict_noise(x[:args.forward_batch], t, emb[:args.forward_batch], aus[:args.forward_batch],
-                                                   no_grad_pass=True), args.repeats)
+                m.predict_noise(x[:f], t, emb[:f], aus[:f], no_grad_pass=True)
+            ms = median_ms(lambda: m.predict_noise(x[:f], t, emb[:f], aus[:f], no_grad_pass=True), args.repeats)
         e = emb[:16].detach().clone().requires_grad_(True)
 
         def guided():
