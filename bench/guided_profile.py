@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from bench_gpu import CLASSES
 from dtype_probe import median_ms
-
-CLASSES = ["happy", "sad", "anger", "surprise", "fear", "disgust", "neutral", "contempt"]
 
 
 def main() -> None:
