@@ -168,7 +168,8 @@ class Registry:
                 self.entries.append(info)
 
     def _is_hook(self, module, name: str) -> bool:
-        return self.pm.parse_hookimpl_opts(module, name) is not None
+        # hasattr first: pluggy 1.6 (the GPU machine's) reads the attribute without a default, an AttributeError on a module lacking it
+        return hasattr(module, name) and self.pm.parse_hookimpl_opts(module, name) is not None
 
     def _space_problems(self, spaces: dict, provider: str) -> list[str]:
         out = []

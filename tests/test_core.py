@@ -143,6 +143,27 @@ def test_misspelled_hook_is_caught():
         Registry().add(mod)
 
 
+def test_a_module_with_some_hooks_loads_under_a_strict_pluggy(monkeypatch):
+    """pluggy 1.6 (seen on the GPU machine) reads a hook attribute without a default: a plugin module that
+    implements register_stages alone must still load, not fail on the register_label_spaces it lacks."""
+    import inspect
+
+    import dummy_plugins
+
+    def parse_hookimpl_opts(self, plugin, name):  # pluggy 1.6's, as it reads
+        method = getattr(plugin, name)
+        if not inspect.isroutine(method):
+            return None
+        res = getattr(method, self.project_name + "_impl", None)
+        return res if isinstance(res, dict) else None
+
+    reg = Registry()
+    monkeypatch.setattr(type(reg.pm), "parse_hookimpl_opts", parse_hookimpl_opts)
+    assert not hasattr(dummy_plugins, "register_label_spaces")
+    reg.add(dummy_plugins, provider="tests")
+    assert reg.get("generator", "tests:dummy") is dummy_plugins.DummyGenerator
+
+
 def _recipe(tmp_path, data):
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(data))
