@@ -28,7 +28,7 @@ class Clf(torch.nn.Module):
     """A fixed differentiable 8-class 'classifier' (mean colour -> logits), saved as TorchScript."""
 
     def forward(self, x):
-        return x.mean(dim=(2, 3)) @ torch.linspace(-1, 1, 24).view(3, 8)
+        return x.mean(dim=(2, 3)) @ torch.linspace(-1, 1, 24, device=x.device, dtype=x.dtype).view(3, 8)
 
 
 def _train(args):
