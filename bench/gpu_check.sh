@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The checks one GPU lease runs (issue 16), prepared so that a 15-minute lease is spent on them alone.
+#
+# The device machine's python3 has torch (CUDA) but not synfer's other needs, and reaches no registry:
+# they travel as wheels in .whl/ (git-ignored), built here first:
+#
+#     P="python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl"
+#     $P diffusers==0.42.1 mmengine addict yapf termcolor tflite pydantic==2.14.4 pydantic_core==2.50.5 \
+#        typing-inspection annotated-types importlib_metadata platformdirs typing_extensions
+#     python -m pip wheel -q --no-deps --no-build-isolation . -w .whl
+#
+# then, on the device (carry .whl):   bash bench/gpu_check.sh eager      # the gpu tests + bench_gpu, eager
+#                                      bash bench/gpu_check.sh rest       # plugin load, batch-16 full recipe, compiled rows
+# Results land in $OUT (the device tool's folder), or out/gpu-check.
+set -uo pipefail
+OUT=${OUT:-out/gpu-check}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+BENCH=(python3 bench/bench_gpu.py --device cuda --width full --size 512 --steps 25 --dtype bfloat16 --peak-tflops 989)
+case "${1:-eager}" in
+  eager)
+    { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } | tee "$OUT/env.txt"
+    python3 -c "import torch, diffusers, transformers, synfer_plugins.sd.generator as g
+print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" \
+      2>&1 | tee -a "$OUT/env.txt" || exit 1
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sd15_topology.py -rA 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 300 "${BENCH[@]}" --batch 8 16 --out "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.log"
+    ;;
+  rest)  # what `eager` leaves when its bench runs past 300 s: the plugin load, batch-16 full-recipe rows, compiled rows
+    python3 -m pip list 2>/dev/null | grep -iE "^(pluggy|pydantic|peft|huggingface|click|numpy) " | tee "$OUT/registry.txt"
+    python3 -c "from synfer.plugins import Registry
+r = Registry(); r.load_entrypoints(); print(len(r.entries), 'stages;', len(r.failures), 'failures')
+[print(m) for _, m in r.failures]" 2>&1 | tee -a "$OUT/registry.txt"
+    python3 -c "import traceback, synfer_plugins.au_detectors as m
+try:
+    m.register_stages(register=print)
+except Exception: traceback.print_exc()" 2>&1 | tee -a "$OUT/registry.txt"
+    timeout 150 "${BENCH[@]}" --batch 16 --rows bare 'full recipe vae' 'full recipe approx' --out "$OUT/gpu-bench-full16.json" \
+      2>&1 | tee "$OUT/gpu-bench-full16.log"
+    timeout 200 "${BENCH[@]}" --batch 16 --compile --rows bare synfer 'bare (compiled UNet)' 'synfer (compiled UNet)' \
+      --out "$OUT/gpu-bench-compile.json" 2>&1 | tee "$OUT/gpu-bench-compile.log"
+    ;;
+esac
