@@ -10,7 +10,7 @@
 #        typing-inspection annotated-types importlib_metadata platformdirs typing_extensions
 #     python -m pip wheel -q --no-deps --no-build-isolation . -w .whl
 #
-# then, on the device (carry .whl):   bash bench/gpu_check.sh eager      # the gpu tests + bench_gpu, eager
+# then, on the device (carry .whl):   bash bench/gpu_check.sh eager      # the gpu tests + bench_gpu at batch 16, eager
 #                                      bash bench/gpu_check.sh rest       # plugin load, batch-16 full recipe, compiled rows
 # Results land in $OUT (the device tool's folder), or out/gpu-check.
 set -uo pipefail
@@ -26,9 +26,10 @@ case "${1:-eager}" in
 print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" \
       2>&1 | tee -a "$OUT/env.txt" || exit 1
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sd15_topology.py -rA 2>&1 | tee "$OUT/gpu-tests.log"
-    timeout 300 "${BENCH[@]}" --batch 8 16 --out "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.log"
+    # batch 16 first, with the larger guided micro-batch (the lever the 2026-12-04 H200 run pointed at)
+    timeout 330 "${BENCH[@]}" --batch 16 --micro-batch 16 --out "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.log"
     ;;
-  rest)  # what `eager` leaves when its bench runs past 300 s: the plugin load, batch-16 full-recipe rows, compiled rows
+  rest)  # the plugin load, batch-16 full-recipe rows and compiled rows (2026-12-04's second call; its first ran batch 8 and 16)
     python3 -m pip list 2>/dev/null | grep -iE "^(pluggy|pydantic|peft|huggingface|click|numpy) " | tee "$OUT/registry.txt"
     python3 -c "from synfer.plugins import Registry
 r = Registry(); r.load_entrypoints(); print(len(r.entries), 'stages;', len(r.failures), 'failures')
