@@ -11,7 +11,7 @@
 #     python -m pip wheel -q --no-deps --no-build-isolation . -w .whl
 #
 # then, on the device (carry .whl):   bash bench/gpu_check.sh eager      # the gpu tests + bench_gpu at batch 16, eager
-#                                      bash bench/gpu_check.sh rest       # plugin load, batch-16 full recipe, compiled rows
+#                                      bash bench/gpu_check.sh rest       # plugin load, batch 8, compiled rows
 # Results land in $OUT (the device tool's folder), or out/gpu-check.
 set -uo pipefail
 OUT=${OUT:-out/gpu-check}
@@ -29,17 +29,14 @@ print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transform
     # batch 16 first, with the larger guided micro-batch (the lever the 2026-12-04 H200 run pointed at)
     timeout 330 "${BENCH[@]}" --batch 16 --micro-batch 16 --out "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.log"
     ;;
-  rest)  # the plugin load, batch-16 full-recipe rows and compiled rows (2026-12-04's second call; its first ran batch 8 and 16)
-    python3 -m pip list 2>/dev/null | grep -iE "^(pluggy|pydantic|peft|huggingface|click|numpy) " | tee "$OUT/registry.txt"
+  rest)  # the plugin load as the machine's packages see it, then batch 8 and the compiled rows
+    python3 -c "import pluggy, pydantic, peft, huggingface_hub as h, numpy
+print('pluggy', pluggy.__version__, 'pydantic', pydantic.__version__, 'peft', peft.__version__, 'hub', h.__version__, 'numpy', numpy.__version__)" \
+      2>&1 | tee "$OUT/registry.txt"
     python3 -c "from synfer.plugins import Registry
 r = Registry(); r.load_entrypoints(); print(len(r.entries), 'stages;', len(r.failures), 'failures')
 [print(m) for _, m in r.failures]" 2>&1 | tee -a "$OUT/registry.txt"
-    python3 -c "import traceback, synfer_plugins.au_detectors as m
-try:
-    m.register_stages(register=print)
-except Exception: traceback.print_exc()" 2>&1 | tee -a "$OUT/registry.txt"
-    timeout 150 "${BENCH[@]}" --batch 16 --rows bare 'full recipe vae' 'full recipe approx' --out "$OUT/gpu-bench-full16.json" \
-      2>&1 | tee "$OUT/gpu-bench-full16.log"
+    timeout 200 "${BENCH[@]}" --batch 8 --out "$OUT/gpu-bench-8.json" 2>&1 | tee "$OUT/gpu-bench-8.log"
     timeout 200 "${BENCH[@]}" --batch 16 --compile --rows bare synfer 'bare (compiled UNet)' 'synfer (compiled UNet)' \
       --out "$OUT/gpu-bench-compile.json" 2>&1 | tee "$OUT/gpu-bench-compile.log"
     ;;
