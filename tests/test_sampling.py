@@ -102,6 +102,34 @@ def test_layout_init_uses_fetext_faces(model_dir, tmp_path):
         generator(model_dir, layout=dict(enabled=True)).generate(requests(1))
 
 
+def test_layout_cache_reuses_inversions_with_the_same_bytes(model_dir, tmp_path):
+    """A face drawn again is not inverted again, and its x_t is the very one its own chunk would compute."""
+    from PIL import Image
+
+    w = DatasetWriter(tmp_path / "fetext")
+    for i in range(3):
+        w.write(i, Image.new("RGB", (32, 32), (70 * i, 100, 150 - 40 * i)), {"expression": "neutral"})
+    lay = dict(enabled=True, source=str(tmp_path / "fetext"), depth=0.5, expressions=None)
+    g = generator(model_dir, chunk=4, layout=lay)
+    out = g.generate(requests(12))  # 3 chunks of 4 slots drawn from 3 faces
+    layout = g._layout()
+    assert layout.inversions == len({layout.pick(r) for r in requests(12)}) <= 3  # each face drawn is inverted once
+    for k in range(3):
+        chunk = requests(12)[4 * k:4 * k + 4]
+        x, start = layout(chunk)  # every face cached by now
+        x_ref, start_ref = invert(g, layout.load_images([r.layout_source for r in chunk], g.size), [layout.cfg.prompt] * 4, None,
+                                  layout.num_inverted(4))
+        assert start == start_ref and torch.equal(x, x_ref)  # the bytes of inverting the chunk as one batch
+        assert x.stride() == x_ref.stride()  # in its memory format too: the quickstart's denoising bytes depend on it
+        ref = g.to_pil(g.sample(chunk, x_T=x_ref, start_step=start))  # and so the images of sampling from them (memory format too)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b.image)) for a, b in zip(ref, out[4 * k:4 * k + 4]))
+    assert layout.reuses > 0
+    g_off = generator(model_dir, chunk=4, layout={**lay, "cache_mb": 0})
+    out_off = g_off.generate(requests(12))
+    assert g_off._layout().inversions > layout.inversions
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(out, out_off))
+
+
 def test_semantic_guidance_lowers_loss_and_spares_weights(model_dir, classifier):
     g = generator(model_dir, steps=10)
     m = g.load()
