@@ -15,7 +15,7 @@ Columns: images/s (after one warm-up call), ratio to bare, peak memory (GPU: max
 CPU: peak RSS above the level before the row), FLOP per image (torch.utils.flop_counter on one image,
 forward + backward), and achieved FLOP/s against `--peak-tflops` (the GPU's dense bf16 peak; on a CPU a
 float32 matmul measured here). `--compile` adds rows with `torch.compile` on the UNet; `--micro-batch N` rows with the guided backward
-run N samples at a time.
+run N samples at a time; `--reuse-forward` rows with `semantic_guidance.reuse_forward` (one UNet forward fewer per guided step).
 
     python bench/bench_gpu.py --device cuda --width full --size 512 --steps 25 --batch 8 16 --dtype bfloat16 --peak-tflops 989
     OMP_NUM_THREADS=1 python bench/bench_gpu.py --device cpu --width narrow --size 128 --steps 10 --batch 4 --dtype float32
@@ -103,6 +103,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also rows with torch.compile on the UNet")
     ap.add_argument("--micro-batch", type=int, nargs="*", default=[],
                     help="also the approx-guidance rows at these semantic_guidance.micro_batch values (the recipe's is 4)")
+    ap.add_argument("--reuse-forward", action="store_true",
+                    help="also the approx-guidance rows with semantic_guidance.reuse_forward (at each micro-batch given)")
     ap.add_argument("--rows", nargs="*", default=None, help="only these rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -141,12 +143,14 @@ def main():
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(env), flush=True)
 
-    def generator(layout=False, guidance=None, decoder="vae", micro_batch=None):
+    def generator(layout=False, guidance=None, decoder="vae", micro_batch=None, reuse=False):
         cfg = {"steps": args.steps, "guidance_scale": 4.0, "device": dev, "dtype": args.dtype, "size": args.size, "channels_last": False,
                "layout": {"enabled": layout, "source": str(faces), "expressions": None},
                "semantic_guidance": {"start": 0.3, "decoder": decoder}}  # micro_batch: the recipe default (4) unless given
         if micro_batch:
             cfg["semantic_guidance"]["micro_batch"] = micro_batch
+        if reuse:
+            cfg["semantic_guidance"]["reuse_forward"] = True
         fields = SDGenerator.Config.model_fields
         if "exact_batching" in fields:
             cfg["exact_batching"] = False
@@ -174,6 +178,11 @@ def main():
     for mb in args.micro_batch:
         rows[f"+ guidance approx (micro-batch {mb})"] = generator(guidance=clf, decoder="approx", micro_batch=mb)
         full[f"full recipe approx (micro-batch {mb})"] = dict(layout=True, guidance=clf, decoder="approx", micro_batch=mb)
+    if args.reuse_forward:
+        for mb in [None, *args.micro_batch]:
+            tag = " (reuse forward" + (f", micro-batch {mb})" if mb else ")")
+            rows["+ guidance approx" + tag] = generator(guidance=clf, decoder="approx", micro_batch=mb, reuse=True)
+            full["full recipe approx" + tag] = dict(layout=True, guidance=clf, decoder="approx", micro_batch=mb, reuse=True)
 
     def requests(n, offset=0):
         return [SampleRequest(index=offset + i, seed=offset + i, expression=CLASSES[i % 8], aus=L.au_dict(L.sample_aus(CLASSES[i % 8], i)),

@@ -26,8 +26,9 @@ case "${1:-eager}" in
 print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" \
       2>&1 | tee -a "$OUT/env.txt" || exit 1
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sd15_topology.py -rA 2>&1 | tee "$OUT/gpu-tests.log"
-    # batch 16 first, with the larger guided micro-batch (the lever the 2026-12-04 H200 run pointed at)
-    timeout 330 "${BENCH[@]}" --batch 16 --micro-batch 16 --out "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.log"
+    # batch 16 first, with the levers the 2026-12-04 H200 run pointed at: a larger guided micro-batch, and the guided
+    # step's own forward reused to denoise it (semantic_guidance.reuse_forward)
+    timeout 420 "${BENCH[@]}" --batch 16 --micro-batch 16 --reuse-forward --out "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.log"
     ;;
   rest)  # the plugin load as the machine's packages see it, then batch 8 and the compiled rows
     python3 -c "import pluggy, pydantic, peft, huggingface_hub as h, numpy

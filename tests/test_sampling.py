@@ -203,6 +203,30 @@ def test_sparser_guidance_is_recorded_and_changes_the_images(model_dir, classifi
     assert not np.array_equal(outs[1], outs[2])
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_reuse_forward_skips_the_conditional_pass_of_guided_steps(model_dir, classifier, cfg_scale):
+    """semantic_guidance.reuse_forward: a guided step denoises with the noise its own forward predicted, so
+    it makes one UNet forward fewer (the conditional half of a CFG pair); with a zero step (lambda_g 0)
+    that noise is exactly what the skipped pass would give, so the images agree up to batching error."""
+    calls, out = {}, {}
+    for reuse in (False, True):
+        g = generator(model_dir, steps=6, chunk=2, guidance_scale=cfg_scale,
+                      semantic_guidance=dict(start=0.5, lambda_g=0.0, reuse_forward=reuse))
+        seen = []
+        hook = g.load().unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+        res = g.generate(requests(2), guidance=classifier)
+        hook.remove()
+        calls[reuse], out[reuse] = seen, np.stack([np.asarray(s.image, dtype=np.int16) for s in res])
+        assert res[0].extra["semantic_guidance"].get("reuse_forward", False) is reuse
+    # 3 guided steps (3, 4, 5 of 6): each skips one forward of the conditional batch (2 samples)
+    pair = 4 if cfg_scale != 1.0 else 2
+    assert sum(calls[False]) - sum(calls[True]) == 3 * 2 and calls[False].count(pair) - calls[True].count(pair) == 3
+    assert np.abs(out[True] - out[False]).max() <= 2  # lambda_g 0: the same noise, batched differently
+    g = generator(model_dir, steps=6, chunk=2, guidance_scale=cfg_scale, semantic_guidance=dict(start=0.5, lambda_g=2.0, reuse_forward=True))
+    moved = np.stack([np.asarray(s.image, dtype=np.int16) for s in g.generate(requests(2), guidance=classifier)])
+    assert not np.array_equal(moved, out[True])  # a real step still moves the samples (from the next step on)
+
+
 def test_forward_dtype_autocasts_the_gradient_free_passes_only(model_dir, classifier):
     """generator.forward_dtype: denoising and inversion passes run under bfloat16 autocast, the guided
     step's forward + backward does not; the images stay close to float32's and the record says so."""

@@ -157,6 +157,12 @@ def test_micro_batched_guidance_gives_the_one_pass_update(world):
     assert torch.allclose(updates[None].flatten(1).norm(dim=1).float(), torch.ones(3), atol=1e-4)  # Eq. 6: a step of lambda_g per sample
     for mb in (1, 2):
         assert torch.allclose(updates[mb], updates[None], atol=1e-4, rtol=1e-4), float((updates[mb] - updates[None]).abs().max())
+    # reuse_forward: the same update, and the conditional noise the step's denoising would have predicted before it
+    c, eps = SemanticGuidance(gen, clf, reqs, aus, GuidanceConfig(start=0.0, lambda_g=1.0, micro_batch=2, reuse_forward=True))(2, t, x_t, text)
+    with torch.no_grad():
+        m = gen.load()
+        eps_ref = m.predict_noise(m.scheduler.scale_model_input(x_t, t), t, text, aus)
+    assert torch.allclose(c - text, updates[None], atol=1e-4, rtol=1e-4) and torch.allclose(eps, eps_ref, atol=1e-8)
 
 
 def test_feranno_reads_all_16_maps_grouped_by_scale(world):

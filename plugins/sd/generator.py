@@ -230,7 +230,8 @@ class SDGenerator(Generator):
                 guidance_scale: float | None = None, steps: int | None = None, seeds: Sequence[int] | None = None):
         """`scheduler` from `timesteps[start_step]` down to x_0 with classifier-free guidance.
 
-        `on_step(i, t, latents, text_emb)` may return a new conditional text embedding (Eq. 6);
+        `on_step(i, t, latents, text_emb)` may return a new conditional text embedding (Eq. 6), or
+        (that embedding, the conditional noise of this step) to skip this step's conditional forward;
         it runs with gradients enabled, the UNet passes here run without. `seeds` give the
         per-sample variance noise when eta > 0.
         """
@@ -250,13 +251,19 @@ class SDGenerator(Generator):
         for i, t in enumerate(timesteps):
             if i < start_step:
                 continue
+            eps_c = None  # the conditional noise, when the guided step's own forward gives it (`reuse_forward`)
             if on_step is not None:
                 new_emb = on_step(i, t, latents, text_emb)
+                if isinstance(new_emb, tuple):
+                    new_emb, eps_c = new_emb
                 if new_emb is not None:
                     text_emb = new_emb.detach()
             with torch.no_grad() if on_step is not None else torch.inference_mode():  # guidance needs normal tensors
                 x_in = sched.scale_model_input(latents, t)
-                if uncond_emb is None:
+                if eps_c is not None:
+                    eps = eps_c if uncond_emb is None else (
+                        (eps_u := m.predict_noise(x_in, t, uncond_emb, uncond_aus, no_grad_pass=True)) + cfg * (eps_c - eps_u))
+                elif uncond_emb is None:
                     eps = m.predict_noise(x_in, t, text_emb, aus, no_grad_pass=True)
                 else:
                     both_aus = torch.cat([uncond_aus, aus]) if aus is not None else None
@@ -315,7 +322,7 @@ class SDGenerator(Generator):
             gen["forward_dtype"] = str(fwd).removeprefix("torch.")
         return {"generator": gen,
                 "semantic_guidance": ({"classifier": guidance.name, "start": sg.start, "stop": sg.stop, "every": sg.every,
-                                       "lambda_g": sg.lambda_g, "updates": sg.updates}
+                                       "lambda_g": sg.lambda_g, "updates": sg.updates} | ({"reuse_forward": True} if sg.reuse_forward else {})
                                       if guidance is not None and sg.enabled else None),
                 "layout_init": ({"depth": lay.depth, "source": lay.source}
                                 | ({"inversion_steps": lay.inversion_steps} if lay.inversion_steps else {})) if lay.enabled else None}

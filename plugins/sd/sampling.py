@@ -50,6 +50,8 @@ class GuidanceConfig(BaseModel):
     decoder: Literal["vae", "approx"] = "vae"  # x0 -> image for Eq. 5: "vae" (exact) or "approx" ('synfer train approx-decoder')
     # "approx" reads MODEL/approx_decoder/, a small conv net distilled from the VAE that outputs the classifier's 64 px face
     # directly (latent models only); the VAE decode is 75% of a guided update's FLOPs at 512 px (bench/README.md)
+    reuse_forward: bool = False  # the guided step's own UNet forward (the embedding before its update) also denoises that step,
+    # as the conditional half of a classifier-free pair: one forward fewer per guided step; the update acts from the next step
 
 
 class LayoutInit:
@@ -239,25 +241,31 @@ class SemanticGuidance:
         c = text_emb.detach()
         mask = self.mask.to(c.device, c.dtype).view(-1, 1, 1)
         step = self.cfg.micro_batch or c.shape[0]
+        eps = None
         for _ in range(self.cfg.updates):
             # each sample's loss depends on its own inputs only, so the gradient is computed per micro-batch:
             # the same update as one pass, with the activations of `micro_batch` samples alive at a time
-            grad = torch.cat([self._grad(m, t, a_t, latents[sl], c[sl], sl) for sl in
-                              (slice(j, j + step) for j in range(0, c.shape[0], step))])
+            parts = [self._grad(m, t, a_t, latents[sl], c[sl], sl) for sl in
+                     (slice(j, j + step) for j in range(0, c.shape[0], step))]
+            grad = torch.cat([g for g, _ in parts])
+            eps = torch.cat([e for _, e in parts]) if eps is None and self.cfg.reuse_forward else eps
             norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
             c = (c - self.cfg.lambda_g * mask * grad / norm).detach()  # Eq. 6
-        return c
+        return (c, eps) if self.cfg.reuse_forward else c
 
     def _grad(self, m, t, a_t, latents, c, sl: slice):
-        """d L_g / d c for the samples `sl` of the batch (Eq. 4-5)."""
+        """(d L_g / d c, the noise predicted with c: detached, or None) for the samples `sl` of the batch (Eq. 4-5)."""
         import torch
         import torch.nn.functional as F
 
+        aus = self.aus[sl] if self.aus is not None else None
         if not bool(self.mask[sl].any()):
-            return torch.zeros_like(c)
+            if not self.cfg.reuse_forward:
+                return torch.zeros_like(c), None
+            with torch.no_grad():
+                return torch.zeros_like(c), m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, aus)
         c = c.clone().requires_grad_(True)
         with torch.enable_grad():
-            aus = self.aus[sl] if self.aus is not None else None
             eps = m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, aus)
             x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Eq. 4
             image = (self.decode(x0) if self.decode is not None else m.decode(x0)).clamp(-1, 1)
@@ -265,7 +273,7 @@ class SemanticGuidance:
             # Eq. 5, summed so that each sample's gradient is its own (batch-size independent)
             loss = F.cross_entropy(logits, self.targets[sl].to(logits.device), reduction="none").mul(self.mask[sl].to(logits.device)).sum()
             (grad,) = torch.autograd.grad(loss, c)
-        return grad
+        return grad, (eps.detach() if self.cfg.reuse_forward else None)
 
 
 def approx_decoder(generator):
