@@ -124,7 +124,10 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
     ap.add_argument("--out", default="out/sweep")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--results", default=None, help="the results JSON (another file: time cells again on another host)")
     a = ap.parse_args()
+    global RESULTS
+    RESULTS = Path(a.results) if a.results else RESULTS
     results = load()
     for cell in a.cells:
         key = f"{cell}-n{a.n}"
