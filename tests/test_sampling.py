@@ -124,6 +124,9 @@ def test_layout_cache_reuses_inversions_with_the_same_bytes(model_dir, tmp_path)
         ref = g.to_pil(g.sample(chunk, x_T=x_ref, start_step=start))  # and so the images of sampling from them (memory format too)
         assert all(np.array_equal(np.asarray(a), np.asarray(b.image)) for a, b in zip(ref, out[4 * k:4 * k + 4]))
     assert layout.reuses > 0
+    fresh = generator(model_dir, chunk=4, layout=lay)._layout()
+    fresh(requests(4))
+    assert len(fresh.inverted) == 3  # the padding slots of the first batch inverted the faces not drawn yet
     g_off = generator(model_dir, chunk=4, layout={**lay, "cache_mb": 0})
     out_off = g_off.generate(requests(12))
     assert g_off._layout().inversions > layout.inversions

@@ -60,8 +60,9 @@ class LayoutInit:
     The inversion ignores the sample (the layout prompt, zero AUs), so each face's x_t is kept, keyed by
     (face, batch shape), and reused when the face is drawn again: nearly half the UNet calls of a sample are the
     inversion's, and a long run draws each face many times (10,000 samples from 1,024 faces: ~10 each).
-    Faces not yet inverted run together in batches of the chunk's own shape, padded with copies, which gives
-    the bytes each would have had in its own chunk (docs/results.md, Speed: "which setting changes the bytes").
+    Faces not yet inverted run together in batches of the chunk's own shape, which gives the bytes each would have
+    had in its own chunk (docs/results.md, Speed: "which setting changes the bytes"); the padding slots invert faces
+    of the source not drawn yet, so a run longer than its source inverts each face once, in full batches.
     """
 
     def __init__(self, generator, config: LayoutConfig):
@@ -89,6 +90,7 @@ class LayoutInit:
         self.inverted: OrderedDict = OrderedDict()  # (file, batch shape) -> x_t, least recently used first
         self.inversions = self.reuses = 0  # faces inverted / slots filled from the cache
         self.memory_format = None  # of the inverted x_t, set by the first inversion
+        self._unvisited = list(reversed(self.files))  # faces never used to pad a batch, next one last
 
     def pick(self, request) -> str:
         files = self.by_class.get(L.canonical(request.expression)) or self.files
@@ -121,10 +123,12 @@ class LayoutInit:
         made = {}
         for j in range(0, len(fresh), shape):
             part = fresh[j:j + shape]
-            x0 = self.load_images(part + [part[0]] * (shape - len(part)), self.gen.size)  # padded to the batch's shape
-            x_t, _ = invert(self.gen, x0, [self.cfg.prompt] * shape, None, num, calls=self.cfg.inversion_steps)
+            part += self._ahead(shape - len(part), shape, set(fresh))  # the padding inverts faces not drawn yet, for free
+            part += [part[0]] * (shape - len(part))  # (copies when none are left)
+            x_t, _ = invert(self.gen, self.load_images(part, self.gen.size), [self.cfg.prompt] * shape, None, num,
+                            calls=self.cfg.inversion_steps)
             made.update(zip(part, x_t))
-            self.inversions += len(part)
+            self.inversions += len(set(part))
             # denoising reads x_t's memory format (channels-last from a channels-last UNet): the bytes follow it
             self.memory_format = torch.channels_last if x_t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         device = next(iter(made.values())).device if made else None
@@ -133,6 +137,18 @@ class LayoutInit:
         for f, x in made.items():
             self._keep((f, shape), x)
         return out, self.gen.config.steps - num
+
+    def _ahead(self, n: int, shape: int, taken: set) -> list[str]:
+        """Up to n faces of the source not inverted yet (in folder order), to fill a batch's padding slots: a long
+        run then inverts each face once, in full batches, instead of paying a whole batch for a few new faces."""
+        if self.cfg.cache_mb <= 0:
+            return []
+        out = []
+        while len(out) < n and self._unvisited:
+            f = self._unvisited.pop()
+            if f not in taken and (f, shape) not in self.inverted:
+                out.append(f)
+        return out
 
     def _reuse(self, key, device):
         self.inverted.move_to_end(key)
