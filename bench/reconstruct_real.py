@@ -12,7 +12,6 @@ guidance (the face already shows its expression). Resumable: faces already on di
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -41,36 +40,33 @@ def main():
 
     from tqdm import tqdm
 
-    from synfer.dataset import read_metadata, row_label
+    from synfer.dataset import DatasetWriter, read_metadata, row_label
     from synfer.labels import sample_seed
     from synfer.stages import SampleRequest
     from synfer_plugins.sd.generator import SDGenerator
 
     rows = pick_rows(read_metadata(Path(a.source)), a.per_class)
-    out = Path(a.output)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    meta = out / "metadata.jsonl"
-    done = {json.loads(line)["index"] for line in meta.open()} if meta.exists() else set()
+    writer = DatasetWriter(a.output)  # resumable: `done` holds the faces already on disk
     g = SDGenerator(SDGenerator.Config(steps=a.steps, guidance_scale=1.0, device="cpu",
                                        layout={"enabled": True, "source": a.source, "depth": a.depth}))
     g._layout().pick = lambda r: r.layout_source  # each request inverts its own face, not a random one of its class
     c = g.chunk
-    todo = [i for i in range(len(rows)) if i not in done]
-    with meta.open("a") as f, tqdm(total=len(rows), initial=len(rows) - len(todo), desc="reconstruct") as bar:
+    todo = [i for i in range(len(rows)) if i not in writer.done]
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="reconstruct") as bar:
         for k in sorted({i // c for i in todo}):
-            idx = [i for i in range(k * c, min((k + 1) * c, len(rows))) if i not in done]
+            idx = [i for i in range(k * c, min((k + 1) * c, len(rows))) if i not in writer.done]
             reqs = [SampleRequest(index=i, seed=sample_seed(a.seed, i), expression=row_label(rows[i]), aus=rows[i]["aus"],
                                   prompt=rows[i]["caption"], layout_source=rows[i]["file_name"]) for i in idx]
-            for s in g.generate(reqs):
-                r, i = rows[s.request.index], s.request.index
-                name = f"images/{i:08d}.png"
-                s.image.save(out / name)
-                f.write(json.dumps({"file_name": name, "index": i, "label": row_label(r), "expression": row_label(r),
-                                    "aus": r["aus"], "prompt": r["caption"], "kept": True,
-                                    "layout_source": r["file_name"]}) + "\n")
-            f.flush()
+            writer.write_many([(s.request.index, s.image, record(rows[s.request.index])) for s in g.generate(reqs)])
             bar.update(len(idx))
 
+
+def record(row: dict) -> dict:
+    """The metadata of a face's rendition: the real face's label and AUs, and which face it came from."""
+    from synfer.dataset import row_label
+
+    return {"label": row_label(row), "expression": row_label(row), "aus": row["aus"], "prompt": row["caption"], "kept": True,
+            "layout_source": row["file_name"]}
 
 if __name__ == "__main__":
     main()

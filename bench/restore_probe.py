@@ -10,7 +10,6 @@ dataset folder with every image passed through it (metadata unchanged), for `syn
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -51,7 +50,9 @@ def load(folder: Path, files):
 
 
 def rows(folder: Path):
-    return [json.loads(line) for line in (folder / "metadata.jsonl").open()]
+    from synfer.dataset import read_metadata
+
+    return read_metadata(folder)
 
 
 def train(a):

@@ -101,8 +101,8 @@ def run_cell(cell: str, n: int, recipe: str, out_root: Path) -> dict:
             "metrics": {k: v for k, v in metrics.items()}}
 
 
-def load() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+def load(path: Path = RESULTS) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def table(results: dict) -> str:
@@ -124,11 +124,10 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
     ap.add_argument("--out", default="out/sweep")
     ap.add_argument("--table", action="store_true")
-    ap.add_argument("--results", default=None, help="the results JSON (another file: time cells again on another host)")
+    ap.add_argument("--results", default=str(RESULTS), help="the results JSON (another file: time cells again on another host)")
     a = ap.parse_args()
-    global RESULTS
-    RESULTS = Path(a.results) if a.results else RESULTS
-    results = load()
+    path = Path(a.results)
+    results = load(path)
     for cell in a.cells:
         key = f"{cell}-n{a.n}"
         if key in results:
@@ -136,9 +135,9 @@ def main() -> None:
             continue
         print(f"{key}: running", flush=True)
         cell_result = run_cell(cell, a.n, a.recipe, ROOT / a.out)
-        results = {**load(), key: cell_result}  # re-read: sweeps of other cells may run side by side
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
+        results = {**load(path), key: cell_result}  # re-read: sweeps of other cells may run side by side
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, sort_keys=True))
         r = results[key]
         print(f"{key}: {r['images_per_s']} img/s, {json.dumps(r['metrics'])}", flush=True)
     print(table(results))
