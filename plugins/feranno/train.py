@@ -6,9 +6,7 @@ Imported only by `synfer train calibrator` and tests (this module imports torch)
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModel
 
 from synfer.arrays import load_arrays
+from synfer.stamps import folder_stamp, stamp_key
 from synfer_plugins.feranno.capture import align_capture, condition_inputs, default_max_res, extract
 from synfer_plugins.feranno.encoder import build_encoder, save_encoder
 from synfer_plugins.feranno.stage import FERAnnoConfig
@@ -26,15 +25,8 @@ def model_key(model_path, data_path) -> str:
     """Identifies (generator weights, data) pairs, e.g. for feature caches: the folders' paths and the
     size and modification time of their weight and metadata files, so retraining the UNet or the AU
     adapter in place (or rebuilding the data) never reuses features of the old weights."""
-    stamp = []
-    for root in (Path(model_path), Path(data_path)):
-        stamp.append(str(root.resolve()))
-        for folder, dirs, names in os.walk(root):  # one walk per folder; training runs' work/ (this cache) is skipped
-            dirs[:] = sorted(d for d in dirs if d != "work")
-            for name in sorted(n for n in names if n.endswith((".safetensors", ".bin", ".jsonl"))):
-                st = os.stat(os.path.join(folder, name))
-                stamp.append(f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12]
+    suffixes = (".safetensors", ".bin", ".jsonl")
+    return stamp_key(folder_stamp(model_path, suffixes) + folder_stamp(data_path, suffixes))
 
 
 # ------------------------------------------------------------------ training

@@ -14,7 +14,6 @@ when complete, so a killed run never leaves a half cache behind.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,24 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from synfer.stamps import folder_stamp, stamp_key
+
 ARRAY, DONE = "latents.npy", "done.json"
-
-
-def _stamp(root: Path, suffixes: tuple[str, ...]) -> list[str]:
-    out = [str(root.resolve())]
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d != "work")
-        for name in sorted(n for n in names if n.endswith(suffixes)):
-            st = os.stat(os.path.join(folder, name))
-            out.append(f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns}")
-    return out
 
 
 def cache_key(vae_folder: str | Path | None, data: str | Path, size: int) -> str:
     """(VAE weights or none, data, size) -> 12 hex digits."""
-    stamp = [f"size={size}"] + _stamp(Path(data), (".jsonl",))
-    stamp += _stamp(Path(vae_folder), (".safetensors", ".bin", ".json")) if vae_folder is not None else ["pixels"]
-    return hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12]
+    stamp = [f"size={size}"] + folder_stamp(data, (".jsonl",))
+    stamp += folder_stamp(vae_folder, (".safetensors", ".bin", ".json")) if vae_folder is not None else ["pixels"]
+    return stamp_key(stamp)
 
 
 def encode_all(sd, dataset, folder: Path, batch_size: int = 32, device=None) -> None:
