@@ -109,7 +109,7 @@ def test_layout_cache_reuses_inversions_with_the_same_bytes(model_dir, tmp_path)
     w = DatasetWriter(tmp_path / "fetext")
     for i in range(3):
         w.write(i, Image.new("RGB", (32, 32), (70 * i, 100, 150 - 40 * i)), {"expression": "neutral"})
-    lay = dict(enabled=True, source=str(tmp_path / "fetext"), depth=0.5, expressions=None)
+    lay = dict(enabled=True, source=str(tmp_path / "fetext"), depth=0.5, expressions=None, bank=False)  # RAM only
     g = generator(model_dir, chunk=4, layout=lay)
     out = g.generate(requests(12))  # 3 chunks of 4 slots drawn from 3 faces
     layout = g._layout()
@@ -131,6 +131,40 @@ def test_layout_cache_reuses_inversions_with_the_same_bytes(model_dir, tmp_path)
     out_off = g_off.generate(requests(12))
     assert g_off._layout().inversions > layout.inversions
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(out, out_off))
+
+
+def test_layout_bank_serves_later_runs_the_same_bytes(model_dir, tmp_path, caplog):
+    """Inverted faces go to SOURCE/work/layout-<key>/: a new generator (a rerun, a resume, another rank) inverts none
+    of them and samples the same bytes; another setting the bytes depend on gets its own bank; a read-only source
+    only turns the bank off."""
+    from PIL import Image
+
+    w = DatasetWriter(tmp_path / "fetext")
+    for i in range(3):
+        w.write(i, Image.new("RGB", (32, 32), (70 * i, 100, 150 - 40 * i)), {"expression": "neutral"})
+    lay = dict(enabled=True, source=str(tmp_path / "fetext"), depth=0.5, expressions=None)
+    first = generator(model_dir, chunk=4, layout=lay)
+    out = first.generate(requests(8))
+    bank = first._layout().bank()
+    assert bank.folder.parent == tmp_path / "fetext" / "work" and bank.writes == 3 and first._layout().inversions == 3
+    again = generator(model_dir, chunk=4, layout=lay)
+    out_again = again.generate(requests(8))
+    assert again._layout().inversions == 0 and again._layout().bank().reads == 3
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(out, out_again))
+    assert all(a.extra == b.extra for a, b in zip(out, out_again))
+    deeper = generator(model_dir, chunk=4, layout={**lay, "depth": 0.75})
+    deeper.generate(requests(4))
+    assert deeper._layout().bank().folder != bank.folder and deeper._layout().inversions == 3
+    assert len(list((tmp_path / "fetext" / "work").iterdir())) == 2
+    assert not list(bank.folder.glob("*.tmp*"))  # written under a temporary name, then renamed
+
+    ro = tmp_path / "ro"  # a source whose work/ cannot be made (root ignores a read-only mode, so: a file in the way)
+    DatasetWriter(ro).write(0, Image.new("RGB", (32, 32), (90, 100, 110)), {"expression": "neutral"})
+    (ro / "work").write_text("")
+    g = generator(model_dir, chunk=4, layout={**lay, "source": str(ro)})
+    with caplog.at_level("WARNING"):
+        assert len(g.generate(requests(4))) == 4
+    assert g._layout().bank().folder is None and "layout bank off" in caplog.text
 
 
 def test_semantic_guidance_lowers_loss_and_spares_weights(model_dir, classifier):

@@ -35,6 +35,8 @@ class LayoutConfig(BaseModel):
     # the sampler's first step (None: one per sampler step, depth x steps)
     cache_mb: float = Field(256, ge=0)  # inverted faces kept in RAM (least recently used out first): a face drawn again skips its
     # inversion, with the same bytes (a face's x_t depends on its batch's shape, never on its neighbours). 0: off
+    bank: bool = True  # inverted faces also kept on disk, in SOURCE/work/layout-<key>/ (keyed by model, source and every setting
+    # the bytes depend on): reruns, resumes, other recipes on the same source and torchrun ranks skip them (layout_bank.py)
 
 
 class GuidanceConfig(BaseModel):
@@ -62,7 +64,8 @@ class LayoutInit:
     inversion's, and a long run draws each face many times (10,000 samples from 1,024 faces: ~10 each).
     Faces not yet inverted run together in batches of the chunk's own shape, which gives the bytes each would have
     had in its own chunk (docs/results.md, Speed: "which setting changes the bytes"); the padding slots invert faces
-    of the source not drawn yet, so a run longer than its source inverts each face once, in full batches.
+    of the source not drawn yet, so a run longer than its source inverts each face once, in full batches. With
+    `bank` on, inverted faces also go to disk (`LayoutBank`), and any later run reads them back with the same bytes.
     """
 
     def __init__(self, generator, config: LayoutConfig):
@@ -91,6 +94,7 @@ class LayoutInit:
         self.inversions = self.reuses = 0  # faces inverted / slots filled from the cache
         self.memory_format = None  # of the inverted x_t, set by the first inversion
         self._unvisited = list(reversed(self.files))  # faces never used to pad a batch, next one last
+        self._bank = None  # opened at the first batch, when the model (and so the bank's key) is known
 
     def pick(self, request) -> str:
         files = self.by_class.get(L.canonical(request.expression)) or self.files
@@ -118,8 +122,16 @@ class LayoutInit:
             r.layout_source = self.pick(r)
         files, shape = [r.layout_source for r in requests], len(requests)
         num = self.num_inverted(self.gen.config.steps)
-        fresh = [f for f in dict.fromkeys(files) if (f, shape) not in self.inverted]
-        self.reuses += len(files) - sum(files.count(f) for f in fresh)
+        bank = self.bank()
+        have = {}  # faces inverted before: in RAM, or on disk
+        for f in dict.fromkeys(files):
+            if (f, shape) in self.inverted:
+                have[f] = self._reuse((f, shape))
+            elif (got := bank.get(f, shape)) is not None:
+                have[f], self.memory_format = got
+                self._keep((f, shape), have[f])
+        fresh = [f for f in dict.fromkeys(files) if f not in have]
+        self.reuses += sum(f in have for f in files)
         made = {}
         for j in range(0, len(fresh), shape):
             part = fresh[j:j + shape]
@@ -131,28 +143,48 @@ class LayoutInit:
             self.inversions += len(set(part))
             # denoising reads x_t's memory format (channels-last from a channels-last UNet): the bytes follow it
             self.memory_format = torch.channels_last if x_t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        device = next(iter(made.values())).device if made else None
-        out = torch.stack([made[f] if f in made else self._reuse((f, shape), device) for f in files])
+        device = next(iter(made.values())).device if made else self.gen.load().device
+        out = torch.stack([made[f] if f in made else have[f].to(device) for f in files])
         out = out.contiguous(memory_format=self.memory_format)
         for f, x in made.items():
             self._keep((f, shape), x)
+            bank.put(f, shape, x, self.memory_format)
         return out, self.gen.config.steps - num
+
+    def bank(self):
+        """The on-disk bank of this source, model and settings (one that holds nothing when `bank` is off)."""
+        if self._bank is None:
+            import torch
+
+            from synfer_plugins.sd.layout_bank import LayoutBank, bank_key
+
+            if not self.cfg.bank:
+                self._bank = LayoutBank(None)
+                return self._bank
+            m, c = self.gen.load(), self.gen.config
+            num = self.num_inverted(c.steps)
+            settings = dict(steps=c.steps, inverted=num, calls=min(self.cfg.inversion_steps or num, num), scheduler=c.scheduler,
+                            prompt=self.cfg.prompt, size=self.gen.size, au_scale=c.au_scale, dtype=m.dtype, forward_dtype=m.forward_dtype,
+                            channels_last=c.channels_last, device=m.device.type, cpu=torch.backends.cpu.get_cpu_capability(),
+                            threads=torch.get_num_threads() if m.device.type == "cpu" else 0, torch=torch.__version__)
+            self._bank = LayoutBank.open(self.root, bank_key(self.gen.model_path, self.root, settings))
+        return self._bank
 
     def _ahead(self, n: int, shape: int, taken: set) -> list[str]:
         """Up to n faces of the source not inverted yet (in folder order), to fill a batch's padding slots: a long
         run then inverts each face once, in full batches, instead of paying a whole batch for a few new faces."""
-        if self.cfg.cache_mb <= 0:
+        if self.cfg.cache_mb <= 0 and self.bank().folder is None:
             return []
         out = []
         while len(out) < n and self._unvisited:
             f = self._unvisited.pop()
-            if f not in taken and (f, shape) not in self.inverted:
+            if f not in taken and (f, shape) not in self.inverted and not self.bank().holds(f, shape):
                 out.append(f)
         return out
 
-    def _reuse(self, key, device):
+    def _reuse(self, key):
         self.inverted.move_to_end(key)
-        return self.inverted[key].to(device or self.gen.load().device)
+        return self.inverted[key]
 
     def _keep(self, key, x) -> None:
         budget = self.cfg.cache_mb * 2**20
