@@ -202,6 +202,28 @@ def test_sd15_recipe_on_the_narrow_sd15_topology(world, tmp_path, dtype, forward
         assert im.size == (SIZE, SIZE)
 
 
+def test_layout_bank_on_the_sd15_topology(world, tmp_path, monkeypatch):
+    """The inverted VAE latents of the layout faces go to the source's bank (bfloat16 too); a second run inverts
+    nothing and writes the same files."""
+    from safetensors.torch import load_file
+
+    import synfer_plugins.sd.sampling as sampling
+
+    for dtype in ("float32", "bfloat16"):
+        _run_recipe(world, tmp_path / f"{dtype}-1", dtype, "cpu")
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "invert", lambda *a, **k: pytest.fail("a banked face was inverted again"))
+            _run_recipe(world, tmp_path / f"{dtype}-2", dtype, "cpu")
+        first, second = read_metadata(tmp_path / f"{dtype}-1"), read_metadata(tmp_path / f"{dtype}-2")
+        assert [r["file_name"] for r in first] == [r["file_name"] for r in second] and len(first) == 2
+        for r in first:
+            assert (tmp_path / f"{dtype}-1" / r["file_name"]).read_bytes() == (tmp_path / f"{dtype}-2" / r["file_name"]).read_bytes()
+    banks = sorted((world / "fetext" / "work").glob("layout-*"))
+    assert len(banks) >= 2  # one per dtype: the key holds every setting the bytes depend on
+    x = load_file(str(next(banks[0].glob("*.safetensors"))))["x_t"]
+    assert x.shape == (4, SIZE // 8, SIZE // 8)  # a VAE latent, not pixels
+
+
 def _run_recipe(world, out, dtype, device, extra=()):
     from synfer.pipeline import run_recipe
     from synfer.recipe import load_recipe
