@@ -119,6 +119,7 @@ def main():
     from synfer_plugins.sd.au_adapter import AUAdapter
     from synfer_plugins.sd.generator import SDGenerator
     from synfer_plugins.sd.model import SDModel
+    from synfer_plugins.sd.sampling import LayoutConfig
     from synfer_plugins.sd.testing import sd15_components
     from synfer_plugins.tiny_cnn import TinyCNN
 
@@ -152,6 +153,8 @@ def main():
         if reuse:
             cfg["semantic_guidance"]["reuse_forward"] = True
         fields = SDGenerator.Config.model_fields
+        layout_fields = LayoutConfig.model_fields  # every layout face inverted in every call, as the FLOP count has it: no
+        cfg["layout"].update({k: v for k, v in (("cache_mb", 0), ("bank", False)) if k in layout_fields})  # RAM or disk reuse
         if "exact_batching" in fields:
             cfg["exact_batching"] = False
         for name in ("batch_size", "max_batch"):
