@@ -99,14 +99,16 @@ def test_run_bytes_identical_at_batch_sizes_1_8_16(tmp_path, registry):
     from synfer.pipeline import run_recipe
 
     got = {}
-    for bs in (1, 8, 16):
+    for bs in (1, 8, 16):  # and the layout bank: off at 1, filled at 8, read at 16 (the same bytes each way)
         data, validate = _recipe(tmp_path, f"bs{bs}", batch_size=bs)
+        data["generator"]["layout"]["bank"] = bs != 1
         run_recipe(validate(data, registry), registry=registry, progress=False)
         got[bs] = _files(tmp_path / f"bs{bs}")
     assert len([k for k in got[1] if k.startswith("images/")]) == 10
     for bs in (8, 16):
         assert sorted(got[bs]) == sorted(got[1])
         assert [k for k in got[1] if got[bs][k] != got[1][k] and k != "recipe.json"] == []  # images and metadata
+    assert len(list((tmp_path / "fetext" / "work").glob("layout-*/*.safetensors"))) > 0
 
 
 @pytest.mark.slow  # four `synfer run` subprocesses of the shipped model
