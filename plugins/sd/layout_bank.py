@@ -44,7 +44,8 @@ class LayoutBank:
         except OSError as e:  # a read-only source: the run still works, it just inverts every face
             log.warning("layout bank off: cannot write %s (%s); faces are inverted in every run", folder, e)
             return cls(None)
-        log.info("layout bank %s: %d inverted faces kept from earlier runs", folder, sum(1 for _ in folder.glob("*.safetensors")))
+        if log.isEnabledFor(logging.INFO):  # counting lists the folder: only when someone reads it (synfer -v)
+            log.info("layout bank %s: %d inverted faces kept from earlier runs", folder, sum(1 for _ in folder.glob("*.safetensors")))
         return cls(folder)
 
     def _path(self, face: str, shape: int) -> Path:
