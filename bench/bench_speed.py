@@ -14,7 +14,8 @@ Sections (each prints a table; all numbers land in bench/results/speed.json):
            threads) beside the quickstart as it is now (threads: auto), cold (every face inverted in
            the run) and warm (the faces already in the layout bank from an earlier run), in the same run; with
            --quality, each output's oracle FER accuracy, label quality and FID (`synfer eval`)
-           (give an --n that is a multiple of the chunk, 16: a short chunk is padded to 16 slots)
+           (give an --n that is a multiple of the chunk, 16: a short chunk is padded to 16 slots); with
+           --long N, also the default on N images from an empty layout bank (a dataset-sized run)
   chunks   the full quickstart at 1 thread, one sample per UNet call (chunk 1, the old exact path)
            against chunks of 16 (the default), same steps, same run
   bare     the same weights in a bare diffusers StableDiffusionPipeline loop (same steps,
@@ -214,8 +215,34 @@ def headline(args, results) -> None:
             line += f" {m.get('fer_accuracy', float('nan')):.3f} | {m.get('label_quality', float('nan')):.3f} | {m.get('fid', float('nan')):.2f} |"
         results["headline"][name] = r
         print(line, flush=True)
+    if args.long:
+        long_run(args, results, unset)
     results["headline"]["load_after"] = os.getloadavg()[0]
     print(f"load average (1 min) before {results['headline']['load_before']:.2f}, after {results['headline']['load_after']:.2f}")
+
+
+def long_run(args, results, unset) -> None:
+    """The default on a dataset-sized run (--long images, e.g. 4,096: 4 samples per quickstart face) from an empty
+    layout bank: a copy of the faces in a new folder, so no face was inverted before this run. Its first --n images
+    must be byte-identical to the cold row's (the bank only skips repeated inversions), so its quality is that row's."""
+    import hashlib
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="synfer-headline-long-"))
+    shutil.copytree(ROOT / "out/fetext-quick", tmp / "faces", ignore=shutil.ignore_patterns("work"))
+    r = _py(RUN_ONE, f"num_images={args.long}", f"generator.layout.source={tmp / 'faces'}", *FULL, f"output={tmp}/ds", env=unset)
+    r["img_s"] = r["images"] / r["run_s"]
+
+    def digest(folder: str, n: int) -> str:
+        names = sorted(Path(folder, "images").iterdir())[:n]
+        return hashlib.md5(b"".join(f.read_bytes() for f in names)).hexdigest()
+
+    cold = next(v for k, v in results["headline"].items() if k.startswith("quickstart default now, cold"))
+    r["first_n_identical_to_cold"] = digest(f"{tmp}/ds", args.n) == digest(cold["output"], args.n)
+    results["headline"][f"quickstart default now, {args.long} images from an empty layout bank"] = r
+    print(f"| quickstart default now, {args.long} images from an empty layout bank | {r['img_s']:.2f} | {r['run_s']:.1f} | "
+          f"{r['threads']} | {r['peak_rss_mb']:.0f} | (first {args.n} images byte-identical to the cold row's: "
+          f"{r['first_n_identical_to_cold']}) |", flush=True)
 
 
 EVAL = r"""
@@ -232,6 +259,8 @@ def main():
     ap.add_argument("--only", default=None, help="peak | unet | e2e | headline | chunks | bare | batch | procs")
     ap.add_argument("--before-threads", type=int, default=None, help="headline: threads of the before-issue-17 run "
                     "(default: the cores, torch's own default then)")
+    ap.add_argument("--long", type=int, default=0, help="headline: also time the default on this many images from an "
+                    "empty layout bank (a dataset-sized run, e.g. 4096: each quickstart face drawn 4 times)")
     ap.add_argument("--quality", action="store_true", help="headline: also evaluate each output (oracle FER accuracy, FID, ...)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
