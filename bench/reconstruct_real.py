@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--depth", type=float, default=0.85)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="generator model folder (default: the shipped tiny-sd)")
     a = ap.parse_args()
 
     from tqdm import tqdm
@@ -47,7 +48,7 @@ def main():
 
     rows = pick_rows(read_metadata(Path(a.source)), a.per_class)
     writer = DatasetWriter(a.output)  # resumable: `done` holds the faces already on disk
-    g = SDGenerator(SDGenerator.Config(steps=a.steps, guidance_scale=1.0, device="cpu",
+    g = SDGenerator(SDGenerator.Config(model=a.model, steps=a.steps, guidance_scale=1.0, device="cpu",
                                        layout={"enabled": True, "source": a.source, "depth": a.depth}))
     g._layout().pick = lambda r: r.layout_source  # each request inverts its own face, not a random one of its class
     c = g.chunk

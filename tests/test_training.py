@@ -156,3 +156,22 @@ def test_cli_generator_au_adapter_vae_then_generate(tmp_path):
     out = g.generate([SampleRequest(index=0, seed=7, expression="happy", aus=au_dict(sample_aus("happy", 0)), prompt="a happy face")])
     assert g.au_adapter is not None and out[0].image.size == (32, 32)
 
+
+def test_cli_generator_channels_sets_the_tiny_models_width(tmp_path):
+    """--channels builds the tiny model from scratch at another width (issue 18's capacity probe); bad values and a
+    --model to fine-tune are refused before any training, with what was expected."""
+    data = make_fetext(tmp_path / "fetext", n=8)
+    cli = CliRunner()
+    common = ["--data", str(data), "--batch-size", "4", "--threads", "1", "--iters", "1", "--size", "16"]
+    r = cli.invoke(main, ["train", "generator", "--out", str(tmp_path / "half"), "--channels", "16,32", *common])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "half" / "unet" / "config.json").read_text())
+    assert config["block_out_channels"] == [16, 32] and config["sample_size"] == 16
+
+    for bad in ("12,32", "32", "a,b", "0,16"):
+        r = cli.invoke(main, ["train", "generator", "--out", str(tmp_path / "x"), "--channels", bad, *common])
+        assert r.exit_code == 2 and "multiples of 8" in r.output, (bad, r.output)
+    r = cli.invoke(main, ["train", "generator", "--out", str(tmp_path / "y"), "--model", str(tmp_path / "half"), "--channels", "16,32", *common])
+    assert r.exit_code == 2 and "from scratch" in r.output, r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y" / "unet").exists()
+

@@ -117,18 +117,35 @@ def _loss_weight_options(f):
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True, help="Share of empty captions (for classifier-free guidance).")
 @click.option("--train-text-encoder/--freeze-text-encoder", default=None, help="Default: trained for the tiny model, frozen for real SD.")
 @click.option("--size", type=int, default=None, help="Tiny model resolution (default 32).")
+@click.option("--channels", default=None, metavar="C1,C2,...",
+              help="Tiny model from scratch: the UNet's channels per level, multiples of 8 (default 32,64,64).")
 @click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train a LoRA of this rank on the UNet (peft) instead of the whole UNet; 0: full fine-tuning. OUT gets the fused "
                    "UNet and lora/pytorch_lora_weights.safetensors (diffusers' pipe.load_lora_weights, on the base model).")
 @_loss_weight_options
-def train_generator_cmd(caption_dropout, train_text_encoder, size, lora_rank, expression_focus, snr_gamma, **kw):
+def train_generator_cmd(caption_dropout, train_text_encoder, size, channels, lora_rank, expression_focus, snr_gamma, **kw):
     """Fine-tune the diffusion model on FEText with the noise-prediction loss (paper Eq. 3)."""
     plugin, opts = _options(kw, dict(caption_dropout=caption_dropout, train_text_encoder=train_text_encoder, size=size,
-                                     lora_rank=lora_rank, expression_focus=expression_focus, snr_gamma=snr_gamma))
+                                     channels=parse_channels(channels), lora_rank=lora_rank, expression_focus=expression_focus,
+                                     snr_gamma=snr_gamma))
     if opts.data is None:
         raise click.UsageError("--data FETEXT_DIR is required")
     result = _trainer(plugin, "train_generator")(opts)
     click.echo(f"generator written to {result}")
+
+
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    """'16,32,32' -> (16, 32, 32); each a positive multiple of 8 (the tiny UNet's GroupNorm has 8 groups), at least 2 levels."""
+    if text is None:
+        return None
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) < 2 or any(c <= 0 or c % 8 for c in channels):
+        raise click.BadParameter(f"{text!r}: expected at least two comma-separated positive multiples of 8, e.g. 32,64,64",
+                                 param_hint="--channels")
+    return channels
 
 
 @click.command("au-adapter")

@@ -267,11 +267,15 @@ def train_generator(opts, **overrides) -> Path:
             sd = SDModel.from_pretrained(init_dir, load_au_adapter=False)
         else:
             captions = [r.get("caption") or r.get("expression") or "" for r in rows]
-            sd = create_tiny_model(captions, size=extra.get("size") or 32, seed=opts.seed)  # same on every rank (seeded)
+            sd = create_tiny_model(captions, size=extra.get("size") or 32, seed=opts.seed,  # same on every rank (seeded)
+                                   block_out_channels=extra.get("channels") or (32, 64, 64))
             if int(os.environ.get("RANK", "0")) == 0:
                 sd.save_pretrained(init_dir)
         base = init_dir
     else:
+        if extra.get("channels"):
+            raise click.UsageError(f"--channels sets the width of a tiny model trained from scratch; {opts.model} has its own: "
+                                   "leave out --model to start from scratch, or --channels to fine-tune it")
         sd = SDModel.from_pretrained(opts.model, load_au_adapter=False)
         base = Path(opts.model)
     tiny = sd.info.get("kind") == "synfer-tiny-sd"
