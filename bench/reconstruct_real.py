@@ -69,5 +69,6 @@ def record(row: dict) -> dict:
     return {"label": row_label(row), "expression": row_label(row), "aus": row["aus"], "prompt": row["caption"], "kept": True,
             "layout_source": row["file_name"]}
 
+
 if __name__ == "__main__":
     main()

@@ -260,6 +260,9 @@ def train_generator(opts, **overrides) -> Path:
     lora_rank = extra.get("lora_rank") or None
     if lora_rank and not _is_tiny(opts.model) and Path(opts.out).resolve() == Path(opts.model).resolve():
         raise click.UsageError("--lora-rank keeps the base model as it is (the LoRA file applies to it): give an --out other than --model")
+    if extra.get("channels") and not _is_tiny(opts.model):
+        raise click.UsageError(f"--channels sets the width of a tiny model trained from scratch; {opts.model} has its own: "
+                               "leave out --model to start from scratch, or --channels to fine-tune it")
     rows = read_metadata(opts.data)
     init_dir = opts.run_dir_for("generator") / "init_model"  # the exact starting point, so --resume rebuilds the same model
     if _is_tiny(opts.model):
@@ -273,9 +276,6 @@ def train_generator(opts, **overrides) -> Path:
                 sd.save_pretrained(init_dir)
         base = init_dir
     else:
-        if extra.get("channels"):
-            raise click.UsageError(f"--channels sets the width of a tiny model trained from scratch; {opts.model} has its own: "
-                                   "leave out --model to start from scratch, or --channels to fine-tune it")
         sd = SDModel.from_pretrained(opts.model, load_au_adapter=False)
         base = Path(opts.model)
     tiny = sd.info.get("kind") == "synfer-tiny-sd"
