@@ -172,13 +172,12 @@ def validate(recipe, overrides):
 
     from synfer.resume import ResumeMismatch, check_resume
 
-    if Path(r.output).is_dir():  # a rerun into this output would stop: say so now
-        from synfer.dataset import collect_rows
+    from synfer.dataset import collect_rows
 
-        try:
-            check_resume(r, r.output, collect_rows(Path(r.output)), write=False)
-        except ResumeMismatch as exc:
-            raise click.ClickException(f"{recipe}: {exc}")
+    try:  # the recipe resolved as `run` resolves it; a rerun into this output that would stop says so now
+        check_resume(r, r.output, collect_rows(Path(r.output)) if Path(r.output).is_dir() else [], write=False)
+    except ResumeMismatch as exc:
+        raise click.ClickException(f"{recipe}: {exc}")
     click.echo(f"{recipe}: ok ({r.num_images} images -> {r.output})")
 
 

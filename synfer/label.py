@@ -21,7 +21,7 @@ import click
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synfer import labels as L
-from synfer.recipe import Recipe, RecipeError, RecipeModel, VoteConfig, expert_kind, read_yaml, validate_recipe
+from synfer.recipe import Recipe, RecipeError, RecipeModel, VoteConfig, expert_kind, expert_member, read_yaml, validate_recipe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -99,8 +99,8 @@ def label_folder(folder: str | Path, recipe: LabelRecipe, registry=None, progres
     au_detector = reg.build("au_detector", recipe.au_detector) if recipe.au_detector else None
     experts, names, weights = [], [], []
     for block in recipe.experts:
-        block = {k: v for k, v in block.items() if k != "align"}
-        weight = float(block.pop("weight", 1.0))
+        weight = float(block.get("weight", 1.0))
+        block = expert_member(block)
         e = reg.build(expert_kind(reg, block["plugin"]), block)
         name = e.name if e.name not in names else f"{e.name}#{names.count(e.name) + 1}"
         experts.append(e)

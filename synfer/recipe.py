@@ -151,7 +151,7 @@ class Recipe(RecipeModel):
         weight = block.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             out.append(f"experts.{i}.weight: must be a number >= 0, got {weight!r}")
-        member = {k: v for k, v in block.items() if k not in ("weight", "align")}  # the ensemble's settings, not the plugin's
+        member = expert_member(block)
         out += stage_problems(expert_kind(registry, block["plugin"]), member, f"experts.{i}", registry)
         if "align" in block:  # detect and align faces before this expert sees them (synfer.align)
             from synfer.align import align_problems
@@ -272,6 +272,15 @@ def stage_problems(kind: str, block: Any, path: str, registry) -> list[str]:
     except ValidationError as exc:
         return pydantic_problems(exc, path)
     return [f"{path}.{line}" for line in cls.problems(config)]
+
+
+# Keys of an expert block the core's ensemble reads itself (vote weight, face alignment); the rest is the plugin's Config.
+ENSEMBLE_KEYS = ("weight", "align")
+
+
+def expert_member(block: dict) -> dict:
+    """An expert block without the ensemble's keys: what the plugin's Config receives."""
+    return {k: v for k, v in block.items() if k not in ENSEMBLE_KEYS}
 
 
 def expert_kind(registry, name: str) -> str:

@@ -45,15 +45,16 @@ def _resolve_block(registry, kind: str, block: dict[str, Any]) -> dict[str, Any]
 def resolved_recipe(recipe, registry=None) -> dict[str, Any]:
     """The recipe as run: every field, stage blocks with their defaults; no output path."""
     from synfer.plugins import get_registry
-    from synfer.recipe import expert_kind
+    from synfer.recipe import expert_kind, expert_member
 
     reg = registry or get_registry()
     data = recipe.model_dump(mode="json", exclude={"output"})
     for key, kind in type(recipe).stage_slots.items():
         if data.get(key):
             data[key] = _resolve_block(reg, kind, data[key])
-    data["experts"] = [{"weight": float(b.get("weight", 1.0)),
-                        **_resolve_block(reg, expert_kind(reg, b["plugin"]), {k: v for k, v in b.items() if k != "weight"})}
+    # the ensemble's keys (weight, align) are recorded beside the plugin's resolved Config, never passed to it
+    data["experts"] = [{"weight": float(b.get("weight", 1.0)), **({"align": b["align"]} if b.get("align") is not None else {}),
+                        **_resolve_block(reg, expert_kind(reg, b["plugin"]), expert_member(b))}
                        for b in data.get("experts", [])]
     data["evaluators"] = [_resolve_block(reg, "evaluator", b) for b in data.get("evaluators", [])]
     return data

@@ -68,3 +68,24 @@ def subprocess_env(*paths) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(p) for p in paths] + [env.get("PYTHONPATH", "")])
     return env
+
+
+# The repo's out/ belongs to `make demo` and the user: the suite never reads or writes it. A snapshot of its
+# entries (path, size, mtime) at the start is compared at the end, so a test that writes there fails the run.
+def _out_snapshot():
+    out = HERE.parent / "out"
+    if not out.exists():
+        return None
+    return sorted((str(p.relative_to(out)), p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
+
+
+def pytest_sessionstart(session):
+    session.config._synfer_out = _out_snapshot()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before, after = session.config._synfer_out, _out_snapshot()
+    if before != after:
+        changed = sorted(set(after or []) ^ set(before or []))[:5]
+        session.config.get_terminal_writer().line(f"\nERROR: the suite changed the repo's out/ folder (tests must write to tmp_path): {changed}", red=True)
+        session.exitstatus = 1

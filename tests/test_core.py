@@ -202,10 +202,12 @@ def test_cli_import_does_not_load_torch():
     assert " torch" not in out.stderr
 
 
-# quickstart's inputs (built by make demo) stand in as `tests/`: validate checks that they exist
+# quickstart's inputs (built by make demo) stand in as `tests/`: validate checks that they exist. OUTPUT is a fresh
+# folder: validate compares with an existing output's recipe.json, and the repo's out/ is the demo's, not the suite's.
 @pytest.mark.parametrize("args", [["--help"], ["plugins"], ["validate", "recipes/quickstart.yaml", "generator.layout.source=tests",
-                                                            "evaluators.4.reference=tests"], ["train", "--help"]])
-def test_light_commands_do_not_import_torch(args):
+                                                            "evaluators.4.reference=tests", "output=OUTPUT"], ["train", "--help"]])
+def test_light_commands_do_not_import_torch(args, tmp_path):
+    args = [a.replace("OUTPUT", str(tmp_path / "out")) for a in args]
     code = ("import sys, runpy; sys.argv=['synfer']+%r\n"
             "try:\n    runpy.run_module('synfer.cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "assert 'torch' not in sys.modules, 'torch was imported'" % (args,))

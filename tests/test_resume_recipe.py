@@ -102,3 +102,15 @@ def test_cli_run_with_another_seed_exits_1_naming_seed(tmp_path, registry, monke
     assert checked.exit_code == 1 and "seed (5 -> 7)" in checked.output, checked.output
     assert runner.invoke(main, ["validate", str(recipe), "seed=5", "num_images=4"]).exit_code == 0
     assert forced.exit_code == 0 and json.loads((tmp_path / "out" / RECIPE_FILE).read_text())["seed"] == 5, forced.output
+
+
+def test_expert_align_is_the_ensembles_key_in_the_resolved_recipe(tmp_path, registry):
+    """An expert block's `align` (the core's face alignment, like `weight`) is recorded beside the plugin's Config, never
+    passed to it: the shipped sd15 recipe sets align: true on every expert, and resolving it once failed with
+    'align: Extra inputs are not permitted' after validate had said ok."""
+    from synfer.resume import resolved_recipe
+
+    recipe = _recipe(tmp_path, registry, ["experts=[{plugin: dummy-expert, weight: 0.5, align: true}]"])
+    saved = resolved_recipe(recipe, registry)
+    assert saved["experts"][0]["align"] is True and saved["experts"][0]["weight"] == 0.5
+    assert saved["experts"][0]["plugin"] == "dummy-expert"
