@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from synfer_plugins.sd.prediction import prediction_type, split_prediction
+
 FOLDER = "approx_decoder"
 GUIDED_SPAN = 0.7  # x0 estimates come from timesteps t < 0.7 T: the default guidance window (semantic_guidance.start 0.3)
 
@@ -109,8 +111,8 @@ def x0_estimates(sd, z, captions, gen):
     t = torch.randint(int(GUIDED_SPAN * len(a_all)), (len(z),), generator=gen)
     a = a_all[t].view(-1, 1, 1, 1).float()
     xt = a.sqrt() * z + (1 - a).sqrt() * torch.randn(z.shape, generator=gen)
-    eps = sd.predict_noise(xt.to(sd.device, sd.dtype), t.to(sd.device), sd.encode_text(captions)).float().cpu()
-    return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+    out = sd.predict_noise(xt.to(sd.device, sd.dtype), t.to(sd.device), sd.encode_text(captions)).float().cpu()
+    return split_prediction(out, xt, a, prediction_type(sd.scheduler))[0]  # Eq. 4, whatever the model predicts
 
 
 def gradient_pair(sd, classifier, x0, size: int, gen):

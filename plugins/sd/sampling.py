@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from synfer import labels as L
 from synfer.contracts import guidance_targets
 from synfer.seeds import stream_rng
+from synfer_plugins.sd.prediction import prediction_type, split_prediction
 
 
 # Guided backward per 4 samples: SD 1.5 keeps 2.06 GiB of activations per image at 256 px fp32 (bench/README.md),
@@ -238,12 +239,13 @@ def ddim_invert_onto(m, latents, grid, text, aus):
     """DDIM inversion through the ascending timesteps `grid`: DDIMInverseScheduler.step's arithmetic
     (the noise predicted at the level reached, x0 clipped as the config says) with uneven strides."""
     cfg = m.scheduler.config
+    kind = prediction_type(m.scheduler)
     alphas = m.scheduler.alphas_cumprod
     a_prev = alphas.new_tensor(1.0) if cfg.set_alpha_to_one else alphas[0]  # the clean image's level, as DDIMInverseScheduler
     for t in grid:
         a_t = alphas[int(t)]
-        eps = m.predict_noise(latents, t, text, aus, no_grad_pass=True)
-        x0 = (latents - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+        out = m.predict_noise(latents, t, text, aus, no_grad_pass=True)
+        x0, eps = split_prediction(out, latents, a_prev, kind)  # read at the level of `latents`, as DDIMInverseScheduler.step
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         latents = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps
@@ -259,7 +261,7 @@ def guided_window(config: GuidanceConfig, steps: int) -> tuple[int, int]:
 class SemanticGuidance:
     """Eq. 4-6 as a denoising-step callback for one batch.
 
-    From step `start` on: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) (Eq. 4), decode, classify,
+    From step `start` on: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) (Eq. 4; prediction.py for v- and x0-models), decode, classify,
     L_g = CE(f(x0), y) (Eq. 5), c <- c - lambda_g * grad / ||grad|| per sample (Eq. 6, the
     direction that lowers L_g). Samples whose class the classifier cannot see are left alone.
     """
@@ -274,6 +276,7 @@ class SemanticGuidance:
         self.aus = aus
         self.start_step, self.stop_step = guided_window(config, generator.config.steps)
         self.decode = approx_decoder(generator) if config.decoder == "approx" else None  # None: the model's own decode
+        self.kind = prediction_type(generator.load().scheduler)  # what the UNet outputs: eps, v or x0
 
     def guides(self, i: int) -> bool:
         """Whether denoising step i is guided: in [start, stop) of the steps, every `every`-th from start."""
@@ -314,14 +317,14 @@ class SemanticGuidance:
                 return torch.zeros_like(c), m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, aus)
         c = c.clone().requires_grad_(True)
         with torch.enable_grad():
-            eps = m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, aus)
-            x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Eq. 4
+            out = m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, aus)
+            x0, _ = split_prediction(out, latents, a_t, self.kind)  # Eq. 4 (for an epsilon model; v- and x0-models likewise)
             image = (self.decode(x0) if self.decode is not None else m.decode(x0)).clamp(-1, 1)
             logits = self.clf.forward(image.float())
             # Eq. 5, summed so that each sample's gradient is its own (batch-size independent)
             loss = F.cross_entropy(logits, self.targets[sl].to(logits.device), reduction="none").mul(self.mask[sl].to(logits.device)).sum()
             (grad,) = torch.autograd.grad(loss, c)
-        return grad, (eps.detach() if self.cfg.reuse_forward else None)
+        return grad, (out.detach() if self.cfg.reuse_forward else None)  # the model's output, as denoising uses it
 
 
 def approx_decoder(generator):

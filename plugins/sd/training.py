@@ -35,6 +35,7 @@ from torch import nn
 
 from synfer.dataset import read_metadata
 from synfer_plugins.sd.data import FETextDataset, expression_map  # noqa: F401  (tests and callers import them from here)
+from synfer_plugins.sd.prediction import prediction_type, training_target
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +169,19 @@ class DiffusionTrainModel(BaseModel):
         text_emb = self._text(input_ids)
         noise, t = self.draw(latents)
         noisy = sd.scheduler.add_noise(latents, noise, t)
-        target = noise if sd.scheduler.config.prediction_type == "epsilon" else sd.scheduler.get_velocity(latents, noise, t)
+        target = training_target(sd.scheduler, latents, noise, t)  # eps, v (SD 2.x 768-v) or x0, as the scheduler says
         pred = sd.predict_noise(noisy, t, text_emb, aus if sd.au_adapter is not None else None)
         err = (pred.float() - target.float()) ** 2
         if self.pixel_weight is not None:
             err = err * self.pixel_weight
         err = err.mean(dim=tuple(range(1, err.ndim)))
-        if self.snr_gamma:  # Min-SNR: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction
+        if self.snr_gamma:  # Min-SNR: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction, as is for x0
             from diffusers.training_utils import compute_snr
 
             snr = compute_snr(sd.scheduler, t)
             w = torch.clamp(snr, max=self.snr_gamma)
-            err = err * (w / snr if sd.scheduler.config.prediction_type == "epsilon" else w / (snr + 1))
+            kind = prediction_type(sd.scheduler)
+            err = err * (w / snr if kind == "epsilon" else w / (snr + 1) if kind == "v_prediction" else w)
         loss = err.mean()
         if mode == "loss":
             return {"loss": loss}
