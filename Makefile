@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-bf16 test-fast bench clean
 
 venv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/pytest -q -x --durations=15
+
+# What a CPU with native bfloat16 (AVX512-BF16 or AMX) sees: `generator.forward_dtype: auto` picks bfloat16 there.
+# SYNFER_NATIVE_BF16=1 makes the auto rule answer as such a CPU would, so an AVX2 machine (CI) runs those paths too.
+BF16_TESTS := tests/test_sampling.py tests/test_generator.py tests/test_chunks.py tests/test_pipeline.py tests/test_sd15_topology.py
+test-bf16: venv
+	SYNFER_NATIVE_BF16=1 $(VENV)/bin/pytest -q -x $(BF16_TESTS)
 
 # The quick loop while editing: everything but the tests marked `slow` (subprocess runs, real
 # trainings). `make test` still runs everything; `-m "not network"` also skips PyPI fetches.

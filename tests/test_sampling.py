@@ -244,10 +244,12 @@ def test_sparser_guidance_is_recorded_and_changes_the_images(model_dir, classifi
 def test_reuse_forward_skips_the_conditional_pass_of_guided_steps(model_dir, classifier, cfg_scale):
     """semantic_guidance.reuse_forward: a guided step denoises with the noise its own forward predicted, so
     it makes one UNet forward fewer (the conditional half of a CFG pair); with a zero step (lambda_g 0)
-    that noise is exactly what the skipped pass would give, so the images agree up to batching error."""
+    that noise is exactly what the skipped pass would give, so the images agree up to batching error. The passes
+    run in one dtype (forward_dtype none): under `auto` on a BF16 host the skipped pass would be bfloat16 and the
+    reused one float32, a difference of dtype, not of reuse (test_forward_dtype_* cover that)."""
     calls, out = {}, {}
     for reuse in (False, True):
-        g = generator(model_dir, steps=6, chunk=2, guidance_scale=cfg_scale,
+        g = generator(model_dir, steps=6, chunk=2, guidance_scale=cfg_scale, forward_dtype=None,
                       semantic_guidance=dict(start=0.5, lambda_g=0.0, reuse_forward=reuse))
         seen = []
         hook = g.load().unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
@@ -259,7 +261,8 @@ def test_reuse_forward_skips_the_conditional_pass_of_guided_steps(model_dir, cla
     pair = 4 if cfg_scale != 1.0 else 2
     assert sum(calls[False]) - sum(calls[True]) == 3 * 2 and calls[False].count(pair) - calls[True].count(pair) == 3
     assert np.abs(out[True] - out[False]).max() <= 2  # lambda_g 0: the same noise, batched differently
-    g = generator(model_dir, steps=6, chunk=2, guidance_scale=cfg_scale, semantic_guidance=dict(start=0.5, lambda_g=2.0, reuse_forward=True))
+    g = generator(model_dir, steps=6, chunk=2, guidance_scale=cfg_scale, forward_dtype=None,
+                  semantic_guidance=dict(start=0.5, lambda_g=2.0, reuse_forward=True))
     moved = np.stack([np.asarray(s.image, dtype=np.int16) for s in g.generate(requests(2), guidance=classifier)])
     assert not np.array_equal(moved, out[True])  # a real step still moves the samples (from the next step on)
 
@@ -296,9 +299,12 @@ def test_forward_dtype_autocasts_the_gradient_free_passes_only(model_dir, classi
 @pytest.mark.parametrize("native", [True, False])
 def test_forward_dtype_auto_follows_the_cpu(model_dir, monkeypatch, native):
     """auto: bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), else none; the record says which."""
+    monkeypatch.delenv("SYNFER_NATIVE_BF16", raising=False)  # the CPU's own answer, not CI's forced one
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     g = generator(model_dir, steps=2)
     assert g.config.forward_dtype == "auto" and g.load().forward_dtype == (torch.bfloat16 if native else None)
     assert g.settings(None)["generator"].get("forward_dtype") == ("bfloat16" if native else None)
     assert generator(model_dir, steps=2, dtype="bfloat16").load().forward_dtype is None  # a bf16 model: nothing to cast
+    monkeypatch.setenv("SYNFER_NATIVE_BF16", "0" if native else "1")  # the switch CI uses wins over the CPU's answer
+    assert generator(model_dir, steps=2).load().forward_dtype == (None if native else torch.bfloat16)
