@@ -38,13 +38,26 @@ OnStep = Callable[[int, "object", "object", "object"], "object | None"]
 # ---------------------------------------------------------------- the generator stage
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). SYNFER_NATIVE_BF16=1 (or 0) says so instead of
+    asking the CPU: CI forces 1 on an AVX2 machine so that it sees what `forward_dtype: auto` does on a BF16 host."""
+    import os
+
+    import torch
+
+    forced = os.environ.get("SYNFER_NATIVE_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def forward_dtype(setting: str | None, model: SDModel):
     """generator.forward_dtype -> the torch dtype the gradient-free passes autocast to, or None."""
     import torch
 
     if setting != "auto":
         return getattr(torch, setting) if setting else None
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    native = native_bf16_cpu()
     return torch.bfloat16 if model.device.type == "cpu" and model.dtype == torch.float32 and native else None
 
 
