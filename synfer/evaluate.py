@@ -1,68 +1,188 @@
-"""`synfer eval DATASET --reference REAL`: run evaluator plugins, print, merge into metrics.json.
+"""`synfer eval DATASET`: run evaluator plugins, print, merge into metrics.json with each metric's provenance.
 
+    synfer eval out/quickstart                      # the evaluators the run itself used (its recipe.json)
     synfer eval out/quickstart --reference data/fetext-test
     synfer eval out/quickstart --evaluators fer-accuracy,label-quality -o fer-accuracy.judge=tiny-cnn
+
+metrics.json holds one number per metric (null where an evaluator gave NaN) and, under `provenance`,
+for each evaluator: its plugin, its resolved config (judge, feature extractor, reference), the
+metrics it wrote and the dataset's row counts when it ran. A metric is written by one evaluator:
+another evaluator returning the same key is an error naming both.
 """
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from pathlib import Path
+from typing import Any
 
 import click
 
 DEFAULT_EVALUATORS = ("fid", "fer-accuracy", "au-accuracy", "diversity", "label-quality")
 METRICS = "metrics.json"
+PROVENANCE = "provenance"  # the one key of metrics.json that is not a metric
 
 
-def merge_metrics(dataset: str | Path, metrics: dict[str, float]) -> Path:
-    """Write `metrics` into DATASET/metrics.json, keeping keys already there that were not recomputed."""
-    path = Path(dataset) / METRICS
+class EvaluationError(click.ClickException):
+    """Some evaluators failed; the others' results are written."""
+
+
+def metric_values(metrics: dict) -> dict[str, float | None]:
+    """The metrics of a metrics.json mapping, without its provenance."""
+    return {k: v for k, v in metrics.items() if k != PROVENANCE}
+
+
+def checked_metrics(name: str, result: Any) -> dict[str, float | None]:
+    """An evaluator's result as a flat mapping of str -> finite float (numpy scalars converted); NaN/inf become
+    None with a warning. Anything else is a ValueError naming the evaluator, what it gave and what was expected."""
+    if not isinstance(result, dict):
+        raise ValueError(f"evaluator {name!r} returned {type(result).__name__}; expected a dict of metric name -> number")
+    out: dict[str, float | None] = {}
+    for key, value in result.items():
+        if not isinstance(key, str) or not key or key == PROVENANCE:
+            raise ValueError(f"evaluator {name!r} returned the key {key!r}; expected a non-empty metric name other than {PROVENANCE!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"evaluator {name!r} returned {key}={value!r} ({type(value).__name__}); expected a number")
+        value = float(value)
+        if not math.isfinite(value):
+            click.echo(f"warning: evaluator {name!r} gave {key}={value}; written as null", err=True)
+            value = None
+        out[key] = value
+    return out
+
+
+def _counts(dataset: Path) -> dict[str, int]:
+    from synfer.dataset import METADATA, read_metadata
+
+    if not (dataset / METADATA).exists():
+        return {}
+    rows = read_metadata(dataset, verify=False)
+    return {"rows": len(rows), "kept": sum(1 for r in rows if r.get("kept", True))}
+
+
+def run_evaluators(dataset: str | Path, evaluators: list[tuple[dict, Any]], reference: str | Path | None = None,
+                   write: bool = True) -> dict[str, float | None]:
+    """Run each (block, built evaluator), keep what succeeds, merge it into DATASET/metrics.json with its provenance.
+    One evaluator's failure keeps the others' results; the failures are raised together at the end, each named."""
+    dataset = Path(dataset)
+    metrics: dict[str, float | None] = {}
+    provenance: dict[str, dict] = {}
+    owner: dict[str, str] = {}
+    failures: list[str] = []
+    counts = _counts(dataset)
+    for block, ev in evaluators:
+        label = ev.name if ev.name not in provenance else f"{ev.name}#{sum(k.split('#')[0] == ev.name for k in provenance) + 1}"
+        try:
+            result = checked_metrics(ev.name, ev.evaluate(dataset, Path(reference) if reference else None))
+        except Exception as exc:  # noqa: BLE001 - one evaluator's failure must not lose the others' results
+            failures.append(f"{label}: {exc}")
+            continue
+        clash = sorted(k for k in result if k in owner)
+        if clash:
+            failures.append(f"{label}: returned {', '.join(clash)}, already written by {owner[clash[0]]}; "
+                            "an evaluator's keys must be its own (prefix them with its name)")
+            continue
+        owner.update({k: label for k in result})
+        metrics.update(result)
+        provenance[label] = {"plugin": ev.name, "config": _config(block, ev), "reference": str(reference) if reference else None,
+                             "metrics": sorted(result), "dataset": counts}
+    if write and (metrics or provenance):
+        merge_metrics(dataset, metrics, provenance)
+    if failures:
+        raise EvaluationError(f"{len(failures)} evaluator(s) failed (the others' results are in {dataset / METRICS}):\n"
+                              + "\n".join(f"  - {f}" for f in failures))
+    return metrics
+
+
+def _config(block: dict, ev) -> dict:
+    """The evaluator's settings as it ran: its Config with defaults (judge, extractor, reference ...)."""
+    config = getattr(ev, "config", None)
+    return config.model_dump(mode="json") if hasattr(config, "model_dump") else {k: v for k, v in block.items() if k != "plugin"}
+
+
+def merge_metrics(dataset: str | Path, metrics: dict[str, float | None], provenance: dict[str, dict] | None = None) -> Path:
+    """Write `metrics` into DATASET/metrics.json, keeping the metrics (and provenance) of evaluators not rerun. A key
+    an earlier run's other evaluator wrote is refused (ValueError naming both)."""
     from synfer.dataset import write_json
 
+    path = Path(dataset) / METRICS
     old = json.loads(path.read_text()) if path.exists() else {}
-    return write_json(path, {**old, **metrics}, sort_keys=True)
+    old_prov = old.get(PROVENANCE, {}) if isinstance(old.get(PROVENANCE), dict) else {}
+    provenance = provenance or {}
+    writer = {k: name for name, p in old_prov.items() for k in p.get("metrics", [])}
+    for name, p in provenance.items():
+        taken = sorted(k for k in p["metrics"] if writer.get(k, name) != name and writer.get(k) not in provenance)
+        if taken:
+            raise ValueError(f"evaluator {name!r} returned {', '.join(taken)}, which {writer[taken[0]]} wrote in {path}; "
+                             "an evaluator's keys must be its own")
+    rerun = set(provenance)
+    kept_prov = {n: p for n, p in old_prov.items() if n not in rerun}
+    stale = {k for n, p in old_prov.items() if n in rerun for k in p.get("metrics", [])}
+    values = {k: v for k, v in metric_values(old).items() if k not in stale}
+    return write_json(path, {**values, **metrics, PROVENANCE: {**kept_prov, **provenance}}, sort_keys=True)
+
+
+def run_evaluator_blocks(dataset: str | Path) -> list[dict] | None:
+    """The evaluator blocks the run that wrote DATASET used (its recipe.json), or None."""
+    from synfer.resume import RECIPE_FILE
+
+    path = Path(dataset) / RECIPE_FILE
+    if not path.exists():
+        return None
+    try:
+        blocks = json.loads(path.read_text()).get("evaluators")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return [dict(b) for b in blocks] if isinstance(blocks, list) and blocks else None
 
 
 def evaluate_dataset(dataset: str | Path, reference: str | Path | None = None, evaluators=None, device: str | None = None,
-                     options=(), registry=None, write: bool = True) -> dict[str, float]:
-    """Build each named evaluator (with `options` like `fid.max_images=500`), run it, merge the results."""
+                     options=(), registry=None, write: bool = True) -> dict[str, float | None]:
+    """Build each evaluator, run it, merge the results. `evaluators`: plugin names; None: the run's own (recipe.json),
+    else DEFAULT_EVALUATORS. `options` like `fid.max_images=500` set keys of the block of that plugin."""
+    from synfer.contracts import Guarded
     from synfer.plugins import get_registry
     from synfer.recipe import apply_overrides
 
     reg = registry or get_registry()
-    names = list(evaluators or [n for n in DEFAULT_EVALUATORS if n != "fid" or reference is not None])
-    blocks = apply_overrides({n: {} for n in names}, list(options))
-    unknown = set(blocks) - set(names)
+    if evaluators is None and (blocks := run_evaluator_blocks(dataset)) is not None:
+        pass
+    else:
+        names = list(evaluators or [n for n in DEFAULT_EVALUATORS if n != "fid" or reference is not None])
+        blocks = [{"plugin": n} for n in names]
+    names = [b["plugin"] for b in blocks]
+    settings = apply_overrides({n: {} for n in names}, list(options))
+    unknown = set(settings) - set(names)
     if unknown:
         raise click.UsageError(f"options for {sorted(unknown)}, which are not among the evaluators run ({', '.join(names)})")
     built = []
-    for n in names:  # build all first: a typo fails before anything slow runs
-        cls = reg.get("evaluator", n)
-        block = {"plugin": n, **blocks[n]}
-        if device and "device" in cls.Config.model_fields and "device" not in block:
+    for block in blocks:  # build all first: a typo fails before anything slow runs
+        block = {**block, **settings[block["plugin"]]}
+        cls = reg.get("evaluator", block["plugin"])
+        if device and "device" in cls.Config.model_fields and "device" not in settings[block["plugin"]]:
             block["device"] = device
-        built.append(reg.build("evaluator", block))
-    metrics: dict[str, float] = {}
-    for ev in built:
-        metrics.update(ev.evaluate(Path(dataset), Path(reference) if reference else None))
-    if write:
-        merge_metrics(dataset, metrics)
-    return metrics
+        built.append((block, Guarded(reg.build("evaluator", block), "evaluate")))
+    return run_evaluators(dataset, built, reference, write)
 
 
 @click.command("eval")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
 @click.option("--reference", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Real dataset folder for FID (without it, fid is skipped unless named).")
-@click.option("--evaluators", default=None, help=f"Comma-separated plugin names (default: {','.join(DEFAULT_EVALUATORS)}).")
+              help="Real dataset folder for FID (wins over the evaluator's own `reference`).")
+@click.option("--evaluators", default=None,
+              help=f"Comma-separated plugin names (default: the run's own evaluators from its recipe.json, else {','.join(DEFAULT_EVALUATORS)}).")
 @click.option("--device", default=None, help="Device for judges and feature extractors, e.g. cuda.")
 @click.option("-o", "--option", "options", multiple=True, help="Evaluator setting, e.g. fid.max_images=500 or fer-accuracy.judge=tiny-cnn.")
 def eval_cli(dataset, reference, evaluators, device, options):
-    """Measure DATASET: FID, FER accuracy, AU F1, diversity, label quality; merges into DATASET/metrics.json."""
+    """Measure DATASET (FID, FER accuracy, AU F1, diversity, label quality); merges into DATASET/metrics.json."""
     from synfer.plugins import PluginError
 
     names = [n.strip() for n in evaluators.split(",") if n.strip()] if evaluators else None
-    if names is None and reference is None:
+    own = names is None and run_evaluator_blocks(dataset) is not None
+    if own:
+        click.echo(f"note: the evaluators of the run that wrote {dataset} ({Path(dataset) / 'recipe.json'})", err=True)
+    elif names is None and reference is None:
         click.echo("note: no --reference, so fid is skipped", err=True)
     try:
         metrics = evaluate_dataset(dataset, reference, names, device, options)
@@ -70,4 +190,4 @@ def eval_cli(dataset, reference, evaluators, device, options):
         raise click.ClickException(str(exc))
     click.echo(f"\n{len(metrics)} metric(s) -> {Path(dataset) / METRICS}")
     for k in sorted(metrics):
-        click.echo(f"  {k:<34} {metrics[k]:.4f}")
+        click.echo(f"  {k:<34} " + ("null" if metrics[k] is None else f"{metrics[k]:.4f}"))

@@ -260,16 +260,20 @@ def _run(recipe, limit, registry, progress, t0, rank, world, out, force) -> RunS
     write_json(out / "calibration.json", {k: dict(v) for k, v in summary.per_class.items()})
     if recipe.grid and rows:
         write_grid(out, rows, classes)
-    for ev in stages.evaluators:
-        summary.metrics.update(ev.evaluate(out))
-    if summary.metrics:
-        from synfer.evaluate import merge_metrics
+    failed_eval = None
+    if stages.evaluators:  # metrics.json keeps what an earlier `synfer eval` wrote, and says which judge made each number
+        from synfer.evaluate import EvaluationError, run_evaluators
 
-        merge_metrics(out, summary.metrics)  # keeps keys an earlier `synfer eval` wrote
+        try:
+            summary.metrics.update(run_evaluators(out, list(zip(recipe.evaluators, stages.evaluators))))
+        except EvaluationError as exc:  # the dataset and the other metrics are written; the report still follows
+            failed_eval = exc
     if recipe.report and rows:
         from synfer.report import write_report
 
         write_report(out)
+    if failed_eval is not None:
+        raise failed_eval
     summary.seconds = time.time() - t0
     return summary
 

@@ -163,14 +163,38 @@ def metrics_section(root: Path) -> str:
     if not path.exists():
         return ("<section id='metrics'><h2>Metrics</h2><p class='muted'>no metrics.json yet: run "
                 f"<code>synfer eval {html.escape(str(root))} --reference REAL_SET</code></p></section>")
-    metrics = json.loads(path.read_text())
+    from synfer.evaluate import PROVENANCE, metric_values
+
+    raw = json.loads(path.read_text())
+    metrics = metric_values(raw)
+    by = {k: _measured_by(p) for p in (raw.get(PROVENANCE) or {}).values() for k in p.get("metrics", [])}
     heads = [k for k in metrics if k in METRIC_NOTES]
     rest = sorted(k for k in metrics if k not in METRIC_NOTES)
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
-    main = _table(["metric", "value", "meaning"], [[k, fmt(metrics[k]), METRIC_NOTES[k]] for k in heads], left=(0, 2)) if heads else ""
-    more = _table(["metric", "value"], [[k, fmt(metrics[k])] for k in rest]) if rest else ""
+    fmt = lambda v: "null" if v is None else f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
+    main = _table(["metric", "value", "meaning", "measured by"], [[k, fmt(metrics[k]), METRIC_NOTES[k], by.get(k, "?")] for k in heads],
+                  left=(0, 2, 3)) if heads else ""
+    more = _table(["metric", "value", "measured by"], [[k, fmt(metrics[k]), by.get(k, "?")] for k in rest], left=(0, 2)) if rest else ""
     return (f"<section id='metrics'><h2>Metrics</h2>{main}"
             f"<details><summary class='muted'>all {len(metrics)} numbers</summary>{more}</details></section>")
+
+
+def _measured_by(prov: dict) -> str:
+    """'fer-accuracy, judge tiny-cnn (models/judge), reference data/x': what made a metric, from metrics.json's provenance."""
+    cfg = prov.get("config") or {}
+
+    def name(v):
+        return v.get("plugin", "?") + "".join(f" ({v[k]})" for k in ("weights", "path") if v.get(k)) if isinstance(v, dict) else str(v)
+
+    parts = [prov.get("plugin", "?")]
+    if "extractor" in cfg:  # FID, diversity: features from the judge (oracle), a local Inception file, or pixels
+        parts.append(f"features {cfg['extractor']}" + (f" of {name(cfg['judge'])}" if cfg["extractor"] == "oracle" else "")
+                     + (f" ({cfg['extractor_path']})" if cfg.get("extractor_path") else ""))
+    elif cfg.get("judge"):
+        parts.append(f"judge {name(cfg['judge'])}")
+    ref = prov.get("reference") or cfg.get("reference")
+    if ref:
+        parts.append(f"reference {ref}")
+    return ", ".join(parts)
 
 
 def find_downstream(root: Path, downstream: str | Path | None) -> tuple[Path | None, Path | None]:
