@@ -67,13 +67,28 @@ def field_comments(model: type) -> dict[str, str]:
         src_lines = src.splitlines()
         tree = ast.parse(src)
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node in body:
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                line = src_lines[node.end_lineno - 1]
-                m = re.search(r"#\s*(.+)$", line)
-                if m and not _in_string(line, m.start()):
-                    out[node.target.id] = m.group(1).strip()
+        fields = [n for n in body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+        own = {n.target.id: _inline_comment(src_lines[n.end_lineno - 1]) for n in fields}
+        for i, node in enumerate(fields):
+            # comment-only lines after a field continue its comment, unless the next field has none of its own: then
+            # they introduce that field (`# Unaligned photos: ...` above `align: bool = False`)
+            block = []
+            for more in src_lines[node.end_lineno:]:
+                if not more.strip().startswith("#"):
+                    break
+                block.append(more.strip().lstrip("#").strip())
+            nxt = fields[i + 1] if i + 1 < len(fields) and fields[i + 1].lineno == node.end_lineno + len(block) + 1 else None
+            if nxt is not None and not own[nxt.target.id] and block:
+                out[nxt.target.id] = " ".join(block)
+                block = []
+            if own[node.target.id]:
+                out[node.target.id] = " ".join([own[node.target.id], *block])
     return out
+
+
+def _inline_comment(line: str) -> str:
+    m = re.search(r"#\s*(.+)$", line)
+    return m.group(1).strip() if m and not _in_string(line, m.start()) else ""
 
 
 def _in_string(line: str, pos: int) -> bool:

@@ -225,3 +225,17 @@ def test_plugin_guide_examples_run(monkeypatch):
     for i, code in enumerate(blocks, 1):
         exec(compile(code, f"docs/plugins.md (python block {i})", "exec"), module.__dict__)
     assert {"BrightnessExpert", "MouthGuidance", "KeptEvaluator", "reg"} <= set(vars(module))
+
+
+def test_recipe_reference_descriptions_are_whole():
+    """A field comment that wraps onto comment-only lines is documented whole, not cut off mid-sentence."""
+    from synfer.plugins import Registry
+    from synfer.recipedocs import render
+
+    reg = Registry()
+    reg.load_entrypoints()
+    text = render(reg)
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w.]+)` \|.*\| (.*) \|$", text, flags=re.M)}
+    assert "Changes the bytes" in rows["forward_dtype"] and "UniPC" in rows["scheduler"], (rows["forward_dtype"], rows["scheduler"])
+    cut = {k: v for k, v in rows.items() if v.rstrip().endswith((":", ",", "(", " or", " and", " the"))}
+    assert not cut, f"descriptions cut off mid-sentence: {cut}"
