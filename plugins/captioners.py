@@ -61,11 +61,18 @@ def _record_seed(record: FaceRecord, salt: int) -> int:
     return zlib.crc32(key) ^ (salt & 0xFFFFFFFF)
 
 
+# The identity attributes a record may carry (the procedural world's); a real photo's record carries none of them
+# (its `file` says where it came from, not what the person looks like), so its caption describes no appearance.
+APPEARANCE_KEYS = ("age", "hair_style", "hair_color_name", "facial_hair", "glasses", "eye_color_name", "skin_tone")
+
+
 def appearance(attrs: dict, rng: np.random.Generator) -> str:
-    """'A young man with short brown hair, a beard and round glasses, fair skin'."""
-    if not attrs:
+    """'A young man with short brown hair, a beard and round glasses, fair skin'; only what `attrs` says."""
+    if not any(k in (attrs or {}) for k in APPEARANCE_KEYS):
         return _pick(rng, ("A face", "A close-up of a face", "A portrait of a person"))
-    age = next(w for cut, w in AGE_WORDS if attrs.get("age", 0.4) < cut)
+    if "age" not in attrs or "hair_style" not in attrs:  # partly known: say only what is (never a default bald head)
+        return _partial_appearance(attrs, rng)
+    age = next(w for cut, w in AGE_WORDS if attrs["age"] < cut)
     subject = "man" if attrs.get("facial_hair") in ("beard", "moustache") else "person"
     bits = []
     style, colour = attrs.get("hair_style", "none"), attrs.get("hair_color_name", "")
@@ -86,6 +93,20 @@ def appearance(attrs: dict, rng: np.random.Generator) -> str:
     lead = _pick(rng, ("", "A photo of ", "A portrait of ", "A close-up of "))
     who = f"{lead}{_a(age)} {subject}"
     return f"{who[0].upper()}{who[1:]} with {joined}"
+
+
+def _partial_appearance(attrs: dict, rng: np.random.Generator) -> str:
+    bits = [f"{attrs['hair_color_name']} hair"] if attrs.get("hair_color_name") else []
+    if attrs.get("facial_hair") in ("stubble", "moustache", "beard"):
+        bits.append({"stubble": "stubble", "moustache": "a moustache", "beard": "a beard"}[attrs["facial_hair"]])
+    if attrs.get("glasses") not in (None, "none"):
+        bits.append(f"{attrs['glasses']} glasses")
+    for key, noun in (("eye_color_name", "eyes"), ("skin_tone", "skin")):
+        if attrs.get(key):
+            bits.append(f"{attrs[key]} {noun}")
+    age = next((w for cut, w in AGE_WORDS if attrs["age"] < cut), None) if "age" in attrs else None
+    who = f"A portrait of {_a(age)} person" if age else "A portrait of a person"
+    return f"{who} with {_join(bits)}" if bits else who
 
 
 def movements(aus: dict[str, float] | None, rng: np.random.Generator, threshold: float = 0.3, most: int = 4) -> list[str]:

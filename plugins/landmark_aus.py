@@ -110,7 +110,7 @@ class LandmarkAUDetector(AUDetector):
     class Config(StageConfig):
         weights: str | None = None  # face_landmark.tflite; None: 'synfer models fetch face-mesh'
         detector: dict[str, Any] | None = {"plugin": "retinaface"}  # find and align the face first; None: images are aligned crops (zoom 0.8)
-        min_presence: float = Field(0.5, ge=0, le=1)  # the mesh's face score below which AUs are all 0
+        min_presence: float = Field(0.5, ge=0, le=1)  # the mesh's face score below which a face is not measured (aus: null)
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -147,13 +147,13 @@ class LandmarkAUDetector(AUDetector):
             pts, flag = self.mesh(x)
         return pts.reshape(len(crops), -1, 3).numpy(), torch.sigmoid(flag.reshape(-1)).numpy()
 
-    def detect(self, records: list[FaceRecord]) -> list[dict[str, float]]:
+    def detect(self, records: list[FaceRecord]) -> list[dict[str, float] | None]:
         if not records:
             return []
         pts, presence = self.landmarks([r.image for r in records])
         out = []
         for p, s in zip(pts, presence):
-            out.append(intensities(features(p)) if s >= self.config.min_presence else {k: 0.0 for k in L.AU_KEYS})
+            out.append(intensities(features(p)) if s >= self.config.min_presence else None)  # no face: not measured
         return out
 
 

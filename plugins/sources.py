@@ -100,6 +100,7 @@ class _DatasetSource(Source):
 class ImageFolderConfig(DatasetSourceConfig):
     classes: dict[str, str] = {}  # folder name -> expression, for folders canonical() cannot read
     ignore_unknown: bool = False  # skip folders with unknown names instead of failing
+    unlabelled: bool = False  # keep photos with no class (loose files at the root, metadata rows without a label): expression null
     # Unaligned photos: true (RetinaFace) or a face_detector block with optional size/zoom; each image becomes
     # its largest face, aligned (synfer.align; default 256 px at zoom 0.8, forehead to chin); no face: skipped.
     align: bool | dict = False
@@ -114,7 +115,9 @@ class ImageFolderConfig(DatasetSourceConfig):
 
 
 class ImageFolderSource(_DatasetSource):
-    """`root/<class>/<image>`: folder names like 'Happy', 'angry', 'Surprised' or label-space indices '0'..'7'."""
+    """`root/<class>/<image>` (folder names like 'Happy', 'angry', 'Surprised' or label-space indices '0'..'7'), or a
+    folder with a `metadata.jsonl` (datasets' imagefolder: `file_name` plus `label`/`expression`), such as what
+    `synfer label` writes; loose photos at the root are unlabelled (`unlabelled: true`)."""
 
     name = "imagefolder"
     Config = ImageFolderConfig
@@ -131,34 +134,73 @@ class ImageFolderSource(_DatasetSource):
 
     def _stream(self) -> Iterator[FaceRecord]:
         root = self._root()
-        folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: (p.name.lower(), p.name))
-        mapped = {f: self._expression(f.name) for f in folders}
-        unknown = [f.name for f, e in mapped.items() if e is None]
-        if unknown and not self.config.ignore_unknown:
-            raise ValueError(f"imagefolder source: cannot read the class of folder(s) {unknown} under {root}; "
-                             f"name them after an expression ({', '.join(L.EXPRESSIONS)}), map them with "
-                             f"`classes: {{{unknown[0]}: happy}}`, or set `ignore_unknown: true`")
         aligner = None
         if self.config.align:
             from synfer.align import aligner_for
 
             aligner = aligner_for(self.config.align, size=256, zoom=0.8)
-        for folder, expression in mapped.items():
-            if expression is None:
+        if (root / "metadata.jsonl").is_file():
+            yield from self._rows(root, aligner)
+            return
+        folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: (p.name.lower(), p.name))
+        loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        mapped = {f: self._expression(f.name) for f in folders}
+        unknown = [f.name for f, e in mapped.items() if e is None]
+        if loose and not self.config.unlabelled:
+            if not folders:
+                raise ValueError(
+                    f"imagefolder source: {len(loose)} loose image(s) at the root of {root} (e.g. {loose[0].name}) and no class "
+                    "folders; imagefolder wants root/<class>/<image> (e.g. root/happy/1.jpg). For unlabelled photos: label them "
+                    f"with 'synfer label {root} --recipe recipes/label-photos.yaml output=LABELLED' and use LABELLED as the root "
+                    "(its metadata.jsonl gives the labels), or set `unlabelled: true` to keep them without a label")
+            self.filtered["loose file at the root, not in a class folder (unlabelled: true keeps it)"] += len(loose)
+        if unknown and not self.config.ignore_unknown:
+            raise ValueError(f"imagefolder source: cannot read the class of folder(s) {unknown} under {root}; "
+                             f"name them after an expression ({', '.join(L.EXPRESSIONS)}), map them with "
+                             f"`classes: {{{unknown[0]}: happy}}`, or set `ignore_unknown: true`")
+        items = [(path, expression) for folder, expression in mapped.items() if expression is not None
+                 for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)]
+        if self.config.unlabelled:
+            items += [(path, None) for path in loose]
+        for path, expression in items:
+            if expression is not None and not self._keep(expression):
                 continue
-            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            for path in files:
-                if not self._keep(expression):
-                    continue
-                image = self._load(path)
-                if image is not None and aligner is not None:
-                    image = aligner.crops([image])[0]
-                    if image is None:
-                        self.skipped.append(f"{path} (no face found)")
-                if image is None:
-                    continue
-                yield FaceRecord(image=image, expression=expression, source=self.tag,
-                                 attributes={"file": str(path.relative_to(root))})
+            record = self._record(root, path, expression, aligner)
+            if record is not None:
+                yield record
+
+    def _record(self, root: Path, path: Path, expression: str | None, aligner, aus=None) -> FaceRecord | None:
+        image = self._load(path)
+        if image is not None and aligner is not None:
+            image = aligner.crops([image])[0]
+            if image is None:
+                self.skipped.append(f"{path} (no face found)")
+        if image is None:
+            return None
+        return FaceRecord(image=image, expression=expression, aus=aus, source=self.tag, attributes={"file": str(path.relative_to(root))})
+
+    def _rows(self, root: Path, aligner) -> Iterator[FaceRecord]:
+        """A labelled folder's rows: `label` as a class name or an index into `label_space`, else `expression`; rows a
+        vote did not keep (`kept: false`) are left out; AUs already annotated come along."""
+        from synfer.dataset import read_metadata
+
+        for row in read_metadata(root, verify=False):
+            if row.get("kept") is False:
+                self.filtered["not kept by the vote (kept: false)"] += 1
+                continue
+            # a class name first (`label` of generated and labelled sets, `expression` of FEText), else an index
+            label = next((v for v in (row.get("label"), row.get("expression")) if isinstance(v, str) and v), row.get("label"))
+            if isinstance(label, int) and not isinstance(label, bool):
+                label = self._space[label] if 0 <= label < len(self._space) else None
+            expression = L.canonical(label) if isinstance(label, str) and label else None
+            if expression is None and not self.config.unlabelled:
+                self.filtered["row without a label (unlabelled: true keeps it)"] += 1
+                continue
+            if expression is not None and not self._keep(expression):
+                continue
+            record = self._record(root, root / row["file_name"], expression, aligner, row.get("aus"))
+            if record is not None:
+                yield record
 
 
 # ---------------------------------------------------------------- AffectNet

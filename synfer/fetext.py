@@ -101,6 +101,8 @@ class FETextSummary:
     skipped: list[str] = field(default_factory=list)  # "path (why)" of files left unread or refused, from every source
     inserted: int = 0  # records new to a source since the last build, placed among those already there
     gone: int = 0  # records on disk that the sources no longer give (kept)
+    unmeasured: int = 0  # faces written this run whose AUs the au_detector could not measure (aus: null)
+    au_detector: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> time spent in it this run
     wall_s: float = 0.0
 
@@ -108,7 +110,7 @@ class FETextSummary:
         return {"output": self.output, "written": self.written, "resumed": self.resumed, "total": self.total,
                 "per_class": dict(self.per_class), "per_source": dict(self.per_source), "filtered": dict(self.filtered),
                 "skipped_count": len(self.skipped), "skipped_reasons": dict(skip_reasons(self.skipped)), "skipped": self.skipped,
-                "source_changed": {"inserted": self.inserted, "gone": self.gone},
+                "source_changed": {"inserted": self.inserted, "gone": self.gone}, "aus_unmeasured": self.unmeasured,
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "wall_s": round(self.wall_s, 3)}
 
     def table(self, show_skipped: int = 5) -> str:
@@ -121,6 +123,10 @@ class FETextSummary:
             more = f" (+{len(self.skipped) - show_skipped} more, see {SUMMARY_FILE})" if len(self.skipped) > show_skipped else ""
             reasons = ", ".join(f"{n} {why}" for why, n in skip_reasons(self.skipped).most_common())
             lines.append(f"skipped {len(self.skipped)} file(s) or row(s) ({reasons}): " + ", ".join(self.skipped[:show_skipped]) + more)
+        if self.unmeasured:
+            lines.append(f"warning: {self.au_detector} measured no AUs on {self.unmeasured} of {self.written} face(s) written now "
+                         "(no face found): their `aus` are null. Aligned face crops: set au_detector.detector=null; "
+                         "otherwise check those images")
         if self.inserted or self.gone:
             lines.append(f"source changed since the last build: {self.inserted} record(s) new among those already there "
                          f"(written under the next free indices), {self.gone} record(s) on disk no longer given by the sources "
@@ -130,6 +136,19 @@ class FETextSummary:
             lines.append(f"time {self.wall_s:.1f}s wall ({self.written / self.wall_s:.0f} img/s); by stage: {stages} "
                          "(write runs in a background thread, overlapping the others)")
         return "\n".join(lines)
+
+
+class NoFaces(click.ClickException):
+    """A build whose sources gave no face at all."""
+
+    def __init__(self, summary: "FETextSummary"):
+        why = [f"{n} left out: {k}" for k, n in sorted(summary.filtered.items())]
+        why += [f"{n} skipped: {k}" for k, n in skip_reasons(summary.skipped).most_common()]
+        first = f" (first: {summary.skipped[0]})" if summary.skipped else ""
+        super().__init__(f"the sources gave no faces, so {summary.output} holds none: "
+                         + ("; ".join(why) + first if why else "they yielded no records (is the root the right folder?)")
+                         + ". A folder of unlabelled photos: imagefolder with `unlabelled: true`, or label them first "
+                           "with 'synfer label FOLDER --recipe recipes/label-photos.yaml output=LABELLED' and use LABELLED as the root.")
 
 
 def skip_reasons(skipped: list[str]) -> Counter:
@@ -251,7 +270,7 @@ def _build(recipe, sources, upscaler, au_detector, captioner, space, progress) -
     from synfer.dataset import DatasetWriter
 
     writer = DatasetWriter(recipe.output)
-    summary = FETextSummary(output=recipe.output)
+    summary = FETextSummary(output=recipe.output, au_detector=getattr(au_detector, "name", None))
     timer = _Timer()
     start = time.perf_counter()
 
@@ -265,9 +284,10 @@ def _build(recipe, sources, upscaler, au_detector, captioner, space, progress) -
         images = timer.call("upscale", upscaler.upscale, [r.image for r in records], recipe.size)
         for r, im in zip(records, images):
             r.image = im
-        if au_detector is not None:
+        if au_detector is not None:  # None: a face the detector could not measure (AUDetector contract)
             for r, aus in zip(records, timer.call("au_detect", au_detector.detect, records)):
                 r.aus = aus
+                summary.unmeasured += aus is None
         for r, caption in zip(records, timer.call("caption", captioner.caption, records)):
             r.caption = caption
         rows = [(index, r.image, {
@@ -338,6 +358,8 @@ def _build(recipe, sources, upscaler, au_detector, captioner, space, progress) -
     summary.seconds = timer.seconds
     summary.wall_s = time.perf_counter() - start
     summary.total = len(writer.rows)
+    if summary.total == 0:  # nothing to train on: say why, rather than an empty dataset and exit 0
+        raise NoFaces(summary)
     summary.per_class = Counter(str(r.get("expression")) for r in writer.rows)
     summary.per_source = Counter(str(r.get("source")) for r in writer.rows)
     from synfer.dataset import atomic_write

@@ -134,7 +134,7 @@ def label_folder(folder: str | Path, recipe: LabelRecipe, registry=None, progres
         items = []
         for (i, path), image, fs in zip(found, images, faces):
             if not fs:
-                skipped.append(f"{path.relative_to(folder)} (no face)")
+                skipped.append(f"{path.relative_to(folder)} (no face found by {detector.name}{NO_FACE_HINT})")
                 continue
             face = max(fs, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
             items.append((i, path, face, detector.align(image, face, recipe.align.size, recipe.align.zoom)))
@@ -160,6 +160,9 @@ def label_folder(folder: str | Path, recipe: LabelRecipe, registry=None, progres
     return rows
 
 
+NO_FACE_HINT = "; photos that are already face crops: face_detector.plugin=whole-image"
+
+
 @click.command("label")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--recipe", "recipe_path", type=click.Path(exists=True, dir_okay=False), required=True,
@@ -179,3 +182,11 @@ def label_cli(folder, recipe_path, overrides):
     click.echo(f"{recipe.output}: {len(rows)} faces labelled from {len(photos(Path(folder)))} photos "
                f"(see {Path(recipe.output) / 'skipped.txt'} for the rest)")
     click.echo("  " + ", ".join(f"{c} {n}" for c, n in counts.items() if n))
+    skipped = (Path(recipe.output) / "skipped.txt").read_text().splitlines()
+    no_face = sum(NO_FACE_HINT in line for line in skipped)
+    if no_face and no_face >= len(rows):  # most photos without a face: they are likely crops already
+        click.echo(f"note: no face found in {no_face} photo(s). If they are face crops already, rerun with "
+                   "face_detector.plugin=whole-image (each photo is then the face)", err=True)
+    unmeasured = sum(1 for r in rows if recipe.au_detector and r.get("aus") is None)
+    if unmeasured:
+        click.echo(f"warning: the au_detector measured no AUs on {unmeasured} of {len(rows)} face(s): their `aus` are null", err=True)

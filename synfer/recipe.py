@@ -217,11 +217,16 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], problems
     """`a.b.c=value` sets data['a']['b']['c'] (value parsed as YAML); list items by index (`experts.0.weight=2`).
 
     A malformed override is a RecipeError quoting it; with a `problems` list, its line is
-    appended there instead and the other overrides still apply (so `validate` lists all)."""
+    appended there instead and the other overrides still apply (so `validate` lists all).
+
+    `block.plugin=other` on a block naming another plugin starts that block afresh: the file's settings of the old
+    plugin (e.g. retinaface's `threshold`) are dropped; settings given by overrides are kept, whatever their order."""
     data = copy.deepcopy(dict(data))
+    given: set[tuple[str, ...]] = set()  # dotted paths set by an override
     for item in overrides:
         try:
             path, value = parse_override(item)
+            given.add(tuple(path))
             node = data
             for i, key in enumerate(path[:-1]):
                 where = ".".join(path[:i]) or "the recipe"
@@ -234,6 +239,9 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], problems
             if isinstance(node, list):
                 node[_list_index(item, node, path[-1], ".".join(path[:-1]))] = value
             else:
+                if path[-1] == "plugin" and node.get("plugin") not in (None, value):
+                    for key in [k for k in node if k != "plugin" and (*path[:-1], k) not in given]:
+                        del node[key]  # the old plugin's settings from the file
                 node[path[-1]] = value
         except RecipeError as exc:
             if problems is None:

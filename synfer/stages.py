@@ -161,8 +161,9 @@ class AUDetector(Stage):
     kind = "au_detector"
 
     @abc.abstractmethod
-    def detect(self, records: list[FaceRecord]) -> list[dict[str, float]]:
-        """AU intensities in [0, 1] keyed by synfer.labels.AU_KEYS."""
+    def detect(self, records: list[FaceRecord]) -> list[dict[str, float] | None]:
+        """AU intensities in [0, 1] keyed by synfer.labels.AU_KEYS; None for a face it could not measure (no face
+        found), which FEText writes as `aus: null` and counts in its summary, never as all-zero AUs."""
 
 
 class Generator(Stage):
