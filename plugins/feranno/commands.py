@@ -9,6 +9,8 @@ import click
 @click.command("calibrator")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="FEText folder (train identities).")
 @click.option("--model", required=True, help="The generator folder whose UNet FERAnno reads (frozen).")
+@click.option("--generator", "generator", default="synfer:sd", show_default=True,
+              help="Generator plugin that loads --model (any with the DiffusionBackbone attributes, e.g. a backbone plugin's).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="FERAnno folder, e.g. plugins/models/feranno.")
 @click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Held-out FEText: report accuracy and UAR.")
 @click.option("--iters", type=int, default=800, show_default=True)
@@ -35,7 +37,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True)
 @click.option("--threads", type=int, default=None)
-def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, condition, pool, max_res, order, timestep, device, no_cache, views, mixup,
+def train_calibrator_cmd(data, model, generator, out, test, iters, batch_size, lr, dim, condition, pool, max_res, order, timestep, device, no_cache, views, mixup,
                          limit, label_space, seed, resume, threads):
     """Train FERAnno (paper 4.4) on FEText with the generator's UNet frozen."""
     import json
@@ -46,7 +48,8 @@ def train_calibrator_cmd(data, model, out, test, iters, batch_size, lr, dim, con
     seed_everything(seed)  # --seed fixes the whole run, the encoder's initial weights included
     _, _, metrics = train_feranno(data, model, out, test=test, iters=iters, batch_size=batch_size, lr=lr, seed=seed,
                                    label_space=label_space, dim=dim, condition=condition, limit=limit, resume=resume, threads=threads,
-                                   pool=pool, max_res=max_res, t=timestep, order=order, device=device, cache=not no_cache, views=views, mixup=mixup)
+                                   pool=pool, max_res=max_res, t=timestep, order=order, device=device, cache=not no_cache, views=views, mixup=mixup,
+                                   generator=generator)
     click.echo(f"written to {out}")
     if metrics:
         click.echo(json.dumps(metrics, indent=2))

@@ -147,7 +147,7 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
                   label_space: str = "affectnet8", dim: int = 64, condition: str = "generic", limit: int | None = None,
                   resume: bool = False, threads: int | None = None, pool: int = 4, max_res: int | None = None, cache: bool = True,
                   views: int = 1, mixup: float = 0.0, device: str | None = None, t: int = 1, order: str = "fine-to-coarse",
-                  attention: str = "scale", num_scales: int | None = None, extract_batch_size: int = 128):
+                  attention: str = "scale", num_scales: int | None = None, extract_batch_size: int = 128, generator: str = "synfer:sd"):
     """Train the dual-branch encoder on FEText with the generator's UNet frozen (run on mmengine's Runner).
 
     The encoder reads every decoder scale of the UNet (`num_scales` None: all, 4 in SD 1.5), each with the
@@ -161,7 +161,8 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     again shifted by a few pixels with its own noise (`shifted_views`): the encoder then
     cannot memorise one exact capture per face. `mixup` > 0 mixes each batch with a shuffled
     copy of itself (captures and labels, weight ~ Beta(mixup, mixup); Zhang et al. 2018).
-    `device` (default: cuda when there is one) runs the UNet pass and the encoder.
+    `device` (default: cuda when there is one) runs the UNet pass and the encoder. `generator` names the generator
+    plugin that loads `model` (default: the built-in, even beside a third party's "sd").
     """
     from synfer import labels as L
     from synfer.plugins import get_registry
@@ -169,7 +170,7 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
 
     if threads:
         torch.set_num_threads(threads)
-    gen_cls = get_registry().get("generator", "synfer:sd")  # the built-in, even beside a third party's "sd"
+    gen_cls = get_registry().get("generator", generator)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = gen_cls(gen_cls.Config(model=str(model), device=device))
     sd = gen.load()  # frozen at load
@@ -187,7 +188,7 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     enc_cfg = {"feat_channels": [f.shape[1] for f in feats], "feat_res": [f.shape[-1] for f in feats], "tokens": att[0].shape[1],
                "num_classes": len(L.label_space(label_space)), "dim": dim, "pool": pool, "max_res": max_res, "attention": attention,
                "views": views, "mixup": mixup, "order": order, "num_scales": len(feats), "label_space": label_space,
-               "condition": condition, "t": cfg.t, "generator": str(model),
+               "condition": condition, "t": cfg.t, "generator": str(model), "generator_plugin": generator,
                "trained_with": {"data": str(data), "train_images": int(len(y)), "iters": iters, "batch_size": batch_size, "lr": lr,
                                 "seed": seed, "device": device, "cache_bytes_per_image": cache_bytes_per_image(feats, att)}}
     enc = build_encoder(enc_cfg["feat_channels"], enc_cfg["feat_res"], enc_cfg["tokens"], enc_cfg["num_classes"], dim, pool=pool,
