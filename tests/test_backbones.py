@@ -118,3 +118,35 @@ def test_inversion_is_exact_for_a_perfect_model(kind, scheduler, calls):
     err = rel(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps)
     print(f"{kind} {scheduler} calls={calls}: inversion relative error {err:.2e}")
     assert start == 3 and err < 1e-4
+
+
+def _validate(tmp_path, model):
+    """`synfer validate` of the quickstart with generator.model=MODEL, in a fresh interpreter that must not import torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["validate", "recipes/quickstart.yaml", "generator.layout.source=tests", "evaluators.4.reference=tests",
+            f"output={tmp_path / 'out'}", f"generator.model={model}"]
+    code = ("import sys, runpy; sys.argv=['synfer']+%r\n"
+            "try:\n    runpy.run_module('synfer.cli', run_name='__main__')\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'" % (args,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert "torch was imported" not in out.stderr, out.stderr
+    return out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("pipeline", ["StableDiffusion3Pipeline", "FluxPipeline", "StableDiffusionXLPipeline"])
+def test_validate_refuses_a_pipeline_the_sd_generator_cannot_run(tmp_path, pipeline):
+    """model_index.json read as JSON: SD3 and FLUX folders are refused by name, with the supported ones and no training hint."""
+    import json
+
+    folder = tmp_path / "model"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    out = _validate(tmp_path, folder)
+    if pipeline == "StableDiffusionXLPipeline":
+        assert f"names {pipeline}" not in out and "ok (" in out, out
+        return
+    assert f"model_index.json names {pipeline}" in out and "StableDiffusionPipeline, StableDiffusionXLPipeline" in out, out
+    assert "transformer backbone" in out and "synfer train generator" not in out, out

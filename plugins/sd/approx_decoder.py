@@ -236,7 +236,7 @@ def train_approx_decoder(model: str | Path, data: str | Path, out: str | Path | 
     if sd.vae is None:
         raise ValueError(f"{model} is a pixel-space model (no vae/): its 'latents' are the image, so guidance needs no decoder; "
                          "semantic_guidance.decoder: approx is for latent models")
-    for net in (sd.vae, sd.unet, sd.text_encoder):
+    for net in sd.modules():
         net.requires_grad_(False).eval()
     clf = get_registry().build("guidance_classifier", {"plugin": classifier}) if classifier else None
     dataset = FETextDataset(data, sd.native_size)

@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 from pydantic import Field, model_validator
 
@@ -65,9 +65,12 @@ class SDGenerator(Generator):
     """Text + AU conditioned sampler (DDIM, DPM-Solver++ or UniPC) with classifier-free guidance on a diffusers model folder."""
 
     name = "sd"
+    backbones: ClassVar[tuple[type, ...] | None] = None  # the SDModel classes it runs (None: SD 1.x/2.x and SDXL, backbones.py);
+    # a plugin adding a backbone subclasses this generator and names its own here (docs/plugins.md, "Backbones")
 
     class Config(StageConfig):
-        model: str | None = None  # diffusers SD 1.x folder; None: the shipped tiny model (synfer_plugins/models/tiny-sd)
+        model: str | None = None  # diffusers folder of SD 1.x/2.x (StableDiffusionPipeline) or SDXL (StableDiffusionXLPipeline);
+        # None: the shipped tiny model (synfer_plugins/models/tiny-sd)
         steps: int = Field(25, gt=0, le=1000)  # denoising steps of `scheduler`
         scheduler: Literal["ddim", "dpm++", "unipc"] = "ddim"  # the sampler, built from the model's scheduler config:
         # DDIM, or diffusers' multistep DPM-Solver++ (2nd order) / UniPC (bh2); sweep in docs/results.md (Speed)
@@ -106,9 +109,13 @@ class SDGenerator(Generator):
 
     @classmethod
     def problems(cls, config):
-        out = missing_path(config, "model", "a diffusers SD 1.x folder (unet/, text_encoder/, tokenizer/, scheduler/[, vae/])",
+        out = missing_path(config, "model", "a diffusers SD-family folder (unet/, text_encoder/, tokenizer/, scheduler/[, vae/])",
                            "Fix generator.model, leave it null for the shipped tiny model, or train one with "
                            "'synfer train generator --data FETEXT --out FOLDER'.")
+        if config.model and Path(config.model).is_dir():  # model_index.json read as JSON: validating loads no weights
+            from synfer_plugins.sd.backbones import pipeline_problems
+
+            out += pipeline_problems(config.model, cls.backbones)
         if config.eta > 0 and config.scheduler != "ddim":
             out.append(f"eta={config.eta} is DDIM's stochastic step; scheduler {config.scheduler!r} is deterministic. "
                        "Set generator.eta=0 or generator.scheduler=ddim.")
@@ -149,11 +156,13 @@ class SDGenerator(Generator):
                         if not self.config.model else
                         "check generator.model in the recipe, or train one with 'synfer train generator --data FETEXT_DIR --out DIR'")
                 raise FileNotFoundError(f"no diffusion model at {path}; {hint}")
-            self.model = SDModel.from_pretrained(path, device=self.target_device(), dtype=getattr(torch, self.config.dtype))
-            for module in (self.model.unet, self.model.text_encoder, self.model.vae, self.model.au_adapter):
-                if module is not None:  # sampling and guidance never train weights: no grads kept for them (~30% of
-                    module.requires_grad_(False)  # a guided backward's saved activations, docs/results.md)
-                    module.eval()
+            from synfer_plugins.sd.backbones import backbone_for
+
+            backbone = backbone_for(path, self.backbones)
+            self.model = backbone.from_pretrained(path, device=self.target_device(), dtype=getattr(torch, self.config.dtype))
+            for module in self.model.modules():  # sampling and guidance never train weights: no grads kept for them (~30% of
+                module.requires_grad_(False)  # a guided backward's saved activations, docs/results.md)
+                module.eval()
             self.model.set_au_scale(self.config.au_scale)
             self.model.forward_dtype = forward_dtype(self.config.forward_dtype, self.model)
             if self.config.channels_last:
@@ -291,12 +300,10 @@ class SDGenerator(Generator):
         return latents
 
     def _uncond_embedding(self):
-        """The empty prompt's embedding, encoded once per loaded model (every batch's CFG branch uses it)."""
-        import torch
-
+        """The unconditional conditioning (SD: the empty prompt's embedding), once per loaded model (every batch's CFG
+        branch uses it)."""
         if self._uncond is None:
-            with torch.no_grad():
-                self._uncond = self.load().encode_text([""])
+            self._uncond = self.load().uncond_embedding()
         return self._uncond
 
     def sample(self, requests: Sequence[SampleRequest], x_T=None, start_step: int = 0, on_step: OnStep | None = None):
@@ -396,16 +403,16 @@ class SDGenerator(Generator):
     def train_generator(cls, opts, **kwargs):
         from synfer_plugins.sd.training import train_generator
 
-        return train_generator(opts, **kwargs)
+        return train_generator(opts, backbones=cls.backbones, **kwargs)
 
     @classmethod
     def train_au_adapter(cls, opts, **kwargs):
         from synfer_plugins.sd.training import train_au_adapter
 
-        return train_au_adapter(opts, **kwargs)
+        return train_au_adapter(opts, backbones=cls.backbones, **kwargs)
 
     @classmethod
     def train_vae(cls, opts, **kwargs):
         from synfer_plugins.sd.training import train_vae
 
-        return train_vae(opts, **kwargs)
+        return train_vae(opts, backbones=cls.backbones, **kwargs)

@@ -43,12 +43,13 @@ def lora_state_dict(unet) -> dict:
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-def save_lora(folder: str | Path, unet) -> Path:
-    """Write `folder/pytorch_lora_weights.safetensors` as diffusers' LoRA scripts do; returns the file."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(folder: str | Path, unet, pipeline: str = "StableDiffusionPipeline") -> Path:
+    """Write `folder/pytorch_lora_weights.safetensors` as diffusers' LoRA scripts do (through `pipeline`'s
+    save_lora_weights, the class whose load_lora_weights reads it); returns the file."""
+    import diffusers
 
     folder = Path(folder)
-    StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+    getattr(diffusers, pipeline).save_lora_weights(save_directory=str(folder), unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
     return folder / LORA_WEIGHTS
 
 

@@ -1,6 +1,6 @@
-"""The diffusion model the "sd" generator samples from: one SD 1.x-format folder (paper 4.2).
+"""The diffusion model the "sd" generator samples from: one diffusers folder of the SD family (paper 4.2).
 
-`SDModel` holds the components of any SD 1.x-format folder (`unet/`, `vae/`,
+`SDModel` holds the components of any SD 1.x/2.x-format folder (SDXL: sdxl.py) (`unet/`, `vae/`,
 `text_encoder/`, `tokenizer/`, `scheduler/`), loaded with diffusers/transformers
 `from_pretrained` from local disk, plus an optional AU adapter (`au_adapter.safetensors` +
 `au_adapter.json`, see au_adapter.py). A folder without `vae/` is a pixel-space model:
@@ -71,10 +71,28 @@ def load_tokenizer(folder: Path):
 
 
 class SDModel:
-    """The components of one diffusion model folder, with the few operations every stage needs."""
+    """The components of one diffusion model folder, with the few operations every stage needs.
 
-    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, au_adapter=None, info: dict | None = None):
+    This class is the SD 1.x / SD 2.x backbone (diffusers' `StableDiffusionPipeline` folders: epsilon or
+    v-prediction) and the base of every other one (sdxl.py). A backbone differs from it by a few hooks:
+    - `pipeline_classes`: the diffusers pipelines whose folders it reads (model_index.json `_class_name`);
+      `pipeline()` builds the first of them from the components, to write model_index.json;
+    - `load_components(path, dtype)`: the folder's components, as keyword arguments of the constructor;
+    - `tokenize(prompts)` and `encode_tokens(input_ids)`: text -> the conditioning the core moves as one
+      (B, tokens, D) tensor (guidance's Eq. 6 moves all of it); extra conditioning such as SDXL's pooled
+      embedding rides along as trailing tokens (`pack_extra`);
+    - `unet_kwargs(latents, text_emb)`: that tensor -> the UNet's arguments (context, added_cond_kwargs);
+    - `uncond_embedding()`: classifier-free guidance's unconditional conditioning (SD: the empty prompt's);
+    - `to_x0_eps(output, x_t, t)`: the UNet's output -> (x0, noise), honouring `prediction_type` (prediction.py).
+    """
+
+    pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
+    text_parts: tuple[str, ...] = ("text_encoder",)  # text encoder attributes, in tokenize()'s order
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, au_adapter=None, info: dict | None = None,
+                 folder_scheduler=None):
         self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae = unet, text_encoder, tokenizer, scheduler, vae
+        self.folder_scheduler = folder_scheduler  # the folder's own sampler (e.g. SDXL's Euler), written back by save_pretrained
         self.au_adapter = None
         self.forward_dtype = None  # a torch dtype: the gradient-free passes (predict_noise(..., no_grad_pass=True)) autocast to it
         self.info = dict(info or {})
@@ -84,30 +102,48 @@ class SDModel:
     # ------------------------------------------------------------ files
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=None, load_au_adapter: bool = True) -> "SDModel":
+        """The backbone the folder's model_index.json names (`backbone_for`), loaded. On a subclass: that backbone."""
         import torch
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel
 
         from synfer_plugins.sd.au_adapter import AUAdapter
 
         path = Path(path)
-        missing = [d for d in ("unet", "text_encoder", "tokenizer") if not (path / d).is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"{path} is not a diffusion model folder: missing {', '.join(d + '/' for d in missing)} (expected the SD 1.x layout: "
-                "unet/, text_encoder/, tokenizer/, scheduler/, optional vae/). Train one with 'synfer train generator --data FETEXT --out DIR'.")
+        if cls is SDModel:
+            from synfer_plugins.sd.backbones import backbone_for
+
+            cls = backbone_for(path)
         dtype = dtype or torch.float32
-        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(str(path / "vae"), torch_dtype=dtype) if (path / "vae").is_dir() else None
-        scheduler = DDIMScheduler.from_pretrained(str(path / "scheduler")) if (path / "scheduler").is_dir() else DDIMScheduler()
+        parts = cls.load_components(path, dtype)
         info = json.loads((path / MODEL_INFO).read_text()) if (path / MODEL_INFO).exists() else {}
         adapter = AUAdapter.load(path, dtype=dtype) if load_au_adapter and AUAdapter.exists(path) else None
-        model = cls(unet, text_encoder, load_tokenizer(path / "tokenizer"), scheduler, vae, adapter, info)
-        return model.to(device)
+        return cls(**parts, au_adapter=adapter, info=info).to(device)
+
+    @classmethod
+    def load_components(cls, path: Path, dtype) -> dict:
+        """Hook: the folder's components as constructor arguments (SD 1.x/2.x: unet, text_encoder, tokenizer, scheduler, vae)."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from synfer_plugins.sd.backbones import load_schedulers
+
+        cls.check_folder(path, ("unet", "text_encoder", "tokenizer"))
+        return {"unet": UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=dtype),
+                "text_encoder": CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=dtype),
+                "tokenizer": load_tokenizer(path / "tokenizer"),
+                "vae": AutoencoderKL.from_pretrained(str(path / "vae"), torch_dtype=dtype) if (path / "vae").is_dir() else None,
+                **load_schedulers(path)}
+
+    @classmethod
+    def check_folder(cls, path: Path, parts: Sequence[str]) -> None:
+        missing = [d for d in parts if not (path / d).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not a {cls.pipeline_classes[0]} folder: missing {', '.join(d + '/' for d in missing)} (expected "
+                f"{', '.join(d + '/' for d in parts)}, scheduler/, optional vae/). Train one with "
+                "'synfer train generator --data FETEXT --out DIR'.")
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the SD 1.x layout (+ au_adapter files); the UNet is saved without the adapter in it."""
+        """Write the diffusers layout (+ au_adapter files); the UNet is saved without the adapter in it."""
         from synfer_plugins.sd.au_adapter import AUAdapter
 
         path = Path(path)
@@ -119,9 +155,10 @@ class SDModel:
         finally:
             if self.au_adapter is not None:
                 self.au_adapter.attach(self.unet)
-        self.text_encoder.save_pretrained(str(path / "text_encoder"))
-        self.tokenizer.save_pretrained(str(path / "tokenizer"))
-        self.scheduler.save_pretrained(str(path / "scheduler"))
+        for name in self.text_parts:
+            getattr(self, name).save_pretrained(str(path / name))
+            getattr(self, name.replace("text_encoder", "tokenizer")).save_pretrained(str(path / name.replace("text_encoder", "tokenizer")))
+        (self.folder_scheduler or self.scheduler).save_pretrained(str(path / "scheduler"))
         if self.vae is not None:
             self.vae.save_pretrained(str(path / "vae"))
         if self.au_adapter is not None:
@@ -136,24 +173,35 @@ class SDModel:
         if self.info:
             (path / MODEL_INFO).write_text(json.dumps(self.info, indent=2) + "\n")
 
-    def write_model_index(self, path: str | Path) -> None:
-        """diffusers' model_index.json, so `StableDiffusionPipeline.from_pretrained(path)` (and every tool that
-        reads diffusers folders) loads what synfer wrote. Latent models only: a pixel-space model has no VAE to decode."""
+    def pipeline(self):
+        """Hook: the diffusers pipeline of these components (`pipeline_classes[0]`)."""
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-                                       scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                                       scheduler=self.folder_scheduler or self.scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-        pipe.save_config(str(path))
+
+    def write_model_index(self, path: str | Path) -> None:
+        """diffusers' model_index.json, so `<pipeline_classes[0]>.from_pretrained(path)` (and every tool that reads
+        diffusers folders) loads what synfer wrote. Latent models only: a pixel-space model has no VAE to decode."""
+        self.pipeline().save_config(str(path))
+
+    def modules(self) -> list:
+        """The torch modules (UNet, text encoders, VAE, AU adapter) that are present."""
+        return [m for m in (self.unet, *self.text_encoders, self.vae, self.au_adapter) if m is not None]
 
     def to(self, device=None, dtype=None) -> "SDModel":
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for m in (self.unet, self.text_encoder, self.vae, self.au_adapter):
-            if m is not None and kw:
+        for m in self.modules():
+            if kw:
                 m.to(**kw)
         return self
 
     # ------------------------------------------------------------ properties
+    @property
+    def text_encoders(self) -> list:
+        return [getattr(self, name) for name in self.text_parts]
+
     @property
     def device(self):
         return self.unet.device
@@ -199,14 +247,39 @@ class SDModel:
 
     # ------------------------------------------------------------ operations
     def tokenize(self, prompts: Sequence[str]):
+        """Hook: prompts -> token ids, (B, L) here ((B, 2, L) for SDXL's two tokenizers)."""
         return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                               return_tensors="pt").input_ids
 
+    def encode_tokens(self, input_ids, encoders: Sequence | None = None):
+        """Hook: token ids -> the conditioning (B, tokens, D). SD: the CLIP hidden states, the UNet's cross-attention
+        context (no attention mask). `encoders` replaces `text_encoders` (training's frozen bf16 copies)."""
+        (encoder,) = encoders or self.text_encoders
+        return encoder(input_ids.to(encoder.device))[0]
+
     def encode_text(self, prompts: Sequence[str] | None = None, input_ids=None):
-        """(B, L, D) CLIP hidden states, the UNet's cross-attention context (SD: no attention mask)."""
+        """(B, tokens, D): the conditioning every stage passes to `predict_noise` (and guidance moves)."""
         if input_ids is None:
             input_ids = self.tokenize(prompts)
-        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+        return self.encode_tokens(input_ids)
+
+    def uncond_embedding(self):
+        """Hook: (1, tokens, D), the unconditional branch of classifier-free guidance. SD: the empty prompt's."""
+        import torch
+
+        with torch.no_grad():
+            return self.encode_text([""])
+
+    def unet_kwargs(self, latents, text_emb) -> dict:
+        """Hook: the conditioning -> the UNet's keyword arguments. SD: the context only."""
+        return {"encoder_hidden_states": text_emb}
+
+    def to_x0_eps(self, output, x_t, t):
+        """Hook: the UNet's output at x_t and (scalar) timestep t -> (x0, noise) (Eq. 4 for an epsilon model)."""
+        from synfer_plugins.sd.prediction import prediction_type, split_prediction
+
+        a_t = self.scheduler.alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
+        return split_prediction(output, x_t, a_t, prediction_type(self.scheduler))
 
     def encode_image(self, images, sample_generator=None):
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents; identity in pixel space. Differentiable."""
@@ -229,21 +302,24 @@ class SDModel:
         return torch.from_numpy(np.stack([au_vector(a) for a in aus])).to(device=self.device, dtype=self.dtype)
 
     def predict_noise(self, latents, t, text_emb, aus=None, *, no_grad_pass: bool = False, **unet_kwargs):
-        """One conditional UNet pass. With an AU adapter, `aus` (B, 16) in [0, 1] (None: all zero).
+        """One conditional UNet pass; its output is of the scheduler's `prediction_type` (eps, v or x0: `to_x0_eps`).
+        With an AU adapter, `aus` (B, 16) in [0, 1] (None: all zero).
         `no_grad_pass`: a pass nobody differentiates (denoising, layout inversion); with `forward_dtype` set
         it runs under autocast to that dtype and returns `latents`' dtype (generator.forward_dtype)."""
         import torch
 
-        added = None
+        kwargs = self.unet_kwargs(latents, text_emb)
+        added = kwargs.pop("added_cond_kwargs", None)
         if self.au_adapter is not None:
             if aus is None:
                 aus = torch.zeros(latents.shape[0], len(AU_KEYS), device=latents.device, dtype=text_emb.dtype)
-            added = self.au_adapter.added_cond_kwargs(aus.to(text_emb.dtype))
+            added = {**(added or {}), **self.au_adapter.added_cond_kwargs(aus.to(text_emb.dtype))}
+        kwargs.update(unet_kwargs)
         if not (no_grad_pass and self.forward_dtype is not None and self.forward_dtype != latents.dtype):
             # no autocast context of our own here: autocast(enabled=False) would switch off a caller's (bf16 training)
-            return self.unet(latents, t, encoder_hidden_states=text_emb, added_cond_kwargs=added, **unet_kwargs).sample
+            return self.unet(latents, t, added_cond_kwargs=added, **kwargs).sample
         with torch.autocast(latents.device.type, dtype=self.forward_dtype):
-            return self.unet(latents, t, encoder_hidden_states=text_emb, added_cond_kwargs=added, **unet_kwargs).sample.to(latents.dtype)
+            return self.unet(latents, t, added_cond_kwargs=added, **kwargs).sample.to(latents.dtype)
 
 
 # ---------------------------------------------------------------- the tiny default

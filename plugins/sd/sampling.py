@@ -276,7 +276,6 @@ class SemanticGuidance:
         self.aus = aus
         self.start_step, self.stop_step = guided_window(config, generator.config.steps)
         self.decode = approx_decoder(generator) if config.decoder == "approx" else None  # None: the model's own decode
-        self.kind = prediction_type(generator.load().scheduler)  # what the UNet outputs: eps, v or x0
 
     def guides(self, i: int) -> bool:
         """Whether denoising step i is guided: in [start, stop) of the steps, every `every`-th from start."""
@@ -288,7 +287,6 @@ class SemanticGuidance:
         if not self.guides(i) or not bool(self.mask.any()):
             return None
         m = self.gen.load()
-        a_t = m.scheduler.alphas_cumprod[int(t)].to(latents.device, latents.dtype)
         c = text_emb.detach()
         mask = self.mask.to(c.device, c.dtype).view(-1, 1, 1)
         step = self.cfg.micro_batch or c.shape[0]
@@ -296,7 +294,7 @@ class SemanticGuidance:
         for _ in range(self.cfg.updates):
             # each sample's loss depends on its own inputs only, so the gradient is computed per micro-batch:
             # the same update as one pass, with the activations of `micro_batch` samples alive at a time
-            parts = [self._grad(m, t, a_t, latents[sl], c[sl], sl) for sl in
+            parts = [self._grad(m, t, latents[sl], c[sl], sl) for sl in
                      (slice(j, j + step) for j in range(0, c.shape[0], step))]
             grad = torch.cat([g for g, _ in parts])
             eps = torch.cat([e for _, e in parts]) if eps is None and self.cfg.reuse_forward else eps
@@ -304,7 +302,7 @@ class SemanticGuidance:
             c = (c - self.cfg.lambda_g * mask * grad / norm).detach()  # Eq. 6
         return (c, eps) if self.cfg.reuse_forward else c
 
-    def _grad(self, m, t, a_t, latents, c, sl: slice):
+    def _grad(self, m, t, latents, c, sl: slice):
         """(d L_g / d c, the noise predicted with c: detached, or None) for the samples `sl` of the batch (Eq. 4-5)."""
         import torch
         import torch.nn.functional as F
@@ -318,7 +316,7 @@ class SemanticGuidance:
         c = c.clone().requires_grad_(True)
         with torch.enable_grad():
             out = m.predict_noise(m.scheduler.scale_model_input(latents, t), t, c, aus)
-            x0, _ = split_prediction(out, latents, a_t, self.kind)  # Eq. 4 (for an epsilon model; v- and x0-models likewise)
+            x0, _ = m.to_x0_eps(out, latents, t)  # Eq. 4 (for an epsilon model; v- and x0-models likewise: prediction.py)
             image = (self.decode(x0) if self.decode is not None else m.decode(x0)).clamp(-1, 1)
             logits = self.clf.forward(image.float())
             # Eq. 5, summed so that each sample's gradient is its own (batch-size independent)

@@ -131,3 +131,65 @@ def build_sd15(folder: str | Path, captions: Sequence[str], width: str | tuple =
 
 def count_cross_attention(unet) -> int:
     return sum(1 for name in unet.attn_processors if name.endswith("attn2.processor"))
+
+
+# ---------------------------------------------------------------- the other SD families, narrow (tests)
+
+
+def build_sd2(folder: str | Path, captions: Sequence[str], sample_size: int = 64, prediction_type: str = "v_prediction",
+              seed: int = 0) -> Path:
+    """A narrow SD 2.x-topology folder (`StableDiffusionPipeline`): 1024-wide text, linear projections in the
+    transformer blocks, GELU text MLP, and SD 2.x 768-v's scheduler (v-prediction, scaled-linear betas)."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    parts = sd15_components(captions, "narrow", sample_size, seed)
+    torch.manual_seed(seed)
+    tok = parts["tokenizer"]
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=sample_size // 8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True, norm_num_groups=32)
+    parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=1024, intermediate_size=256, num_hidden_layers=1, num_attention_heads=16,
+        max_position_embeddings=MAX_LENGTH, hidden_act="gelu", projection_dim=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    parts["scheduler"] = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+                                       timestep_spacing="leading")
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(
+        str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+def build_sdxl(folder: str | Path, captions: Sequence[str], sample_size: int = 64, seed: int = 0) -> Path:
+    """A narrow SDXL-topology folder (`StableDiffusionXLPipeline`), after diffusers' own SDXL test components: two CLIP
+    text encoders (the second with projection: the pooled embedding), `addition_embed_type="text_time"` (pooled
+    embedding + 6 time ids), linear projections, the first level without attention, VAE scaling 0.13025, and
+    SDXL's Euler scheduler config (kept in the folder; synfer samples with DDIM, DPM++ or UniPC from it)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    parts = sd15_components(captions, "narrow", sample_size, seed)
+    torch.manual_seed(seed)
+    tok = parts.pop("tokenizer")
+    text, pooled, time_dim = 32, 32, 8
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=sample_size // 8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 4),
+        transformer_layers_per_block=(1, 1, 2), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=pooled + 6 * time_dim,
+        cross_attention_dim=2 * text, norm_num_groups=32)
+    parts["vae"].register_to_config(scaling_factor=0.13025)
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=text, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=MAX_LENGTH, hidden_act="gelu", projection_dim=pooled,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    parts["text_encoder"], parts["text_encoder_2"] = CLIPTextModel(cfg), CLIPTextModelWithProjection(cfg)
+    parts["scheduler"] = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                                beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(**parts, tokenizer=tok, tokenizer_2=tok, add_watermarker=False).save_pretrained(
+        str(folder), safe_serialization=True)
+    return Path(folder)

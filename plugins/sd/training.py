@@ -65,8 +65,8 @@ class DiffusionTrainModel(BaseModel):
         self.sd = _Frozen(model=sd)
         self.trained = nn.ModuleDict()
         frozen = {}
-        for key, module, train in (("unet", sd.unet, train_unet), ("text_encoder", sd.text_encoder, train_text_encoder),
-                                   ("au_adapter", sd.au_adapter, train_adapter), ("vae", sd.vae, False)):
+        texts = [(name, getattr(sd, name), train_text_encoder) for name in sd.text_parts]  # SDXL: text_encoder, text_encoder_2
+        for key, module, train in (("unet", sd.unet, train_unet), *texts, ("au_adapter", sd.au_adapter, train_adapter), ("vae", sd.vae, False)):
             if module is None or (key == "vae" and cached_latents):  # latents come from the cache: the VAE never runs
                 continue
             if train:
@@ -88,7 +88,7 @@ class DiffusionTrainModel(BaseModel):
             frozen = self._cast_frozen(sd, frozen, frozen_dtype, lora_rank)
         self.frozen = _Frozen(**frozen)
         self.caption_dropout, self.drop_rate = caption_dropout, drop_rate
-        self.register_buffer("uncond_ids", sd.tokenize([""])[0], persistent=False)
+        self.register_buffer("uncond_ids", sd.tokenize([""])[0], persistent=False)  # (L,); SDXL (2, L)
         self.snr_gamma = snr_gamma
         # (1, 1, H, W) per-pixel loss weight with mean 1 (expression_focus); None: plain MSE
         self.register_buffer("pixel_weight", None if pixel_weight is None else (pixel_weight / pixel_weight.mean())[None, None],
@@ -102,7 +102,7 @@ class DiffusionTrainModel(BaseModel):
 
         from diffusers.training_utils import cast_training_params
 
-        out = {k: copy.deepcopy(m).to(dtype) if k in ("vae", "text_encoder") else m for k, m in frozen.items()}
+        out = {k: copy.deepcopy(m).to(dtype) if k == "vae" or k in sd.text_parts else m for k, m in frozen.items()}
         if "unet" in frozen or lora_rank:
             sd.unet.to(dtype)
             cast_training_params([sd.unet, *self.trained.values()], torch.float32)
@@ -120,8 +120,9 @@ class DiffusionTrainModel(BaseModel):
     def enable_gradient_checkpointing(self):
         sd = self.sd.model
         sd.unet.enable_gradient_checkpointing()
-        if "text_encoder" in self.trained:
-            sd.text_encoder.gradient_checkpointing_enable()
+        for name in sd.text_parts:
+            if name in self.trained:
+                getattr(sd, name).gradient_checkpointing_enable()
 
     def _follow_device(self, device):
         for module in self.frozen.__dict__.values():
@@ -136,11 +137,11 @@ class DiffusionTrainModel(BaseModel):
 
     def _text(self, input_ids):
         sd = self.sd.model
-        if "text_encoder" in self.trained:
-            return sd.encode_text(input_ids=input_ids)
-        encoder = getattr(self.frozen, "text_encoder", sd.text_encoder)
+        if any(name in self.trained for name in sd.text_parts):
+            return sd.encode_tokens(input_ids)
+        encoders = [getattr(self.frozen, name, getattr(sd, name)) for name in sd.text_parts]  # the bf16 copies under --bf16
         with torch.no_grad():
-            return encoder(input_ids.to(encoder.device))[0]
+            return sd.encode_tokens(input_ids, encoders)
 
     def _latents(self, pixel_values):
         vae = getattr(self.frozen, "vae", None)
@@ -161,7 +162,8 @@ class DiffusionTrainModel(BaseModel):
             drop_text = r < p_text  # text only (generator), or text only in [0, p)
             drop_aus = (r >= p_text) & (r < p_text + p)  # AUs only
             both = (r >= p_text + p) & (r < p_text + 2 * p)  # both
-            input_ids = torch.where((drop_text | both)[:, None], self.uncond_ids.to(input_ids.device)[None], input_ids)
+            rows = (-1, *[1] * (input_ids.ndim - 1))  # one flag per sample, over its ids (SDXL: both tokenizers')
+            input_ids = torch.where((drop_text | both).view(rows), self.uncond_ids.to(input_ids.device)[None], input_ids)
             aus = torch.where((drop_aus | both)[:, None], torch.zeros_like(aus), aus)
         if latents is None:
             latents = self._latents(pixel_values)
@@ -251,12 +253,19 @@ def _common(opts, sd) -> dict:
     return {"frozen_dtype": torch.bfloat16 if opts.bf16 else None, "cached_latents": sd.vae is not None}
 
 
-def train_generator(opts, **overrides) -> Path:
+def load_backbone(path, backbones=None):
+    """The model folder through the backbone that runs it (backbones.backbone_for), without its AU adapter."""
+    from synfer_plugins.sd.backbones import backbone_for
+
+    return backbone_for(path, backbones).from_pretrained(path, load_au_adapter=False)
+
+
+def train_generator(opts, backbones=None, **overrides) -> Path:
     """Fine-tune (or, for the tiny model, train from scratch) the diffusion model on FEText; returns OUT.
     With --lora-rank: a LoRA on the UNet only; OUT gets the UNet with the LoRA fused in and lora/ (lora.py)."""
     import click
 
-    from synfer_plugins.sd.model import SDModel, create_tiny_model
+    from synfer_plugins.sd.model import create_tiny_model
 
     extra = {**opts.extra, **overrides}
     lora_rank = extra.get("lora_rank") or None
@@ -269,7 +278,7 @@ def train_generator(opts, **overrides) -> Path:
     init_dir = opts.run_dir_for("generator") / "init_model"  # the exact starting point, so --resume rebuilds the same model
     if _is_tiny(opts.model):
         if opts.resume and init_dir.exists():
-            sd = SDModel.from_pretrained(init_dir, load_au_adapter=False)
+            sd = load_backbone(init_dir)
         else:
             captions = [r.get("caption") or r.get("expression") or "" for r in rows]
             sd = create_tiny_model(captions, size=extra.get("size") or 32, seed=opts.seed,  # same on every rank (seeded)
@@ -278,7 +287,7 @@ def train_generator(opts, **overrides) -> Path:
                 sd.save_pretrained(init_dir)
         base = init_dir
     else:
-        sd = SDModel.from_pretrained(opts.model, load_au_adapter=False)
+        sd = load_backbone(opts.model, backbones)
         base = Path(opts.model)
     tiny = sd.info.get("kind") == "synfer-tiny-sd"
     train_te = extra.get("train_text_encoder")
@@ -310,20 +319,19 @@ def _save_lora_model(sd, base: Path, out: Path, rank: int) -> None:
 
     from synfer_plugins.sd.lora import LORA_DIR, fuse_lora_file, save_lora
 
-    save_lora(out / LORA_DIR, sd.unet)
+    save_lora(out / LORA_DIR, sd.unet, sd.pipeline_classes[0])
     sd.unet = fuse_lora_file(UNet2DConditionModel.from_pretrained(str(base / "unet")), out / LORA_DIR)
     sd.info["lora"] = {"rank": int(rank), "base": str(base.resolve()), "file": f"{LORA_DIR}/pytorch_lora_weights.safetensors",
                        "note": "the LoRA applies to the base model; unet/ here already has it fused in"}
     sd.save_pretrained(out)
 
 
-def train_au_adapter(opts, **overrides) -> Path:
+def train_au_adapter(opts, backbones=None, **overrides) -> Path:
     """Train the AU adapter on a frozen model; writes au_adapter.* into OUT (the whole model if OUT is elsewhere)."""
     from synfer_plugins.sd.au_adapter import AUAdapter
-    from synfer_plugins.sd.model import SDModel
 
     extra = {**opts.extra, **overrides}
-    sd = SDModel.from_pretrained(opts.model, load_au_adapter=False)
+    sd = load_backbone(opts.model, backbones)
     adapter = AUAdapter.for_unet(sd.unet, num_tokens=extra.get("num_tokens", 4), hidden_dim=extra.get("hidden_dim", 256))
     sd.set_au_adapter(adapter)
     tiny = sd.info.get("kind") == "synfer-tiny-sd"
@@ -345,11 +353,9 @@ def train_au_adapter(opts, **overrides) -> Path:
     return Path(opts.out)
 
 
-def train_vae(opts, **overrides) -> Path | None:
+def train_vae(opts, backbones=None, **overrides) -> Path | None:
     """Fine-tune a latent model's VAE on FEText; a pixel-space model has none (prints why, returns None)."""
     import click
-
-    from synfer_plugins.sd.model import SDModel
 
     if _is_tiny(opts.model) or not (Path(opts.model) / "vae").is_dir():
         click.echo(f"skipped: {opts.model or 'the tiny default model'} is a pixel-space model (no vae/ folder); "
@@ -357,7 +363,7 @@ def train_vae(opts, **overrides) -> Path | None:
         return None
     if opts.data is None:
         raise click.UsageError("--data FETEXT_DIR is required to train a VAE")
-    sd = SDModel.from_pretrained(opts.model, load_au_adapter=False)
+    sd = load_backbone(opts.model, backbones)
     dataset = _dataset(opts, sd, None, pixels=True)  # the resized images, decoded once (uint8, memory-mapped)
     result = _train(opts, VAETrainModel(sd.vae), dataset, lr=opts.lr or 1e-5, ema=bool(opts.ema), name="vae")
     if result.is_main:
