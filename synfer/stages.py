@@ -187,7 +187,10 @@ class DiffusionBackbone(Protocol):
     """What a calibrator may read of a diffusion generator (FERAnno, paper 4.4), e.g. the `sd` generator.
 
     Images are (N, 3, H, W) in [-1, 1] at `size`; latents are what `unet` takes; `predict_noise` is one
-    conditional UNet pass (AUs (N, 16) in [0, 1], ignored without an AU adapter)."""
+    conditional UNet pass (AUs (N, 16) in [0, 1], ignored without an AU adapter) whose output is of the
+    scheduler's `prediction_type`. `encode_text` returns the whole conditioning as one (N, tokens, D) tensor:
+    extra conditioning (SDXL's pooled embedding) rides along as trailing tokens that only `predict_noise`
+    unpacks, so callers cat, slice and move it as one (docs/plugins.md, Backbones)."""
 
     size: int
     device: Any
