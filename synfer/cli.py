@@ -36,6 +36,7 @@ class LazyGroup(click.Group):
     """Core commands, lazy command modules, and the commands plugins add (hook `register_commands`)."""
 
     _plugins_added = False
+    lazy = LAZY_COMMANDS  # core command names no plugin may take (synfer.plugins.Registry.add_commands)
 
     def invoke(self, ctx):
         """Every subcommand's one error path: a known failure is one or two lines and exit 1; -v re-raises."""

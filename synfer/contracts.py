@@ -6,7 +6,10 @@ that predict classes. At use: guidance classifiers return floating logits of sha
 (N, classes) that carry the gradient (`GuardedClassifier`); experts and calibrators return
 finite probabilities, rows summing to 1, or declare `outputs = "logits"` and the core
 applies the softmax (`expert_probs`). Errors raised inside a plugin become one line naming it
-(`calling`). Every failure is one sentence: the plugin, what it returned, what was expected.
+(`calling`), `sys.exit()` and a self-raised KeyboardInterrupt included (synfer.isolation); its
+prints go to stderr. Plugins get copies of the images they judge (`private_samples`), so the
+written files are always the generated ones; an evaluator that changes the dataset is named.
+Every failure is one sentence: the plugin, what it returned, what was expected.
 No torch at import time.
 """
 from __future__ import annotations
@@ -18,12 +21,17 @@ from typing import Any
 import numpy as np
 
 from synfer import labels as L
+from synfer.isolation import escaped, plugin_code
 from synfer.stages import STAGE_KINDS, Stage, StageConfig
 
 # Kinds whose stages predict classes and so must say in which label space.
 PREDICTING = ("guidance_classifier", "expert", "calibrator")
 OUTPUTS = ("probabilities", "logits")
 ROW_SUM_TOL = 1e-3
+# Keys the core reads from a stage's recipe block before the rest becomes the plugin's Config
+# (synfer.recipe, synfer.pipeline, synfer.align): a Config field of that name would never see its value.
+RESERVED = {"*": ("plugin",), "expert": ("weight", "align"), "guidance_classifier": ("weight", "align"),  # both vote in `experts:`
+            "face_detector": ("size", "zoom")}  # an expert's `align:` block
 
 
 class PluginError(Exception):
@@ -51,13 +59,18 @@ def describe(stage) -> str:
 
 @contextmanager
 def calling(stage, method: str):
-    """Re-raise an exception from inside a plugin as a PluginCallError naming it (the traceback stays chained)."""
+    """Run plugin code: an exception from inside it (sys.exit() too) is re-raised as a PluginCallError naming it
+    (the traceback stays chained), a real Ctrl-C passes unchanged, and its prints go to stderr."""
     try:
-        yield
+        with plugin_code():
+            yield
     except PluginError:
         raise
-    except Exception as exc:
-        raise PluginCallError(f"{describe(stage)} failed in {method}(): {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:
+        why = escaped(exc)
+        if why is None:
+            raise
+        raise PluginCallError(f"{describe(stage)} failed in {method}(): {why}") from exc
 
 
 # ---------------------------------------------------------------- registration
@@ -82,6 +95,12 @@ def stage_problems(cls: Any, provider: str, known_spaces: set[str]) -> list[str]
     elif config.model_config.get("extra") != "forbid":
         out.append(f"{who} sets extra={config.model_config.get('extra')!r} in its Config; expected 'forbid' (StageConfig's), "
                    "so a typo in a recipe is an error")
+    else:
+        reserved = reserved_names(cls.kind)
+        taken = [n for n in _field_names(config) if n in reserved]
+        if taken:
+            out.append(f"{who} declares Config field(s) {', '.join(map(repr, taken))}, which the core reads from the same recipe block "
+                       f"(reserved in {cls.kind} blocks: {', '.join(reserved)}); rename them (docs/plugins.md, Reserved names)")
     if cls.kind in PREDICTING:
         space = inspect.getattr_static(cls, "label_space", None)
         if space is None:
@@ -96,6 +115,19 @@ def stage_problems(cls: Any, provider: str, known_spaces: set[str]) -> list[str]
     if cls.kind in ("expert", "calibrator") and outputs not in OUTPUTS:
         out.append(f"{who} declares outputs={outputs!r}; expected one of {', '.join(OUTPUTS)}")
     return out
+
+
+def reserved_names(kind: str) -> tuple[str, ...]:
+    """Keys of a `kind` recipe block that the core reads itself (never a plugin's Config field)."""
+    return RESERVED["*"] + RESERVED.get(kind, ())
+
+
+def _field_names(config: type) -> list[str]:
+    """Every key a Config accepts: field names and their aliases."""
+    names = []
+    for name, f in config.model_fields.items():
+        names += [name] + [a for a in (f.alias, f.validation_alias) if isinstance(a, str) and a != name]
+    return names
 
 
 def label_space_of(stage) -> str:
@@ -123,6 +155,7 @@ def expert_probs(stage, probs, n: int, space: str, outputs: str = "probabilities
     _same_space(stage, space)
     c = len(L.label_space(space))
     who = describe(stage)
+    probs = _to_numpy(who, probs)
     try:
         p = np.asarray(probs, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -136,6 +169,10 @@ def expert_probs(stage, probs, n: int, space: str, outputs: str = "probabilities
         raise PluginContractError(f"{who} returned non-finite values (NaN or inf) for {int(bad.sum())} of {n} image(s); "
                                   f"expected finite {'logits' if outputs == 'logits' else 'probabilities'}")
     if outputs == "logits":
+        if (p >= 0).all() and np.abs(p.sum(1) - 1).max() <= ROW_SUM_TOL and c > 1:
+            raise PluginContractError(f"{who} declares outputs = \"logits\" but returned probabilities (each row non-negative, summing to 1); "
+                                      "the core would apply the softmax a second time. Drop `outputs = \"logits\"`, or return the "
+                                      "scores before the softmax")
         e = np.exp(p - p.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
     sums = p.sum(1)
@@ -149,31 +186,107 @@ def expert_probs(stage, probs, n: int, space: str, outputs: str = "probabilities
     return p
 
 
-def check_logits(stage, images, logits, space: str):
-    """Check a guidance classifier's forward(): floating (N, classes) logits that carry the gradient."""
+def private_samples(samples: list) -> list:
+    """Copies of generated samples for one plugin to judge: its own images, requests and extras, so a plugin that
+    changes them in place (equalises an image, crops it) reaches neither the files written nor the next voter."""
+    import copy
+
+    return [type(s)(request=copy.deepcopy(s.request), image=s.image.copy(), extra=copy.deepcopy(s.extra))
+            if hasattr(getattr(s, "image", None), "copy") else s for s in samples]
+
+
+_told_touched: set[str] = set()
+
+
+def check_untouched(stage, originals: list, copies: list, method: str = "predict") -> None:
+    """Warn once per plugin that changed the images it was handed (harmless: they were copies, see private_samples)."""
+    who = describe(stage)
+    changed = sum(a is not b and (a.image.mode != b.image.mode or a.image.size != b.image.size or a.image.tobytes() != b.image.tobytes())
+                  for a, b in zip(originals, copies))
+    if changed and who not in _told_touched:
+        import warnings
+
+        _told_touched.add(who)
+        warnings.warn(f"{who} changed {changed} of the {len(copies)} image(s) it was given in {method}(); it was handed copies, "
+                      "so the dataset and the other voters are unaffected, but its votes judged its own edits. Copy an "
+                      "image before changing it (image.copy())", UserWarning, stacklevel=2)
+
+
+def _to_numpy(who: str, out):
+    """A torch tensor an expert returned, as numpy: detached, on the CPU, float32 (a meta tensor holds no values)."""
+    if type(out).__module__.split(".")[0] != "torch" or not hasattr(out, "detach"):
+        return out
+    if out.device.type == "meta":
+        raise PluginContractError(f"{who} returned a tensor on the meta device, which holds no values (weights never loaded?); "
+                                  "expected probabilities as a numpy array or a tensor on the CPU or GPU")
+    return out.detach().float().cpu().numpy()
+
+
+def check_logits(stage, images, logits, space: str, real: str = ""):
+    """Check a guidance classifier's forward(): finite floating (N, classes) logits that carry the gradient, on the
+    images' device (moved there when not). `real` says which of the N images are the run's (the generator pads chunks)."""
     import torch
 
     _same_space(stage, space)
     n, c, who = int(images.shape[0]), len(L.label_space(space)), describe(stage)
+    batch = f"{n} image(s){real}"
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = f"a {logits.dtype} tensor" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise PluginContractError(f"{who} returned {got} from forward(); expected a floating torch tensor of logits ({n}, {c})")
+    if logits.device.type == "meta":
+        raise PluginContractError(f"{who} returned logits on the meta device, which hold no values (weights never loaded, or the "
+                                  f"model built under init_empty_weights?); expected logits computed on {images.device}")
     if tuple(logits.shape) != (n, c):
-        raise PluginContractError(f"{who} returned logits of shape {tuple(logits.shape)} for {n} image(s); expected ({n}, {c}), "
+        raise PluginContractError(f"{who} returned logits of shape {tuple(logits.shape)} for {batch}; expected ({n}, {c}), "
                                   f"a column per class of {space}")
     if torch.is_grad_enabled() and images.requires_grad and not logits.requires_grad:
         raise PluginContractError(f"{who} returned logits that carry no gradient (detached, or computed under no_grad or "
                                   "through numpy); semantic guidance differentiates them with respect to the image")
+    logits = logits.to(images.device)  # differentiable; a no-op where they already agree
     d = logits.detach()
+    bad = ~torch.isfinite(d).all(1) & torch.isfinite(images.detach()).flatten(1).all(1)  # NaN in, NaN out is not its fault
+    if bool(bad.any()):
+        raise PluginContractError(f"{who} returned non-finite logits (NaN or inf) for {int(bad.sum())} of {batch} whose pixels are "
+                                  "finite; expected finite logits: guidance would turn the samples to NaN")
     if bool(torch.isfinite(d).all()) and bool((d >= 0).all()) and bool(((d.sum(1) - 1).abs() <= ROW_SUM_TOL).all()):
         raise PluginContractError(f"{who} returned probabilities from forward() (each row is non-negative and sums to 1); "
                                   "expected logits, the scores before the softmax: guidance with probabilities is silently weaker")
     return logits
 
 
+def check_gradient(stage, x, logits, real: str = "") -> bool:
+    """Whether the logits have a finite, non-zero gradient with respect to the classifier's input `x` (one extra
+    backward through the classifier alone). A probe along a fixed direction of the classes, not the guidance loss,
+    so a confident classifier whose softmax saturates is not taken for a broken one."""
+    import torch
+
+    who, n, c = describe(stage), int(x.shape[0]), int(logits.shape[1])
+    sign = torch.tensor([(-1.0) ** j * (j + 1) for j in range(c)], dtype=logits.dtype, device=logits.device)
+    (g,) = torch.autograd.grad(logits, x, grad_outputs=sign.expand_as(logits), retain_graph=True, allow_unused=True)
+    if g is None:
+        raise PluginContractError(f"{who} returned logits that do not depend on the images it was given (forward() ignores its "
+                                  "input?); semantic guidance differentiates them with respect to the image")
+    g = g.detach().flatten(1)
+    bad = ~torch.isfinite(g).all(1) & torch.isfinite(x.detach()).flatten(1).all(1)
+    if bool(bad.any()):
+        raise PluginContractError(f"{who} has a non-finite gradient (NaN or inf) with respect to its input for {int(bad.sum())} of "
+                                  f"{n} image(s){real} on the first guided step (sqrt or log of 0, a division by a zero norm?); "
+                                  "expected a finite gradient: guidance would turn the samples to NaN")
+    varied = x.detach().flatten(1).std(1) > 0  # a blank image may have no slope (ReLUs at 0): judge the others
+    if not bool(varied.any()):
+        return False  # nothing to judge by: the next call checks
+    if not bool((g[varied] != 0).any()):
+        raise PluginContractError(f"{who} has a zero gradient with respect to its input for all {n} image(s){real} on the first "
+                                  "guided step (rounding, argmax, a threshold or a .detach() inside forward()?); semantic guidance "
+                                  "would change nothing while every row recorded it. Make forward() differentiable, or remove "
+                                  "guidance_classifier from the recipe")
+    return True
+
+
 class Guarded:
     """A stage as the core calls it: the same object (attributes pass through), with the contract
-    methods' errors re-raised as one line naming the plugin."""
+    methods' errors re-raised as one line naming the plugin. An evaluator's evaluate() is checked to leave the
+    dataset's images and metadata as they were; a generator's generate() tells its guidance which samples are real."""
 
     methods: tuple[str, ...] = ()
 
@@ -182,12 +295,12 @@ class Guarded:
         object.__setattr__(self, "_methods", methods or self.methods)
 
     def __getattr__(self, name):
-        if name in ("_stage", "_methods", "_space"):  # not set yet (copy, pickle): no recursion
+        if name.startswith("_") and name in ("_stage", "_methods", "_space", "_real", "_probed"):  # not set yet (copy, pickle)
             raise AttributeError(name)
         value = getattr(self._stage, name)
         if name in self._methods:
             def call(*args, **kwargs):
-                with calling(self._stage, name):
+                with calling(self._stage, name), _around(self._stage, name, args, kwargs):
                     return value(*args, **kwargs)
             return call
         return value
@@ -196,17 +309,78 @@ class Guarded:
         setattr(self._stage, name, value)
 
 
+@contextmanager
+def _around(stage, method: str, args, kwargs):
+    guidance = kwargs.get("guidance", args[1] if len(args) > 1 else None)
+    if method == "generate" and isinstance(guidance, GuardedClassifier):
+        object.__setattr__(guidance, "_real", list(args[0] if args else kwargs.get("requests", [])))
+        try:
+            yield
+        finally:
+            object.__setattr__(guidance, "_real", None)
+    elif method == "evaluate" and getattr(stage, "kind", None) == "evaluator":
+        folder = args[0] if args else kwargs.get("dataset")
+        before = dataset_state(folder)
+        yield
+        after = dataset_state(folder)
+        changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        if changed:
+            raise PluginContractError(f"{describe(stage)} changed the dataset it measured ({len(changed)} file(s): "
+                                      f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); an evaluator reads "
+                                      "images/ and metadata.jsonl and never writes them: rerun the generation for those samples")
+    else:
+        yield
+
+
+def dataset_state(folder) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of a dataset's metadata and images, to tell whether a plugin wrote into them."""
+    import os
+
+    from synfer.dataset import IMAGES, METADATA
+
+    out = {}
+    for sub in (folder, os.path.join(folder, IMAGES)):
+        try:
+            entries = list(os.scandir(sub))
+        except OSError:
+            continue
+        for e in entries:
+            if e.is_file() and (sub != folder or e.name == METADATA):
+                st = e.stat()
+                out[os.path.relpath(e.path, folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 class GuardedClassifier(Guarded):
-    """A guidance classifier as the generator sees it, with forward() checked as well."""
+    """A guidance classifier as the generator sees it: forward() gets its own copy of the images and is checked
+    (check_logits); the first call with a gradient also checks the gradient (check_gradient)."""
 
     def __init__(self, stage):
         super().__init__(stage, "forward")
         object.__setattr__(self, "_space", label_space_of(stage))
+        object.__setattr__(self, "_real", None)  # the requests of the generate() call being served
+        object.__setattr__(self, "_probed", False)
 
     def forward(self, images):
+        import torch
+
+        x = images.clone()  # in-place ops inside forward() stay in the classifier's copy; the gradient passes unchanged
         with calling(self._stage, "forward"):
-            out = self._stage.forward(images)
-        return check_logits(self._stage, images, out, self._space)
+            out = self._stage.forward(x)
+        real = self._real_note(int(images.shape[0]))
+        out = check_logits(self._stage, x, out, self._space, real)
+        if not self._probed and torch.is_grad_enabled() and x.requires_grad:
+            with calling(self._stage, "forward"):
+                object.__setattr__(self, "_probed", check_gradient(self._stage, x, out, real))
+        return out
+
+    def _real_note(self, n: int) -> str:
+        """' (a chunk padded to 4 slots; the run's samples: 0, 1)' when the generator padded this batch."""
+        real = self._real
+        if not real or len(real) >= n:
+            return ""
+        shown = ", ".join(str(r.index) for r in real[:8]) + (", ..." if len(real) > 8 else "")
+        return f" (a chunk the generator padded to {n} slots; the run's samples in it: {shown})"
 
     @property
     def label_space(self) -> str:

@@ -2,7 +2,8 @@
 
 FERAnno and any number of experts vote on each sample's preassigned label. Each
 member predicts in its own label space; predictions are mapped into the recipe's
-space, and a class a member cannot see gets no vote from it. Pure numpy.
+space, and a class a member cannot see gets no vote from it. Each member judges its own copies of
+the samples, so none can change what is written or what the next one sees. Pure numpy.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from synfer import labels as L
-from synfer.contracts import calling, expert_probs
+from synfer.contracts import calling, check_untouched, expert_probs, private_samples
 
 
 @dataclass
@@ -109,8 +110,10 @@ class ExpertEnsemble:
         mapped = []
         for m in self.members:
             who = m.stage if m.stage is not None else f"expert {m.name!r}"
+            mine = private_samples(samples)  # a member that edits its images in place changes only its own copies
             with calling(who, "predict"):
-                raw = m.predict(samples)
+                raw = m.predict(mine)
+            check_untouched(who, samples, mine)
             p = expert_probs(who, raw, len(samples), m.label_space, m.outputs)
             mapped.append(L.convert_probs(p, m.label_space, self.label_space))
         mapped = np.stack(mapped, 1)  # (N, M, C)

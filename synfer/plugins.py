@@ -18,6 +18,7 @@ Selection, as pytest and llm have it (names are entry-point or distribution name
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -27,7 +28,8 @@ import pluggy
 from synfer import hookspecs
 from synfer import labels as L
 from synfer.contracts import PluginCallError, PluginContractError, PluginError, calling, stage_problems
-from synfer.stages import STAGE_KINDS, Stage
+from synfer.isolation import escaped, plugin_code, watch_interrupts
+from synfer.stages import STAGE_KINDS, Stage, StageConfig
 
 GROUP = "synfer"
 BUILTIN = "synfer"  # the distribution that ships the built-in plugins
@@ -74,8 +76,17 @@ class PluginInfo:
         return _norm(prefix) in (_norm(self.provider), _norm(self.entry_point))
 
 
+def slow_import_s() -> float:
+    """Seconds after which a plugin's import is named in a warning (SYNFER_SLOW_IMPORT_S, default 3)."""
+    try:
+        return float(os.environ.get("SYNFER_SLOW_IMPORT_S", "") or 3.0)
+    except ValueError:
+        return 3.0
+
+
 class Registry:
     def __init__(self):
+        watch_interrupts()  # a real Ctrl-C inside plugin code stops synfer; a plugin's own KeyboardInterrupt is its error
         self.pm = pluggy.PluginManager("synfer")
         self.pm.add_hookspecs(hookspecs)
         self.entries: list[PluginInfo] = []
@@ -107,19 +118,29 @@ class Registry:
             if names & disabled or (selected and provider != BUILTIN and not names & selected):
                 self.skipped.append((ep.name, "disabled" if names & disabled else "not in SYNFER_PLUGINS"))
                 continue
+            t = time.perf_counter()
             try:
-                loaded.append((ep, ep.load(), provider, version))
-            except Exception as exc:  # one broken plugin must not stop the CLI
-                self._fail(ep, provider, f"failed to import: {type(exc).__name__}: {exc}", exc, strict)
+                with plugin_code():  # its prints go to stderr: `synfer plugins --json` stays JSON
+                    loaded.append((ep, ep.load(), provider, version))
+            except BaseException as exc:  # one broken plugin must not stop the CLI, nor exit it (a real Ctrl-C does)
+                if (why := escaped(exc)) is None:
+                    raise
+                self._fail(ep, provider, f"failed to import: {why}", exc, strict)
+            if (took := time.perf_counter() - t) > slow_import_s():
+                _warn(f"synfer plugin {ep.name!r} ({ep.value}, from {provider}) took {took:.1f} s to import, which every synfer "
+                      "command waits for (--help too); import heavy modules (torch, ...) inside the functions that use them",
+                      f"{ep.name}:slow")
         # plugins that declare label spaces go first, so another plugin's stages may use them
         loaded.sort(key=lambda t: not hasattr(t[1], "register_label_spaces"))
         for ep, module, provider, version in loaded:
             try:
                 self.add(module, provider=provider, version=version, entry_point=ep.name)
-            except Exception as exc:
-                self._fail(ep, provider, f"was left out: {exc}", exc, strict)
+            except BaseException as exc:  # the hooks run inside `calling`: sys.exit() there is a PluginCallError already
+                if escaped(exc) is None:
+                    raise
+                self._fail(ep, provider, f"was left out: {exc if isinstance(exc, PluginError) else escaped(exc)}", exc, strict)
 
-    def _fail(self, ep, provider: str, what: str, exc: Exception, strict: bool) -> None:
+    def _fail(self, ep, provider: str, what: str, exc: BaseException, strict: bool) -> None:
         msg = f"synfer plugin {ep.name!r} ({ep.value}, from {provider}) {what}"
         if strict:
             raise PluginError(msg) from exc
@@ -232,6 +253,9 @@ class Registry:
         config = info.cls.Config(**block)
         with calling(info.label, "__init__"):
             stage = info.cls(config)
+        if not isinstance(getattr(stage, "config", None), StageConfig):
+            raise PluginContractError(f"{info.label} has no `config` after __init__ (an __init__ that does not call "
+                                      "super().__init__(config)?); call it first, so the core and the plugin read the recipe's settings")
         try:
             stage._synfer_plugin = info  # lets the boundary checks name the provider
         except AttributeError:  # pragma: no cover - a stage with __slots__
@@ -240,15 +264,62 @@ class Registry:
 
     # -------------------------------------------------------------- commands
     def add_commands(self, cli) -> None:
-        """Let every plugin add its click commands; a plugin whose hook fails loses only its commands."""
-        for impl in self.pm.hook.register_commands.get_hookimpls():
+        """Let every plugin add its click commands, the built-ins first. A plugin whose hook fails loses only its
+        commands; a command named like one synfer or another plugin already has (`synfer run`, `synfer train
+        generator`) is left out with one warning naming both, so `--help` never lists two commands of one name."""
+        groups = {"": cli}  # group path -> click group the plugins touched (`cli.subgroup("train")` -> "train")
+        owners = {("", _norm(n)): BUILTIN for n in (*cli.commands, *getattr(cli, "lazy", ()))}  # (path, name) -> who has it
+        impls = sorted(self.pm.hook.register_commands.get_hookimpls(), key=lambda i: self._provider.get(id(i.plugin)) != BUILTIN)
+        for impl in impls:
+            who = self._provider.get(id(impl.plugin), impl.plugin_name)
+            before = {path: dict(g.commands) for path, g in groups.items()}
+
+            def subgroup(name, _get=type(cli).subgroup):
+                g = _get(cli, name)
+                if name not in groups:  # first touch: what is there now is synfer's (or a plugin's already counted)
+                    groups[name], before[name] = g, dict(g.commands)
+                    owners.update({(name, _norm(n)): BUILTIN for n in g.commands if (name, _norm(n)) not in owners})
+                return g
+
+            cli.subgroup = subgroup  # shadows the method while this plugin's hook runs
             try:
-                impl.function(cli=cli)
-            except Exception as exc:
-                who = self._provider.get(id(impl.plugin), impl.plugin_name)
-                msg = f"synfer plugin {who} could not add its commands: {type(exc).__name__}: {exc}"
+                with plugin_code():
+                    impl.function(cli=cli)
+            except BaseException as exc:
+                if (why := escaped(exc)) is None:
+                    raise
+                for path, g in groups.items():  # nothing of a failing hook stays
+                    g.commands.clear()
+                    g.commands.update(before[path])
+                msg = f"synfer plugin {who} could not add its commands: {why}"
                 self.failures.append((who, msg))
                 _warn(msg, f"{who}:commands")
+                continue
+            finally:
+                del cli.subgroup
+            self._refuse_clashes(who, groups, before, owners)
+
+    def _refuse_clashes(self, who: str, groups: dict, before: dict, owners: dict) -> None:
+        for path, g in groups.items():
+            old = before[path]
+            for name, cmd in list(g.commands.items()):
+                if old.get(name) is cmd:
+                    continue
+                owner = owners.get((path, _norm(name)))
+                if owner is None:
+                    owners[(path, _norm(name))] = who
+                    continue
+                if name in old:
+                    g.commands[name] = old[name]
+                else:
+                    del g.commands[name]
+                where = " ".join(filter(None, ("synfer", path, name)))
+                had = "synfer itself" if owner == BUILTIN else f"synfer plugin {owner}"
+                msg = f"synfer plugin {who} adds the command '{where}', which {had} already has; {who}'s is left out: rename it"
+                self.failures.append((who, msg))
+                _warn(msg, f"{who}:command:{where}")
+            for name in set(old) - set(g.commands):  # a plugin never removes another's command
+                g.commands[name] = old[name]
 
 
 _REGISTRY: Registry | None = None
