@@ -1,7 +1,8 @@
 """`synfer calibrate DATASET RECIPE`: run FERAnno + the experts' vote on an existing dataset.
 
 The recipe's calibrator/experts/vote blocks are used (its generator block too, since FERAnno
-reads the generator's UNet). Metadata is rewritten atomically; images are untouched.
+reads the generator's UNet). Metadata is rewritten atomically under the folder's writer lock;
+images are untouched.
 """
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ import click
 
 
 def calibrate_dataset(dataset: str | Path, recipe, registry=None, batch_size: int = 32, progress: bool = True):
+    """Relabel DATASET, holding its writer lock as `synfer run` does (synfer.lock): a run still writing there, or a
+    second calibrate, stops this one with a message naming the holder instead of interleaving metadata rewrites."""
+    from synfer.lock import OutputLock
+
+    with OutputLock(dataset, "synfer calibrate", rank=0):
+        return _calibrate(Path(dataset), recipe, registry, batch_size, progress)
+
+
+def _calibrate(root: Path, recipe, registry, batch_size: int, progress: bool):
     from tqdm.auto import tqdm
 
     from synfer import labels as L
@@ -19,7 +29,6 @@ def calibrate_dataset(dataset: str | Path, recipe, registry=None, batch_size: in
     from synfer.pipeline import Stages, calibration_counts, label_batch
     from synfer.stages import GeneratedSample, SampleRequest
 
-    root = Path(dataset)
     rows = read_metadata(root)
     stages = Stages(recipe, registry)
     classes = L.label_space(recipe.label_space)
