@@ -71,14 +71,18 @@ class CountEvaluator(Evaluator):
 
 
 class NaNGuidance(GuidanceClassifier):
-    """A broken guidance classifier: its first `poison_calls` forward passes (all, if negative)
-    return NaN logits, as a diverging classifier would."""
+    """A broken guidance classifier: after `skip_calls` clean forward passes, the next `poison_calls`
+    (all, if negative) return NaN logits (refused at the boundary, naming it), or, with poison "gradient",
+    finite logits whose gradient is NaN, as a guidance step that diverges mid-run (the sample goes
+    non-finite and the generator redraws it; only the first guided step's gradient is checked)."""
 
     name = "dummy-nan"
     label_space = "affectnet8"
 
     class Config(StageConfig):
         poison_calls: int = 1
+        skip_calls: int = 0
+        poison: str = "logits"  # or "gradient"
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -89,7 +93,10 @@ class NaNGuidance(GuidanceClassifier):
 
         self.calls += 1
         logits = images.mean(dim=(2, 3))[:, :1].repeat(1, 8) * torch.arange(8.0)
-        if self.config.poison_calls < 0 or self.calls <= self.config.poison_calls:
+        k = self.calls - self.config.skip_calls
+        if k > 0 and (self.config.poison_calls < 0 or k <= self.config.poison_calls):
+            if self.config.poison == "gradient":  # 0 * sqrt(0): the value 0, the derivative 0 * inf = NaN
+                return logits + 0 * (images - images.detach()).flatten(1)[:, :1].sqrt()
             logits = logits * float("nan")
         return logits
 
