@@ -32,12 +32,27 @@ FAULTS = {
     "acme-declared": "fault_plugins.declared_space",
     "acme-commands": "fault_plugins.commands",
     "acme-broken-commands": "fault_plugins.commands:broken",
+    # issue 40's table (tests/test_isolation.py)
+    "acme-exit-import": "fault_plugins.exit_at_import",
+    "acme-interrupt-import": "fault_plugins.interrupt_at_import",
+    "acme-exit-hook": "fault_plugins.exit_in_hook",
+    "acme-chatty": "fault_plugins.print_at_import",
+    "acme-slow": "fault_plugins.slow_import",
+    "acme-reserved": "fault_plugins.reserved_config",
+    "acme-clash-commands": "fault_plugins.commands_clash",
+    "acme-stages": "fault_plugins.stage_faults",
+    "acme-metrics": "fault_plugins.evaluator_results",
 }
 LEFT_OUT = {  # entry point -> what its one warning says
     "acme-typo": "implements unknown hook(s) register_stage",
     "acme-loose": "has a Config that is not a synfer.stages.StageConfig",
     "acme-ck": "declares label_space 'ckplus7', which is unknown",
     "acme-lazy": "does not implement predict, required of every expert",
+    "acme-exit-import": "failed to import: called sys.exit(3); a plugin raises an exception and never exits synfer",
+    "acme-interrupt-import": "failed to import: raised KeyboardInterrupt without a Ctrl-C",
+    "acme-exit-hook": "was left out: plugin acme-exit-hook failed in register_stages(): called sys.exit(2)",
+    "acme-reserved": "declares Config field(s) 'weight', 'align', which the core reads from the same recipe block "
+                     "(reserved in expert blocks: plugin, weight, align)",
 }
 
 

@@ -1,4 +1,4 @@
-"""Third-party plugins with the faults of issue 20's table, one distribution each (tests/test_faults.py).
+"""Third-party plugins with the faults of issues 20 and 40, one distribution each (tests/test_faults.py).
 
 Each module is what a plugin author could plausibly write; the tests load them beside the
 built-ins and the example plugin and assert the one clear error (or documented behaviour) each gets.
