@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import pluggy
+from pydantic import ValidationError
 
 from synfer import hookspecs
 from synfer import labels as L
@@ -250,7 +251,15 @@ class Registry:
         """Instantiate a stage from a recipe block {plugin: name, ...config}."""
         block = dict(block)
         info = self.resolve(kind, block.pop("plugin"))
-        config = info.cls.Config(**block)
+        try:  # the Config's validators are plugin code too; a ValidationError names the field as it always did
+            with plugin_code():
+                config = info.cls.Config(**block)
+        except (ValidationError, PluginError):
+            raise
+        except BaseException as exc:
+            if (why := escaped(exc)) is None:
+                raise
+            raise PluginCallError(f"{info.label} failed in Config(): {why}") from exc
         with calling(info.label, "__init__"):
             stage = info.cls(config)
         if not isinstance(getattr(stage, "config", None), StageConfig):

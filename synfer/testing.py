@@ -53,12 +53,16 @@ def _classes(stage) -> int:
 
 
 def check_expert(stage, n: int = 5) -> None:
-    """predict(list of PIL images) -> (n, classes) probabilities: finite, >= 0, rows summing to 1, deterministic."""
+    """predict(list of PIL images) -> (n, classes) probabilities: finite, >= 0, rows summing to 1, deterministic;
+    the images it was given unchanged."""
     import numpy as np
 
     c = _classes(stage)
     images = sample_images(n)
+    before = [im.tobytes() for im in images]
     p = np.asarray(stage.predict(images))
+    assert [im.tobytes() for im in images] == before, \
+        f"{stage.name}: predict changed the images it was given; copy one (image.copy()) before editing it"
     assert p.shape == (n, c), f"{stage.name}: predict gave shape {p.shape}; expected ({n}, {c}) for label space {stage.label_space}"
     assert np.isfinite(p).all(), f"{stage.name}: predict gave non-finite values"
     assert (p >= 0).all() and np.allclose(p.sum(1), 1, atol=1e-4), \

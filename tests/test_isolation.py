@@ -54,9 +54,11 @@ def test_exit_or_interrupt_raised_by_a_plugin_is_its_error(faulty, name, message
         _vote(faulty[0], name)
 
 
-def test_exit_in_init_names_the_plugin(faulty):
+def test_exit_in_init_or_config_names_the_plugin(faulty):
     with pytest.raises(PluginCallError, match=r"^expert 'fault-exit-init' \(from acme-stages\) failed in __init__\(\): called sys.exit\(3\)"):
         faulty[0].build("expert", {"plugin": "fault-exit-init"})
+    with pytest.raises(PluginCallError, match=r"^expert 'fault-exit-config' \(from acme-stages\) failed in Config\(\): called sys.exit\(4\)"):
+        faulty[0].build("expert", {"plugin": "fault-exit-config"})
 
 
 def test_a_real_ctrl_c_inside_a_plugin_still_stops_synfer(faulty):

@@ -81,6 +81,20 @@ def test_a_guidance_classifier_without_gradient_is_caught():
         check_stage(GoodGuidance(GoodGuidance.Config(detach=True)))
 
 
+class EditingExpert(GoodExpert):
+    name = "t-edit"
+
+    def predict(self, images):
+        for im in images:
+            im.paste((0, 0, 0), (0, 0, 4, 4))  # blacks out a corner in place
+        return super().predict(images)
+
+
+def test_an_expert_that_edits_its_images_is_caught():
+    with pytest.raises(AssertionError, match=r"^t-edit: predict changed the images it was given; copy one"):
+        check_stage(EditingExpert())
+
+
 def test_sample_images_are_seeded():
     a, b = sample_images(2, size=16, seed=3), sample_images(2, size=16, seed=3)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))

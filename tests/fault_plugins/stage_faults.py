@@ -9,7 +9,9 @@ from PIL import ImageOps
 
 from fault_plugins import Plain, uniform
 from synfer import hookimpl
-from synfer.stages import Evaluator, Expert, GuidanceClassifier
+from pydantic import model_validator
+
+from synfer.stages import Evaluator, Expert, GuidanceClassifier, StageConfig
 
 
 def happy(n):
@@ -24,6 +26,20 @@ class ExitInInit(Plain, Expert):
     def __init__(self, config=None):
         super().__init__(config)
         sys.exit(3)  # "no GPU, give up"
+
+    def predict(self, images):
+        return uniform(images)
+
+
+class ExitInConfig(Plain, Expert):
+    name = "fault-exit-config"
+
+    class Config(StageConfig):
+        device: str = "cuda"
+
+        @model_validator(mode="after")
+        def _gpu(self):
+            sys.exit(4)  # "this plugin needs a GPU"
 
     def predict(self, images):
         return uniform(images)
@@ -170,6 +186,6 @@ class WritesDataset(Evaluator):
 
 @hookimpl
 def register_stages(register):
-    for cls in (ExitInInit, ExitInPredict, RaisesInterrupt, CtrlC, Equalize, SoftmaxedLogits, GradTensor, MetaExpert, NoSuper,
+    for cls in (ExitInInit, ExitInConfig, ExitInPredict, RaisesInterrupt, CtrlC, Equalize, SoftmaxedLogits, GradTensor, MetaExpert, NoSuper,
                 NaNLogits, Rounds, MetaLogits, InPlace, WritesDataset):
         register(cls)
