@@ -17,4 +17,5 @@ def register_label_spaces(register):
 
 @hookspec
 def register_commands(cli):
-    """Add click commands to the `synfer` group `cli`; `cli.subgroup("train")` gives `synfer train`, and so on."""
+    """Add click commands to the `synfer` group `cli`; `cli.subgroup("train")` gives `synfer train`, and so on.
+    A name synfer or an earlier plugin already has (`run`, `train generator`) is left out with a warning."""
