@@ -10,8 +10,12 @@ Two prompt styles:
   with the image; used by instruction-following MLLMs.
 - `prefix`: a short text the model continues (captioning models such as BLIP, which
   cannot follow an instruction).
-`auto` picks `chat` when the processor has a chat template. Decoding is greedy, so the
-same image gives the same caption.
+`auto` picks `chat` when the processor has a chat template. `prefix` is refused for a chat MLLM
+whose processor places an image token (LLaVA, Qwen2-VL): a bare prefix holds none and fails
+inside transformers. Decoding is greedy, so the same image gives the same caption.
+
+Some VLM processors need extras synfer does not install: Qwen2-VL's (and other video-capable
+ones') need torchvision. `validate` says so from the folder's files, without loading anything.
 """
 from __future__ import annotations
 
@@ -59,9 +63,49 @@ class MLLMCaptionerConfig(StageConfig):
     dtype: str = "float32"
 
 
+TORCHVISION_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor", "Qwen2_5OmniProcessor")
+
+
+def processor_class(path: Path) -> str | None:
+    """The processor class a model folder's config files name (read as JSON: no torch)."""
+    import json
+
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                cls = json.loads(f.read_text()).get("processor_class")
+            except ValueError:
+                continue
+            if cls:
+                return cls
+    return None
+
+
+def missing_extras(path: Path) -> list[str]:
+    """Packages the folder's processor needs that are not installed (torchvision for Qwen2-VL and video processors)."""
+    import importlib.util
+
+    needs = processor_class(path) in TORCHVISION_PROCESSORS or (path / "video_preprocessor_config.json").is_file()
+    return ["torchvision"] if needs and importlib.util.find_spec("torchvision") is None else []
+
+
+def extras_message(path: Path, extras: list[str]) -> str:
+    return (f"mllm captioner: the processor in {path} ({processor_class(path) or 'unknown class'}) needs {', '.join(extras)}, "
+            f"which is not installed (Qwen2-VL and other video-capable VLMs process images with it). Install the build that "
+            f"matches your torch (pip install {' '.join(extras)}; see pytorch.org for the pairing), or caption with LLaVA, BLIP or "
+            "`captioner: {plugin: template}`.")
+
+
 class MLLMCaptioner(Captioner):
     name = "mllm"
     Config = MLLMCaptionerConfig
+
+    @classmethod
+    def problems(cls, config):
+        path = Path(config.model).expanduser()
+        extras = missing_extras(path) if path.is_dir() else []
+        return [extras_message(path, extras)] if extras else []
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -76,7 +120,14 @@ class MLLMCaptioner(Captioner):
             if not (path / "config.json").exists():
                 raise FileNotFoundError(f"mllm captioner: {str(path)!r} holds no transformers model (no config.json); "
                                         "save a model and its processor there with save_pretrained, or use `captioner: {plugin: template}`")
-            self._processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+            if extras := missing_extras(path):
+                raise ImportError(extras_message(path, extras))
+            try:
+                self._processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+            except ImportError as exc:  # an extra this module does not know of yet: name it when transformers does
+                if "torchvision" in str(exc).lower():
+                    raise ImportError(extras_message(path, ["torchvision"])) from exc
+                raise
             model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=getattr(torch, self.config.dtype))
             self._model = model.to(self.config.device).eval()
             tokenizer = getattr(self._processor, "tokenizer", None)
@@ -99,6 +150,12 @@ class MLLMCaptioner(Captioner):
 
     def prompts(self, records, processor) -> list[str]:
         if self._mode(processor) == "prefix":
+            image_token = getattr(processor, "image_token", None)
+            if image_token and self._chat_owner(processor) is not None:
+                raise ValueError(f"mllm captioner: mode 'prefix' but {self.config.model} ({type(processor).__name__}) is a chat MLLM: "
+                                 f"its prompt must hold the image token {image_token!r}, which its chat template places, so a bare "
+                                 "prefix fails inside transformers. Use `mode: chat` (or `auto`, which picks chat for it); prefix mode "
+                                 "is for captioning models such as BLIP.")
             return [self.config.prefix] * len(records)
         owner = self._chat_owner(processor)
         if owner is None:

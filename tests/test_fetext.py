@@ -332,3 +332,55 @@ def test_preview_grid_through_the_cli(tmp_path):
     res = CliRunner().invoke(main, ["fetext", "preview", "--out", str(out), "--identities", "2", "--size", "32"])
     assert res.exit_code == 0, res.output
     assert Image.open(out).size[1] == len(L.label_space("affectnet8")) * (32 + 2)
+
+
+def tiny_qwen2_vl(path):
+    """A Qwen2-VL-style folder: a tiny random Qwen2VLForConditionalGeneration, its image processor, and the video processor
+    and processor configs Qwen2-VL checkpoints carry (the video processor needs torchvision)."""
+    import json
+
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    torch.manual_seed(0)
+    config = Qwen2VLConfig(text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+                           vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, patch_size=14, spatial_merge_size=2))
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    Qwen2VLImageProcessor().save_pretrained(path)
+    (path / "video_preprocessor_config.json").write_text(json.dumps({"video_processor_type": "Qwen2VLVideoProcessor",
+                                                                     "processor_class": "Qwen2VLProcessor"}))
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    return path
+
+
+def test_mllm_captioner_names_the_extra_a_qwen2_vl_processor_needs(tmp_path, monkeypatch):
+    """Without torchvision, validate (no weights loaded) and captioning both say to install it."""
+    import importlib.util
+
+    from synfer_plugins.mllm_captioner import MLLMCaptioner
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    folder = tiny_qwen2_vl(tmp_path / "qwen")
+    cfg = MLLMCaptioner.Config(model=str(folder))
+    (problem,) = MLLMCaptioner.problems(cfg)
+    assert "Qwen2VLProcessor" in problem and "needs torchvision" in problem and "pip install torchvision" in problem
+    with pytest.raises(ImportError, match="needs torchvision"):
+        MLLMCaptioner(cfg).caption(faces(1))
+
+
+def test_mllm_captioner_refuses_prefix_mode_for_a_chat_mllm(tmp_path):
+    """A processor that places an image token through its chat template (LLaVA) cannot caption from a bare prefix."""
+    from transformers import BertTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    from synfer_plugins.mllm_captioner import MLLMCaptioner
+
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] <image> a face".split()
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=BertTokenizer(vocab={w: i for i, w in enumerate(words)}),
+                               chat_template=CHAT_TEMPLATE, image_token="<image>")
+    cap = MLLMCaptioner(MLLMCaptioner.Config(model=str(tmp_path), mode="prefix"))
+    with pytest.raises(ValueError, match="mode 'prefix'.*LlavaProcessor.*'<image>'.*Use `mode: chat`"):
+        cap.prompts(faces(1), processor)
+    auto = MLLMCaptioner(MLLMCaptioner.Config(model=str(tmp_path)))
+    assert auto._mode(processor) == "chat"  # auto picks chat for it

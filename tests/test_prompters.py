@@ -41,3 +41,36 @@ def test_llm_prompter_with_tiny_random_model(tmp_path):
     assert p.prompt(_reqs(3)) == out  # greedy: deterministic
     with pytest.raises(FileNotFoundError, match="local transformers causal LM folder"):
         LLMPrompter(LLMPrompter.Config(model=str(tmp_path / "nope"))).prompt(_reqs(1))
+
+
+def _tiny_llm(path, n_positions: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = "a photo of person happy sad with smiling brows raised lips soft light background request description example".split()
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]").save_pretrained(path)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=n_positions, n_embd=16, n_layer=1, n_head=2)).save_pretrained(path)
+    return path
+
+
+def test_llm_prompter_fits_a_64_token_context_and_batches(tmp_path):
+    """The ~100-token instruction does not fit a 64-token model: the short one does, with max_new_tokens cut to what is
+    left (it crashed with IndexError before). Greedy requests go 16 to a generate call, with the prompts one call each gives."""
+    from synfer_plugins.prompters import INSTRUCTION, LLMPrompter
+
+    p = LLMPrompter(LLMPrompter.Config(model=str(_tiny_llm(tmp_path / "m64", 64)), max_new_tokens=60))
+    _, tok = p.load()
+    assert p.context_length() == 64 and len(tok(INSTRUCTION).input_ids) > 64
+    texts, new = p.fit(_reqs(3))
+    assert INSTRUCTION not in texts[0] and 8 <= new < 60 and max(len(tok(t).input_ids) for t in texts) + new <= 64
+    calls = []
+    hook = p.load()[0].register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    batched = p.prompt(_reqs(5))
+    hook.remove()
+    assert len(batched) == 5 and all(batched) and calls[0] == 5  # one generate call for all five
+    assert [p.prompt([r])[0] for r in _reqs(5)] == batched  # left padding: each prompt as if alone
+    with pytest.raises(ValueError, match="context of 16 tokens.*longer context"):
+        LLMPrompter(LLMPrompter.Config(model=str(_tiny_llm(tmp_path / "m16", 16)))).prompt(_reqs(1))
