@@ -55,6 +55,24 @@ def load_images(root: str | Path, rows: list[dict]):
     return [open_rgb(Path(root) / r["file_name"]) for r in rows]  # an unreadable image is an error naming its file
 
 
+def judge_problems(block: JudgeBlock, kinds: tuple[str, ...], field: str = "judge") -> list[str]:
+    """`synfer validate` lines for a judge block, checked as its plugin's own block (a missing weights file, a
+    judge not fetched yet), so a run never learns after generating that its judge cannot load."""
+    from synfer.plugins import get_registry
+    from synfer.recipe import stage_problems
+
+    reg = get_registry()
+    block = {"plugin": block} if isinstance(block, str) else dict(block)
+    align = block.pop("align", None)
+    kind = next((k for k in kinds if (k, block.get("plugin")) in reg.plugins), kinds[0])
+    out = stage_problems(kind, block, field, reg)
+    if align:
+        from synfer.align import align_problems
+
+        out += align_problems(align, f"{field}.align", reg)
+    return out
+
+
 def build_plugin(block: JudgeBlock, kinds: tuple[str, ...], device: str | None):
     """A plugin named by `block` among `kinds`; `device` fills in the plugin's own `device` field."""
     from synfer.plugins import get_registry
@@ -160,6 +178,14 @@ class _FeatureConfig(StageConfig):
     kept_only: bool = True  # generated sets: only the samples calibration kept
     device: str = "cpu"
 
+    def feature_problems(self) -> list[str]:
+        out = judge_problems(self.judge, ("guidance_classifier", "expert")) if self.extractor == "oracle" else []
+        if self.extractor == "inception":
+            out += missing_path(self, "extractor_path", "a TorchScript (.pt) or torch.export (.pt2) Inception-v3 file",
+                                "Point extractor_path at a local copy; nothing is downloaded.") if self.extractor_path else \
+                ["extractor_path: the inception extractor needs a local Inception-v3 file; set extractor_path, or use extractor: oracle"]
+        return out
+
     def make_extractor(self) -> FeatureExtractor:
         return FeatureExtractor(self.extractor, self.judge, self.extractor_path, self.extractor_size, self.device)
 
@@ -184,7 +210,7 @@ class FID(Evaluator):
     @classmethod
     def problems(cls, config):
         return missing_path(config, "reference", "a real dataset folder (images/ + metadata.jsonl) or a folder of images",
-                            "Build one with 'synfer fetext build' or point reference at your real set.")
+                            "Build one with 'synfer fetext build' or point reference at your real set.") + config.feature_problems()
 
     def evaluate(self, dataset, reference=None):
         ref = reference or self.config.reference
@@ -214,6 +240,10 @@ class FERAccuracy(Evaluator):
         max_images: int | None = Field(None, gt=0)
         device: str = "cpu"
 
+    @classmethod
+    def problems(cls, config):
+        return judge_problems(config.judge, ("guidance_classifier", "expert"))
+
     def evaluate(self, dataset, reference=None):
         rows = [r for r in dataset_rows(dataset, True, self.config.max_images) if row_label(r)]
         judge = build_plugin(self.config.judge, ("guidance_classifier", "expert"), self.config.device)
@@ -231,11 +261,15 @@ class AUAccuracy(Evaluator):
     name = "au-accuracy"
 
     class Config(StageConfig):
-        judge: JudgeBlock = "au-cnn"  # an au_detector plugin
+        judge: JudgeBlock = "au-cnn"  # an au_detector plugin (checked as its own block by validate)
         threshold: float = Field(L.AU_ON_THRESHOLD, gt=0, lt=1)  # intensity (0-1 scale) at which an AU counts as on
         kept_only: bool = True
         max_images: int | None = Field(None, gt=0)
         device: str = "cpu"
+
+    @classmethod
+    def problems(cls, config):
+        return judge_problems(config.judge, ("au_detector",))
 
     def evaluate(self, dataset, reference=None):
         import numpy as np
@@ -265,6 +299,10 @@ class Diversity(Evaluator):
         metric: Literal["cosine", "euclidean"] = "cosine"
         max_per_class: int = Field(200, gt=1)  # pairs grow quadratically
 
+    @classmethod
+    def problems(cls, config):
+        return config.feature_problems()
+
     def evaluate(self, dataset, reference=None):
         import numpy as np
 
@@ -293,6 +331,10 @@ class LabelQuality(Evaluator):
         judge: JudgeBlock = "oracle-cnn"
         max_images: int | None = Field(None, gt=0)
         device: str = "cpu"
+
+    @classmethod
+    def problems(cls, config):
+        return judge_problems(config.judge, ("guidance_classifier", "expert"))
 
     def evaluate(self, dataset, reference=None):
         rows = [r for r in dataset_rows(dataset, False, self.config.max_images) if "preassigned_label" in r and r.get("label")]

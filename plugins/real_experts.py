@@ -70,6 +70,12 @@ class _WheelExpert(GuidanceClassifier):
         weights: str | None = None  # the model file; None: the cache filled by 'synfer models fetch <name>'
         device: str = "cpu"
 
+    @classmethod
+    def problems(cls, config):
+        from synfer.fetch import weights_problems
+
+        return weights_problems(config.weights, cls.asset)
+
     def __init__(self, config=None):
         super().__init__(config)
         self._model = None

