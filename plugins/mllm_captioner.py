@@ -104,7 +104,11 @@ class MLLMCaptioner(Captioner):
     @classmethod
     def problems(cls, config):
         path = Path(config.model).expanduser()
-        extras = missing_extras(path) if path.is_dir() else []
+        if not path.is_dir():
+            return [f"model: {config.model!r} does not exist; expected a local folder with the model and its processor "
+                    "(save_pretrained layout, e.g. a LLaVA or BLIP checkpoint). Nothing is downloaded: copy one there, "
+                    "or use `captioner: {plugin: template}`"]
+        extras = missing_extras(path)
         return [extras_message(path, extras)] if extras else []
 
     def __init__(self, config=None):

@@ -6,7 +6,7 @@ from pydantic import Field
 from synfer import hookimpl
 from synfer import labels as L
 from synfer.seeds import stream_rng
-from synfer.stages import Prompter, SampleRequest, StageConfig
+from synfer.stages import Prompter, SampleRequest, StageConfig, missing_path
 
 COARSE = "a photo of a {expression} person"
 
@@ -106,6 +106,11 @@ class LLMPrompter(Prompter):
         mention_aus: bool = True
         fallback: bool = True  # an empty generation falls back to the template prompt
         batch_size: int = Field(16, gt=0)  # requests per generate call (greedy decoding)
+
+    @classmethod
+    def problems(cls, config):
+        return missing_path(config, "model", "a local folder with a causal LM and its tokenizer (save_pretrained layout)",
+                            "Nothing is downloaded: copy one there, or use `prompter: {plugin: template}`.")
 
     def __init__(self, config=None):
         super().__init__(config)

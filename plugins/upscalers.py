@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field
 
 from synfer import hookimpl
-from synfer.stages import StageConfig, Upscaler
+from synfer.stages import StageConfig, Upscaler, missing_path
 
 
 def center_square(image):
@@ -63,6 +63,11 @@ class SDUpscaler(Upscaler):
 
     name = "sd-upscaler"
     Config = SDUpscalerConfig
+
+    @classmethod
+    def problems(cls, config):
+        return missing_path(config, "model", "a local diffusers folder of a StableDiffusionUpscalePipeline (model_index.json)",
+                            "Nothing is downloaded: copy stable-diffusion-x4-upscaler there, or use `upscaler: {plugin: lanczos}`.")
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -118,3 +118,12 @@ def test_fetext_warns_about_faces_without_aus(tmp_path, monkeypatch):
     assert "warning: landmarks measured no AUs on 2 of 2 face(s)" in res.output
     assert all(r["aus"] is None for r in rows(out))
     assert json.loads((out / "fetext_summary.json").read_text())["aus_unmeasured"] == 2
+
+
+def test_fetext_validate_names_missing_model_folders(tmp_path):
+    res = CliRunner().invoke(main, ["fetext", "validate", str(ROOT / "recipes" / "fetext-procedural.yaml"),
+                                    "captioner.plugin=mllm", f"captioner.model={tmp_path / 'llava'}",
+                                    "upscaler.plugin=sd-upscaler", f"upscaler.model={tmp_path / 'x4'}"])
+    assert res.exit_code == 1
+    assert "captioner.model:" in res.output and "plugin: template" in res.output, res.output
+    assert "upscaler.model:" in res.output and "plugin: lanczos" in res.output, res.output
