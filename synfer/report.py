@@ -99,6 +99,38 @@ def grid_section(root: Path, rows: list[dict], per_class: int) -> str:
     return f"<section id='grid'><h2>Samples per expression (final label, kept)</h2>{body}</section>"
 
 
+def changed_section(root: Path, rows: list[dict], per_class: int) -> str:
+    """What calibration did not keep as planned: relabelled samples (preassigned -> final) and dropped ones, shown beside
+    the kept grid so a reader can judge the vote, per preassigned class."""
+    gen = [r for r in rows if r.get("preassigned_label")]
+    if not gen:
+        return ""
+    groups = {"relabelled": [r for r in gen if r.get("kept", True) and _label(r) != r["preassigned_label"]],
+              "dropped": [r for r in gen if not r.get("kept", True)]}
+    out = []
+    for what, rs in groups.items():
+        by: dict[str, list[dict]] = {}
+        for r in rs:
+            by.setdefault(r["preassigned_label"], []).append(r)
+        lines = []
+        for c in _ordered(by):
+            imgs = "".join(f"<img src='{_image_b64(root / r['file_name'])}' title='{html.escape(_caption(r))}'>"
+                           for r in by[c][:per_class])
+            lines.append(f"<div class='row'><span class='name'>{html.escape(c)}</span>{imgs}"
+                         f"<span class='muted'>{len(by[c])} {what}</span></div>")
+        body = "".join(lines) or f"<p class='muted'>none {what}</p>"
+        out.append(f"<h3>{what.capitalize()} ({len(rs)})</h3>{body}")
+    return ("<section id='changed'><h2>Relabelled and dropped samples (by preassigned label)</h2>"
+            "<p class='muted'>hover an image: its final label and the vote's confidence</p>" + "".join(out) + "</section>")
+
+
+def _caption(r: dict) -> str:
+    soft = r.get("soft_label") or []
+    conf = f", confidence {max(soft):.2f}" if soft else ""
+    final = _label(r) if r.get("kept", True) else "dropped"
+    return f"{r['file_name']}: {r['preassigned_label']} -> {final}{conf}"
+
+
 def calibration_counts(root: Path, rows: list[dict]) -> tuple[dict[str, dict], str]:
     path = root / "calibration.json"
     if path.exists():
@@ -248,6 +280,7 @@ def write_report(dataset_dir: str | Path, downstream: str | Path | None = None, 
         f"<section id='summary'><h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(root.resolve()))}: "
         f"{len(rows)} images, {kept} kept</p></section>",
         grid_section(root, rows, per_class),
+        changed_section(root, rows, per_class),
         calibration_section(root, rows),
         confusion_section(rows),
         metrics_section(root),

@@ -11,7 +11,7 @@ from synfer.dataset import DatasetWriter
 from synfer.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SECTIONS = ("summary", "grid", "calibration", "confusion", "metrics", "downstream")
+SECTIONS = ("summary", "grid", "changed", "calibration", "confusion", "metrics", "downstream")
 
 
 def generated_set(root, downstream=True):
@@ -49,6 +49,9 @@ def test_report_has_every_section(tmp_path):
     assert "fer_accuracy" in page and "12.5000" in page and "oracle-cnn" in page
     assert "3 dropped" not in page and "1 dropped" in page
     assert "real+synthetic" in page
+    changed = page[page.index("id='changed'"):page.index("id='calibration'")]
+    assert "Relabelled (2)" in changed and "Dropped (1)" in changed  # happy -> sad, sad -> happy; the one sad dropped
+    assert changed.count("data:image/png;base64,") == 3 and "sad -&gt; dropped" in changed and "happy -&gt; sad" in changed
 
 
 def test_report_prefers_calibration_json_and_finds_downstream_elsewhere(tmp_path):
