@@ -141,7 +141,7 @@ def label_folder(folder: str | Path, recipe: LabelRecipe, registry=None, progres
         if not items:
             continue
         crops = [c for *_, c in items]
-        mapped = np.stack([L.convert_probs(e.predict(crops), e.label_space, recipe.label_space) for e in experts], 1)
+        mapped = np.stack([L.convert_probs(_predict(e, crops), e.label_space, recipe.label_space) for e in experts], 1)
         aus = au_detector.detect([FaceRecord(image=c, expression=None, source="label") for c in crops]) if au_detector else [None] * len(crops)
         rows = []
         for n, (i, path, face, crop) in enumerate(items):
@@ -158,6 +158,15 @@ def label_folder(folder: str | Path, recipe: LabelRecipe, registry=None, progres
     rows = merge(out)
     (out / "skipped.txt").write_text("".join(s + "\n" for s in skipped))
     return rows
+
+
+def _predict(expert, crops):
+    """An expert's probabilities on its own copies of the crops (a plugin that edits them changes nothing written),
+    its errors naming it."""
+    from synfer.contracts import calling
+
+    with calling(expert, "predict"):
+        return expert.predict([c.copy() for c in crops])
 
 
 NO_FACE_HINT = "; photos that are already face crops: face_detector.plugin=whole-image"

@@ -275,11 +275,18 @@ def stage_problems(kind: str, block: Any, path: str, registry) -> list[str]:
         cls = registry.get(kind, name)
     except PluginError as exc:
         return [f"{path}.plugin: {exc}"]
-    try:
-        config = cls.Config(**block)
-    except ValidationError as exc:
-        return pydantic_problems(exc, path)
-    return [f"{path}.{line}" for line in cls.problems(config)]
+    from synfer.contracts import PluginCallError, calling
+
+    try:  # plugin code (its Config's validators, its problems()): a crash or sys.exit in it is a line naming it
+        with calling(cls, "Config"):
+            try:
+                config = cls.Config(**block)
+            except ValidationError as exc:
+                return pydantic_problems(exc, path)
+        with calling(cls, "problems"):
+            return [f"{path}.{line}" for line in cls.problems(config)]
+    except PluginCallError as exc:
+        return [f"{path}: {exc}"]
 
 
 # Keys of an expert block the core's ensemble reads itself (vote weight, face alignment); the rest is the plugin's Config.

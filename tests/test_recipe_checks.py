@@ -146,3 +146,33 @@ def test_validate_checks_an_inception_extractor_and_the_judges(paths):
     assert any(p.startswith("evaluators.4.extractor_path: the inception extractor needs a local Inception-v3 file") for p in got), got
     assert any(p.startswith("evaluators.0.judge.plugin: no guidance_classifier named 'no-such-judge'") for p in got), got
     assert any(p.startswith("evaluators.1.judge.plugin: no au_detector named 'tiny-cnn'") for p in got), got
+
+
+def test_a_plugin_exiting_in_its_problems_is_a_validation_line(registry):
+    """A plugin's Config validators and problems() are plugin code: sys.exit() there is a line naming it, not an exit."""
+    import sys
+    import types
+
+    from synfer import hookimpl
+    from synfer.stages import Expert, StageConfig
+
+    class Exits(Expert):
+        name = "exits-in-problems"
+        label_space = "fer2013"
+
+        class Config(StageConfig):
+            pass
+
+        @classmethod
+        def problems(cls, config):
+            sys.exit(3)
+
+        def predict(self, images):
+            return None
+
+    mod = types.ModuleType("exits_in_problems")
+    mod.register_stages = hookimpl(lambda register: register(Exits))
+    registry.add(mod, provider="acme")
+    with pytest.raises(RecipeError) as exc:
+        validate_data({"generator": {"plugin": "dummy"}, "experts": [{"plugin": "exits-in-problems"}]}, registry=registry)
+    assert any(p.startswith("experts.0: expert 'exits-in-problems'") and "sys.exit(3)" in p for p in exc.value.problems), exc.value.problems
