@@ -84,7 +84,8 @@ class SDGenerator(Generator):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
         forward_dtype: Literal["auto", "bfloat16", "float16"] | None = "auto"  # the gradient-free UNet passes (denoising,
         # layout inversion) under autocast to it; guided steps keep `dtype`. auto: bfloat16 on a float32 CPU model where the
-        # CPU computes bf16 natively (AVX512-BF16 or AMX), else none. Changes the bytes. docs/results.md, Speed
+        # CPU computes bf16 natively (AVX512-BF16 or AMX; SYNFER_NATIVE_BF16=1 or 0 answers instead), else none. Changes
+        # the bytes: the same recipe on an AVX2 and a BF16 CPU writes different files. docs/results.md, Speed
         size: int | None = None  # output side in pixels; None: the model's native size
         channels_last: bool = True  # UNet (and VAE) in channels-last memory: 11-13% faster per UNet call on CPU (docs/results.md, Speed)
         nan_retries: int = Field(2, ge=0)  # a non-finite sample is redrawn from derived seeds this often, then dropped
