@@ -1,7 +1,10 @@
 """Scale-out and crash safety: torchrun shards equal one process; kill -9 anywhere, rerun, same files."""
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,119 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
     assert not (two / PARTS).exists()
+
+
+def _two_agents(tmp_path, name: str, recipe: Path, env, node_env=({}, {}), node_args=((), ()), timeout=300) -> list[dict]:
+    """Two torchrun agents on this host, as two machines would run them (`--nnodes 2`, one worker each, a static
+    rendezvous on a free port). Per node: its exit code, its stderr, and the seconds from launch to its exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    t0 = time.monotonic()
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "synfer", "run", str(recipe), *node_args[rank]]
+        log = tmp_path / f"{name}-node{rank}.log"
+        with open(log, "w") as f:  # a file, not a pipe: a chatty agent never blocks on a full pipe
+            proc = subprocess.Popen(cmd, env={**env, **node_env[rank]}, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        nodes.append({"proc": proc, "log": log, "seconds": None})
+    while any(n["seconds"] is None for n in nodes):
+        for n in nodes:
+            if n["seconds"] is None and n["proc"].poll() is not None:
+                n["seconds"] = time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            for n in nodes:
+                if n["proc"].poll() is None:
+                    os.killpg(n["proc"].pid, signal.SIGKILL)
+            pytest.fail(f"{name}: the agents still ran after {timeout} s:\n" + "\n".join(n["log"].read_text()[-3000:] for n in nodes))
+        time.sleep(0.1)
+    return [{"rc": n["proc"].returncode, "log": n["log"].read_text(), "seconds": n["seconds"]} for n in nodes]
+
+
+def _dummy_data(num_images: int, delay: float = 0.0) -> dict:
+    """The dummy generator one image a batch (chunk 1): rank 0 takes the even indices, rank 1 the odd ones."""
+    return {"num_images": num_images, "generator": {"plugin": "dummy", "batch_size": 1, "delay": delay}}
+
+
+@pytest.mark.slow  # subprocess runs
+@pytest.mark.parametrize("num_images", [1, 6])
+def test_two_torchrun_agents_equal_one_process(tmp_path, num_images):
+    """`--nnodes 2` on one host (two agents, as two machines) writes the same bytes as one process, and both
+    agents end promptly with 0. With 1 image rank 1 has no chunk: it must still leave cleanly (it once died
+    with SIGABRT at exit, and rank 0's agent then waited 300 s at torchrun's exit barrier)."""
+    env = _env(tmp_path)
+    one, two = tmp_path / "one" / "ds", tmp_path / "two" / "ds"
+    r1 = _run(_write_recipe(tmp_path / "one.yaml", one, **_dummy_data(num_images)), env)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    nodes = _two_agents(tmp_path, "two", _write_recipe(tmp_path / "two.yaml", two, **_dummy_data(num_images)), env)
+    print(f"{num_images} image(s): the agents exited at {nodes[0]['seconds']:.1f} s and {nodes[1]['seconds']:.1f} s")
+    for rank, node in enumerate(nodes):
+        assert node["rc"] == 0, (rank, node["log"][-3000:])
+        assert "terminate called" not in node["log"], node["log"][-3000:]  # the SIGABRT of a group left to the teardown
+        # far from the 300 s exit barrier, even on a loaded host (an agent may log that the store closed under its
+        # barrier when agent 0, which holds the store, leaves first: torchrun's own race, harmless, rc 0)
+        assert node["seconds"] < 120, (rank, node["seconds"])
+    assert abs(nodes[0]["seconds"] - nodes[1]["seconds"]) < 30  # every rank waits for the others' last word, then all leave
+    a, b = snapshot(one), snapshot(two)
+    assert len([k for k in a if "/images/" in k]) == num_images
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    assert not (two / PARTS).exists()
+    assert f"{num_images} planned, {num_images} generated now" in nodes[0]["log"]
+
+
+FAIL_FAST_S = 60  # from the moment a rank is gone to the moment the other's agent has exited
+
+
+@pytest.mark.slow  # subprocess runs
+@pytest.mark.parametrize("dying,point", [(1, "generate:1"), (0, "merge")])
+def test_a_killed_rank_stops_the_other_fast_with_its_error(tmp_path, dying, point):
+    """kill -9 of one rank (rank 1 in its first batch, while rank 0 has a minute of batches left; or rank 0 while it
+    merges, rank 1 waiting for its word): the other rank fails within a minute, naming the dead rank, not after
+    torchrun's 300 s exit barrier or the week a collective may wait. A rerun then completes the same bytes."""
+    env = _env(tmp_path)
+    ref, out = tmp_path / "ref" / "ds", tmp_path / "killed" / "ds"
+    r1 = _run(_write_recipe(tmp_path / "ref.yaml", ref, **_dummy_data(24)), env)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    # killing rank 1: rank 0 alone would need 12 batches of 5 s; killing rank 0 at its merge: no need to wait for it
+    recipe = _write_recipe(tmp_path / "killed.yaml", out, **_dummy_data(24, delay=5.0 if dying == 1 else 0.0))
+    node_env = [{}, {}]
+    node_env[dying] = {"SYNFER_CRASH_AT": point}
+    nodes = _two_agents(tmp_path, "killed", recipe, env, node_env=node_env)
+    dead, alive = nodes[dying], nodes[1 - dying]
+    assert dead["rc"] != 0 and "SIGKILL" in dead["log"], dead["log"][-3000:]
+    assert alive["rc"] != 0, alive["log"][-3000:]
+    assert f"Error: rank {dying} failed: its process ended without reporting an error (killed" in alive["log"], alive["log"][-3000:]
+    print(f"killed rank {dying} at {point}: its agent exited at {dead['seconds']:.1f} s, the other's at {alive['seconds']:.1f} s")
+    assert alive["seconds"] - dead["seconds"] < FAIL_FAST_S, (alive["seconds"], dead["seconds"])
+    assert "terminate called" not in alive["log"]
+    if dying == 1:  # rank 0 stopped at its next batch, long before its 12 were done
+        assert len(list((out / "images").glob("*.png"))) < 12
+    nodes = _two_agents(tmp_path, "rerun", recipe, env, node_args=(["generator.delay=0"],) * 2)
+    assert [n["rc"] for n in nodes] == [0, 0], [n["log"][-3000:] for n in nodes]
+    a, b = snapshot(ref), snapshot(out)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+@pytest.mark.slow  # subprocess runs
+def test_a_rank_that_raises_stops_the_other_with_its_error(tmp_path):
+    """Node 1 launched with another seed than the output was begun with: its rank refuses to resume
+    (ResumeMismatch), and rank 0, a minute of batches from done, stops at its next batch with that message."""
+    env = _env(tmp_path)
+    out = tmp_path / "ds" / "ds"
+    recipe = _write_recipe(tmp_path / "r.yaml", out, **_dummy_data(24, delay=5.0))
+    begun = _run(recipe, env, "--limit", "1", "generator.delay=0")
+    assert begun.returncode == 0, begun.stderr[-3000:]
+    nodes = _two_agents(tmp_path, "raises", recipe, env, node_args=((), ("seed=6",)))
+    assert nodes[1]["rc"] != 0 and "recipe.json" in nodes[1]["log"], nodes[1]["log"][-3000:]
+    assert nodes[0]["rc"] != 0
+    assert "Error: rank 1 failed: " in nodes[0]["log"] and "seed (5 -> 6)" in nodes[0]["log"].split("Error: rank 1 failed: ")[1], nodes[0]["log"][-3000:]
+    print(f"rank 1 raised: its agent exited at {nodes[1]['seconds']:.1f} s, rank 0's at {nodes[0]['seconds']:.1f} s")
+    assert nodes[0]["seconds"] < FAIL_FAST_S + 30, nodes[0]["seconds"]  # launch and start-up, then one batch
+    assert abs(nodes[0]["seconds"] - nodes[1]["seconds"]) < FAIL_FAST_S
+    assert "terminate called" not in nodes[0]["log"] + nodes[1]["log"]
 
 
 @pytest.mark.slow  # subprocess runs
