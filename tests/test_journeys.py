@@ -204,6 +204,15 @@ class Lab:
         self.ran.append(cmd)
         return proc.stdout + proc.stderr
 
+    def exec(self, code: str, where: str) -> None:
+        """A documented Python snippet, run as written in the lab folder."""
+        cwd = os.getcwd()
+        try:
+            os.chdir(self.path)
+            exec(compile(code, where, "exec"), {})
+        finally:
+            os.chdir(cwd)
+
 
 RAN: set[str] = set()  # every documented command a journey ran, across this module's tests
 SKIPPED: dict[str, str] = {}
@@ -303,13 +312,7 @@ def test_make_demo_then_every_procedural_command(tmp_path):
     RAN.add("make demo")
     assert (lab.path / "out" / "quickstart" / "metadata.jsonl").exists()
     run_all(lab, README_JOURNEY)
-    for code in python_snippets(ROOT / "docs" / "interop.md")[:1]:  # the datasets snippet, on the demo's output
-        cwd = os.getcwd()
-        try:
-            os.chdir(lab.path)
-            exec(compile(code, "docs/interop.md", "exec"), {})
-        finally:
-            os.chdir(cwd)
+    lab.exec(python_snippets(ROOT / "docs" / "interop.md")[0], "docs/interop.md")  # the datasets snippet, on the demo's output
     metrics = json.loads((lab.path / "out" / "quickstart" / "metrics.json").read_text())
     assert metrics["provenance"]["fer-accuracy"]["config"]["judge"]  # every metric names what made it
     assert (lab.path / "plugins" / "models" / "feranno" / "config.json").exists()  # the bootstrap's last step
@@ -364,13 +367,7 @@ def test_sd15_recipe_header_end_to_end(tmp_path):
     # random stand-in models: the vote may keep none of 4 samples, and FID then skips with a note; it still ran, on its reference
     assert metrics["fid_reference_images"] == 8 and metrics["provenance"]["fid"]["config"]["reference"] == "data/fetext-affectnet-val"
     assert (out / "report.html").exists()
-    code = python_snippets(ROOT / "docs" / "interop.md")[1].replace("num_inference_steps=50", "num_inference_steps=2")
-    cwd = os.getcwd()
-    try:
-        os.chdir(lab.path)
-        exec(compile(code, "docs/interop.md", "exec"), {})
-    finally:
-        os.chdir(cwd)
+    lab.exec(python_snippets(ROOT / "docs" / "interop.md")[1].replace("num_inference_steps=50", "num_inference_steps=2"), "docs/interop.md")
     with Image.open(lab.path / "happy.png") as im:
         assert im.size == (64, 64)
 
