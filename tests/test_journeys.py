@@ -415,3 +415,17 @@ def test_documented_commands_parse():
     assert "synfer validate recipes/sd15-affectnet8.yaml" in sd15
     assert scaled(shlex.split("torchrun --nproc_per_node 8 -m synfer.cli train generator --iters 20000 --batch-size 16"))[1:] == \
         ["--nproc_per_node", "2", "-m", "synfer.cli", "train", "generator", "--iters", "2", "--batch-size", "2"]
+
+
+def test_readme_plugin_snippet_registers():
+    """The README's plugin example, executed as written, is a plugin module synfer registers (contract checks included)."""
+    import types
+
+    from synfer.testing import plugin_registry
+
+    (code,) = python_snippets(ROOT / "README.md")
+    mod = types.ModuleType("synfer_mine")
+    exec(compile(code, "README.md", "exec"), mod.__dict__)
+    reg = plugin_registry(mod)
+    stage = reg.build("expert", {"plugin": "example-constant", "vote_for": "happy"})
+    assert stage.label_space == "fer2013" and stage.config.vote_for == "happy"
