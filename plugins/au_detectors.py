@@ -15,6 +15,7 @@ class GroundTruthAUDetector(AUDetector):
     """Returns each record's own `aus` (e.g. from the procedural source), checked and completed."""
 
     name = "ground-truth"
+    licence = "MIT (reads the procedural world's own AUs; no weights)"
 
     class Config(StageConfig):
         pass

@@ -168,6 +168,7 @@ class TemplateCaptioner(Captioner):
     """Captions from a record's attributes, AUs and expression (no model, deterministic)."""
 
     name = "template"
+    licence = "MIT (synfer's own templates; no weights)"
 
     class Config(StageConfig):
         seed: int = 0  # changes the phrasing, not the content

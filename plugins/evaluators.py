@@ -203,6 +203,7 @@ class FID(Evaluator):
     """Fréchet distance between generated and reference images (paper 5.1, Tab. 1)."""
 
     name = "fid"
+    licence = "MIT (synfer's own; measures, never changes an image)"
 
     class Config(_FeatureConfig):
         reference: str | None = None  # a real dataset folder (or image folder); the CLI's --reference wins
@@ -234,6 +235,7 @@ class FERAccuracy(Evaluator):
     """An independent judge scores kept images against their final labels (Tab. 1 'FER Acc.')."""
 
     name = "fer-accuracy"
+    licence = "MIT (synfer's own; measures, never changes an image)"
 
     class Config(StageConfig):
         judge: JudgeBlock = "oracle-cnn"  # any guidance_classifier or expert plugin
@@ -259,6 +261,7 @@ class AUAccuracy(Evaluator):
     """AU F1 of an AU detector against the AUs each image was asked for (Tab. 1 'FAU Acc.')."""
 
     name = "au-accuracy"
+    licence = "MIT (synfer's own; measures, never changes an image)"
 
     class Config(StageConfig):
         judge: JudgeBlock = "au-cnn"  # an au_detector plugin (checked as its own block by validate)
@@ -294,6 +297,7 @@ class Diversity(Evaluator):
     """Mean pairwise feature distance within each final class, averaged over classes."""
 
     name = "diversity"
+    licence = "MIT (synfer's own; measures, never changes an image)"
 
     class Config(_FeatureConfig):
         metric: Literal["cosine", "euclidean"] = "cosine"
@@ -326,6 +330,7 @@ class LabelQuality(Evaluator):
     """Procedural world: the oracle's verdict as ground truth for preassigned vs calibrated labels."""
 
     name = "label-quality"
+    licence = "MIT (synfer's own; measures, never changes an image)"
 
     class Config(StageConfig):
         judge: JudgeBlock = "oracle-cnn"

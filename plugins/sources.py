@@ -120,6 +120,7 @@ class ImageFolderSource(_DatasetSource):
     `synfer label` writes; loose photos at the root are unlabelled (`unlabelled: true`)."""
 
     name = "imagefolder"
+    licence = "MIT (code; the faces keep their owners' terms, declared in the folder's README.md)"
     Config = ImageFolderConfig
 
     def _expression(self, folder: str) -> str | None:
@@ -216,6 +217,8 @@ class AffectNetSource(_DatasetSource):
     """AffectNet's CSV: subDirectory_filePath, face box, landmarks, expression 0..10, valence, arousal."""
 
     name = "affectnet-csv"
+    licence = "MIT (code)"
+    data_terms = "AffectNet licence agreement: academic research only, non-commercial"
     Config = AffectNetConfig
     # 0..7 are AffectNet's classes in its own order; 8, 9, 10 = none, uncertain, non-face.
     NOT_A_CLASS = {8: "none", 9: "uncertain", 10: "non-face"}
@@ -294,6 +297,8 @@ class RafDBSource(_DatasetSource):
     """RAF-DB basic: `EmoLabel/list_patition_label.txt` lines 'train_00001.jpg 5', labels 1..7."""
 
     name = "rafdb"
+    licence = "MIT (code)"
+    data_terms = "RAF-DB release agreement: non-commercial research only"
     Config = RafDBConfig
     LABEL_FILE = "list_patition_label.txt"  # sic: the dataset's own spelling
 
@@ -356,6 +361,7 @@ class Fer2013Source(_DatasetSource):
     """FER2013's single CSV: emotion (0..6), pixels (48*48 grey values), Usage."""
 
     name = "fer2013-csv"
+    licence = "MIT (code; FER2013's own terms are not declared here: check those of your copy)"
     Config = Fer2013Config
     USAGE = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
     SIDE = 48

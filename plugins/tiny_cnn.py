@@ -95,6 +95,7 @@ class _WeightsFolder:
     """The small CNN stages' shared check: `weights`, if set, must be a model folder."""
 
     train_command: str
+    weights_path = property(lambda self: self.config.weights or MODELS / self.default_folder)
 
     @classmethod
     def problems(cls, config):
@@ -106,6 +107,7 @@ class TinyCNN(_WeightsFolder, GuidanceClassifier, TrainableClassifier):
     """Guidance classifier / expert on the project's small CNN (label space from its config.json)."""
 
     name = "tiny-cnn"
+    licence = "MIT (synfer's own, trained on its procedural faces)"
 
     class Config(StageConfig):
         weights: str | None = None  # model folder; None = the shipped `tiny-cnn`
@@ -158,6 +160,7 @@ class AUCNN(_WeightsFolder, AUDetector):
     """Multi-label AU intensity regressor (sigmoid outputs, intensities in [0, 1])."""
 
     name = "au-cnn"
+    licence = "MIT (synfer's own, trained on its procedural faces)"
 
     class Config(StageConfig):
         weights: str | None = None  # model folder; None = the shipped `au-cnn`

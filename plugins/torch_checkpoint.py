@@ -32,6 +32,7 @@ class TorchCheckpoint(GuidanceClassifier):
     """
 
     name = "torch-checkpoint"
+    licence = "MIT (code; the checkpoint has its own licence, declared in its folder's README.md)"
     # label_space is per instance: a property reading the config (below).
 
     class Config(StageConfig):

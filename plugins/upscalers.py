@@ -37,6 +37,7 @@ class LanczosUpscaler(Upscaler):
     """Centre-crop to a square, then Lanczos resample to `size` (up or down)."""
 
     name = "lanczos"
+    licence = "MIT (synfer's own; no weights)"
 
     class Config(StageConfig):
         pass
@@ -62,6 +63,7 @@ class SDUpscaler(Upscaler):
     """diffusers StableDiffusionUpscalePipeline from a local folder; output Lanczos-fitted to `size`."""
 
     name = "sd-upscaler"
+    licence = "MIT (code; the upscaler folder the recipe names has its own licence)"
     Config = SDUpscalerConfig
 
     @classmethod

@@ -185,13 +185,14 @@ def validate(recipe, overrides):
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json):
-    """List installed plugins: name, stage, provider package, version."""
+    """List installed plugins: name, stage, provider package, version, licence (and data terms)."""
     from synfer.plugins import get_registry
 
     reg = get_registry()
     shared = {k for k in {(p.kind, p.name) for p in reg.entries} if sum((p.kind, p.name) == k for p in reg.entries) > 1}
     rows = [{"name": p.name, "stage": p.kind, "provider": p.provider, "version": p.version, "builtin": p.builtin,
-             "qualified": f"{p.provider}:{p.name}", "clash": (p.kind, p.name) in shared}
+             "qualified": f"{p.provider}:{p.name}", "clash": (p.kind, p.name) in shared,
+             "licence": getattr(p.cls, "licence", None), "data_terms": getattr(p.cls, "data_terms", None)}  # synfer.card
             for p in sorted(reg.entries, key=lambda p: (p.kind, p.name, not p.builtin))]
     if as_json:
         click.echo(json.dumps({"plugins": rows, "failed": [{"entry_point": n, "error": m} for n, m in reg.failures],
@@ -200,7 +201,8 @@ def plugins(as_json):
         return
     for r in rows:
         clash = "  (name shared: use " + r["qualified"] + ")" if r["clash"] else ""
-        click.echo(f"{r['stage']:<20} {r['name']:<22} {r['provider']} {r['version']}{clash}")
+        terms = f"  [{r['licence'] or 'licence not declared'}{'; data: ' + r['data_terms'] if r['data_terms'] else ''}]"
+        click.echo(f"{r['stage']:<20} {r['name']:<22} {r['provider']} {r['version']}{clash}{terms}")
     for name, why in reg.skipped:
         click.echo(f"skipped: {name} ({why})", err=True)
     # failures were already warned about, once each, while the registry loaded (synfer/logs.py)

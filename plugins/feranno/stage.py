@@ -27,6 +27,8 @@ class FERAnno(Calibrator):
     """Diffusion-feature label calibrator (paper 4.4)."""
 
     name = "feranno"
+    licence = "MIT (synfer's own, trained on its procedural faces)"
+    weights_path = property(lambda self: Path(self.config.weights or MODELS / "feranno"))
     Config = FERAnnoConfig
 
     def __init__(self, config=None):

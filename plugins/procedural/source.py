@@ -19,6 +19,8 @@ class ProceduralSource(Source):
     """Faces of the procedural world with ground-truth expression, AUs and identity."""
 
     name = "procedural"
+    licence = "MIT (synfer's own)"
+    data_terms = "MIT (synfer's own procedural faces: no real person)"
 
     class Config(StageConfig):
         num_images: int = Field(1000, gt=0)

@@ -65,6 +65,8 @@ class SDGenerator(Generator):
     """Text + AU conditioned sampler (DDIM, DPM-Solver++ or UniPC) with classifier-free guidance on a diffusers model folder."""
 
     name = "sd"
+    licence = "MIT (the shipped tiny-sd, synfer's own; a model folder declares its own in its README.md)"
+    weights_path = property(lambda self: self.model_path)  # the weights it reads, hashed into the dataset card
     backbones: ClassVar[tuple[type, ...] | None] = None  # the SDModel classes it runs (None: SD 1.x/2.x and SDXL, backbones.py);
     # a plugin adding a backbone subclasses this generator and names its own here (docs/plugins.md, "Backbones")
 
