@@ -255,6 +255,9 @@ def _run(recipe, limit, registry, progress, t0, rank, world, out, force, peers=N
         from synfer.report import write_report
 
         write_report(out)
+    from synfer.card import write_card  # README.md (the Hub's dataset card) + provenance.json: who made the images, under which terms
+
+    write_card(out, recipe, stages.registry)
     if failed_eval is not None:
         raise failed_eval
     summary.seconds = time.time() - t0
