@@ -94,3 +94,27 @@ def test_evaluator_results_are_checked_and_one_failure_keeps_the_others(tmp_path
     # a later `synfer eval` of another evaluator may not take a key the run's evaluator wrote
     res = CliRunner().invoke(main, ["eval", str(tmp_path / "out"), "--evaluators", "steals-key"])
     assert res.exit_code == 1 and "steals-key" in res.output and "dummy-count" in res.output, res.output
+
+
+@pytest.mark.parametrize("fault, line", [
+    ("fault-metric-clash", "fault-metric-clash: returned fer_accuracy, already written by fer-accuracy"),
+    ("fault-metric-str", "evaluator 'fault-metric-str' returned acme_score='good' (str); expected a number"),
+    ("fault-metric-list", "evaluator 'fault-metric-list' returned acme_score=[0.1, 0.2] (list); expected a number"),
+    ("fault-metric-none", "evaluator 'fault-metric-none' returned NoneType; expected a dict of metric name -> number"),
+    ("fault-metric-nan", "warning: evaluator 'fault-metric-nan' gave acme_score=nan; written as null"),
+    ("fault-metric-numpy", None),
+])
+def test_issue_40_evaluator_faults_from_the_fault_package(tmp_path, env, fault, line):
+    """tests/fault_plugins/evaluator_results.py, run beside the built-in fer-accuracy: one line naming the plugin, the
+    built-in's number untouched, metrics.json valid JSON."""
+    import fault_plugins.evaluator_results as faults
+
+    env.add(faults, provider="acme-metrics")
+    res = CliRunner().invoke(main, ["run", str(_recipe(tmp_path, [{"plugin": "fer-accuracy", "judge": "dummy-expert"}, {"plugin": fault}]))])
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["fer_accuracy"] != 0.123 and m["provenance"]["fer-accuracy"]["metrics"][0].startswith("fer_accuracy")
+    if line is None:  # a numpy scalar is a number: converted
+        assert res.exit_code == 0 and m["acme_score"] == 0.5 and isinstance(m["acme_score"], float), res.output
+        return
+    assert line in res.output, res.output
+    assert res.exit_code == (0 if fault == "fault-metric-nan" else 1), res.output
