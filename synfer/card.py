@@ -388,10 +388,10 @@ def render_card(prov: dict, counts: Counter, name: str) -> str:
 
 def write_card(out: str | os.PathLike, recipe, registry=None) -> Path:
     """Write `<out>/provenance.json` and `<out>/README.md` (atomically) for a run's output; returns the card's path."""
-    from synfer.dataset import atomic_write, collect_rows, write_json
+    from synfer.dataset import atomic_write, iter_rows, write_json
 
     out = Path(out)
     prov = provenance(out, recipe, registry)
-    counts = count_rows(collect_rows(out))
+    counts = count_rows(iter_rows(out))  # streamed: a million rows are counted, not held
     write_json(out / PROVENANCE, prov)
     return atomic_write(out / CARD, render_card(prov, counts, out.name))

@@ -173,10 +173,10 @@ def validate(recipe, overrides):
 
     from synfer.resume import ResumeMismatch, check_resume
 
-    from synfer.dataset import collect_rows
+    from synfer.dataset import iter_rows
 
     try:  # the recipe resolved as `run` resolves it; a rerun into this output that would stop says so now
-        check_resume(r, r.output, collect_rows(Path(r.output)) if Path(r.output).is_dir() else [], write=False)
+        check_resume(r, r.output, iter_rows(Path(r.output)) if Path(r.output).is_dir() else [], write=False)
     except ResumeMismatch as exc:
         raise click.ClickException(f"{recipe}: {exc}")
     click.echo(f"{recipe}: ok ({r.num_images} images -> {r.output})")

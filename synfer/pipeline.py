@@ -18,7 +18,7 @@ from typing import Iterator
 
 from synfer import labels as L
 from synfer.contracts import Guarded, GuardedClassifier, calling, label_space_of
-from synfer.dataset import DatasetWriter, atomic_write, collect_rows, merge, part_name, write_json
+from synfer.dataset import DatasetWriter, atomic_write, iter_rows, merge, part_name, write_json
 from synfer.ensemble import ExpertEnsemble, Member
 from synfer.faults import crash_point
 from synfer.peers import distributed
@@ -202,7 +202,7 @@ def _run(recipe, limit, registry, progress, t0, rank, world, out, force, peers=N
 
     from synfer.resume import check_resume
 
-    check_resume(recipe, out, collect_rows(out), force=force, registry=registry, write=rank == 0)  # before anything is written
+    check_resume(recipe, out, iter_rows(out), force=force, registry=registry, write=rank == 0)  # before anything is written
     writer = DatasetWriter(out, part=part_name(rank) if world > 1 else None)
     n = recipe.num_images if limit is None else min(limit, recipe.num_images)
     stages = Stages(recipe, registry)
@@ -268,7 +268,13 @@ def write_grid(out: Path, rows: list[dict], classes, per_class: int = 8, name: s
     """A grid PNG: one row per expression (final label), up to `per_class` images each."""
     from PIL import Image, ImageDraw
 
-    by = {c: [r for r in rows if r.get("label") == c and r.get("kept", True)][:per_class] for c in classes}
+    by = {c: [] for c in classes}  # one pass over the rows, stopped once every class is full (a million rows are not all read)
+    for r in rows:
+        got = by.get(r.get("label")) if r.get("kept", True) else None
+        if got is not None and len(got) < per_class:
+            got.append(r)
+            if all(len(v) == per_class for v in by.values()):
+                break
     by = {c: v for c, v in by.items() if v}
     with Image.open(out / rows[0]["file_name"]) as im:
         size = max(im.size[0], 64)  # small (32 px) samples are shown enlarged, pixels kept sharp

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 RECIPE_FILE = "recipe.json"
 # Top-level keys that do not change any sample's pixels or labels.
@@ -96,10 +96,12 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], explicit: set[str] | 
     return out
 
 
-def check_resume(recipe, out: str | Path, rows: list[dict], force: bool = False, registry=None, write: bool = True) -> None:
+def check_resume(recipe, out: str | Path, rows: Iterable[dict], force: bool = False, registry=None, write: bool = True) -> None:
     """Before a run writes into `out`: compare with `out/recipe.json` (ResumeMismatch naming the
     keys that differ, unless `force`), refuse a labelled (FEText/real) folder, and record the
-    recipe when the folder has none (or `force` replaced it). `write=False` for torchrun ranks > 0."""
+    recipe when the folder has none (or `force` replaced it). `write=False` for torchrun ranks > 0.
+    `rows` (the rows on disk, e.g. `synfer.dataset.iter_rows`) is read only when there is no recipe.json,
+    and only until a generated row shows up."""
     from synfer.dataset import write_json
 
     out = Path(out)
@@ -120,12 +122,22 @@ def check_resume(recipe, out: str | Path, rows: list[dict], force: bool = False,
                 f"{out} was started by a recipe that draws other samples: {shown}{more} differ from {path}. "
                 "Resuming would mix two datasets. Write to another output=..., put the keys back, "
                 "or rerun with --force to continue with the new recipe.")
-    elif rows and not any("preassigned_label" in r for r in rows) and not force:
+    elif not force and (labelled := _labelled(rows)):
         raise ResumeMismatch(
-            f"{out} holds {len(rows)} labelled images (a FEText or real set), not the output of 'synfer run'; "
+            f"{out} holds {labelled} labelled images (a FEText or real set), not the output of 'synfer run'; "
             "pick another output=... for the run (a FEText folder is an input: layout source, FID reference, training data).")
     if write:
         write_json(path, new, sort_keys=True)
+
+
+def _labelled(rows: Iterable[dict]) -> int:
+    """How many rows, when none is a generated row (none has a preassigned label); 0 as soon as one is."""
+    n = 0
+    for r in rows:
+        if "preassigned_label" in r:
+            return 0
+        n += 1
+    return n
 
 
 def _short(v: Any) -> str:
