@@ -34,19 +34,27 @@ JudgeBlock = str | dict[str, Any]
 
 
 def dataset_rows(root: str | Path, kept_only: bool = True, max_images: int | None = None) -> list[dict]:
-    """Rows of a synfer dataset, or of a bare image folder (rows with only `file_name`)."""
-    from synfer.dataset import METADATA, read_metadata
+    """Rows of a synfer dataset, or of a bare image folder (rows with only `file_name`); the first `max_images`
+    are read and no more (a million-row dataset is not held for a 2000-image FID)."""
+    from itertools import islice
+
+    rows = iter_dataset_rows(root, kept_only)
+    return list(islice(rows, max_images) if max_images else rows)
+
+
+def iter_dataset_rows(root: str | Path, kept_only: bool = True):
+    """`dataset_rows`, one row at a time (synfer.dataset.iter_metadata: index order, every file checked first)."""
+    from synfer.dataset import METADATA, iter_metadata
 
     root = Path(root)
     if (root / METADATA).exists():
-        rows = read_metadata(root)
-        rows = [r for r in rows if r.get("kept", True)] if kept_only else rows
+        rows = iter_metadata(root)
+        yield from (r for r in rows if r.get("kept", True)) if kept_only else rows
     elif root.is_dir():
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
-        rows = [{"file_name": str(p.relative_to(root))} for p in files]
+        yield from ({"file_name": str(p.relative_to(root))} for p in files)
     else:
         raise FileNotFoundError(f"{root} is neither a synfer dataset (images/ + metadata.jsonl) nor an image folder")
-    return rows[:max_images] if max_images else rows
 
 
 def load_images(root: str | Path, rows: list[dict]):
@@ -310,15 +318,13 @@ class Diversity(Evaluator):
     def evaluate(self, dataset, reference=None):
         import numpy as np
 
-        rows = dataset_rows(dataset, self.config.kept_only, None)
-        by: dict[str, list[dict]] = {}
-        for r in rows:
-            if row_label(r):
-                by.setdefault(row_label(r), []).append(r)
+        by: dict[str, list[dict]] = {}  # the first max_per_class rows of each class, read in one pass
+        for r in iter_dataset_rows(dataset, self.config.kept_only):
+            if (c := row_label(r)) and len(got := by.setdefault(c, [])) < self.config.max_per_class:
+                got.append(r)
         ext = self.config.make_extractor()
         out = {}
         for c, rs in sorted(by.items()):
-            rs = rs[:self.config.max_per_class]
             if len(rs) >= 2:
                 out[f"diversity_{c}"] = mean_pairwise_distance(ext(load_images(dataset, rs)), self.config.metric)
         out = {"diversity": float(np.mean(list(out.values()))) if out else 0.0, **out}

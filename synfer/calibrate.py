@@ -2,11 +2,14 @@
 
 The recipe's calibrator/experts/vote blocks are used (its generator block too, since FERAnno
 reads the generator's UNet). Metadata is rewritten atomically under the folder's writer lock;
-images are untouched.
+images are untouched. Rows stream through in batches (read, voted, written to the temp file), so a
+million-row dataset is relabelled holding one batch.
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import click
@@ -25,26 +28,37 @@ def _calibrate(root: Path, recipe, registry, batch_size: int, progress: bool):
     from tqdm.auto import tqdm
 
     from synfer import labels as L
-    from synfer.dataset import METADATA, atomic_write, open_rgb, read_metadata, row_label, write_json
+    from synfer.dataset import METADATA, atomic_write, iter_metadata, open_rgb, row_label, write_json
     from synfer.pipeline import Stages, calibration_counts, label_batch
     from synfer.stages import GeneratedSample, SampleRequest
 
-    rows = read_metadata(root)
+    rows = iter_metadata(root)
+    first = list(islice(rows, batch_size))  # the whole file is checked here, before any model loads
     stages = Stages(recipe, registry)
     classes = L.label_space(recipe.label_space)
-    out_rows = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="calibrate", disable=not progress):
-        chunk = rows[start:start + batch_size]
-        samples = []
-        for r in chunk:
-            req = SampleRequest(index=r["index"], seed=r.get("seed", 0), expression=L.canonical(r.get("preassigned_label") or row_label(r)),
-                                aus=r.get("aus") or {}, prompt=r.get("prompt", ""), layout_source=r.get("layout_source"))
-            samples.append(GeneratedSample(request=req, image=open_rgb(root / r["file_name"])))
-        for r, ls in zip(chunk, label_batch(stages, samples, classes)):
-            new = ls.metadata(r["file_name"])
-            out_rows.append({**r, **{k: new[k] for k in ("preassigned_label", "label", "soft_label", "agreement", "kept", "predictions")}})
-    atomic_write(root / METADATA, "".join(json.dumps(r) + "\n" for r in out_rows))
-    counts = calibration_counts(out_rows)
+    counts: dict[str, Counter] = {}
+
+    def relabel(f):
+        chunk = first
+        with tqdm(desc="calibrate", unit="img", disable=not progress) as bar:
+            while chunk:
+                samples = []
+                for r in chunk:
+                    req = SampleRequest(index=r["index"], seed=r.get("seed", 0), expression=L.canonical(r.get("preassigned_label") or row_label(r)),
+                                        aus=r.get("aus") or {}, prompt=r.get("prompt", ""), layout_source=r.get("layout_source"))
+                    samples.append(GeneratedSample(request=req, image=open_rgb(root / r["file_name"])))
+                out_rows = []
+                for r, ls in zip(chunk, label_batch(stages, samples, classes)):
+                    new = ls.metadata(r["file_name"])
+                    out_rows.append({**r, **{k: new[k] for k in ("preassigned_label", "label", "soft_label", "agreement", "kept", "predictions")}})
+                f.write("".join(json.dumps(r) + "\n" for r in out_rows).encode("utf-8"))
+                for k, c in calibration_counts(out_rows).items():
+                    counts.setdefault(k, Counter()).update(c)
+                bar.update(len(chunk))
+                chunk = list(islice(rows, batch_size))
+
+    atomic_write(root / METADATA, relabel)
+    counts = dict(sorted(counts.items()))
     write_json(root / "calibration.json", {k: dict(v) for k, v in counts.items()})
     return counts
 

@@ -53,12 +53,15 @@ def checked_metrics(name: str, result: Any) -> dict[str, float | None]:
 
 
 def _counts(dataset: Path) -> dict[str, int]:
-    from synfer.dataset import METADATA, read_metadata
+    from synfer.dataset import METADATA, iter_metadata
 
     if not (dataset / METADATA).exists():
         return {}
-    rows = read_metadata(dataset, verify=False)
-    return {"rows": len(rows), "kept": sum(1 for r in rows if r.get("kept", True))}
+    rows = kept = 0
+    for r in iter_metadata(dataset, verify=False):  # streamed: a million-row dataset is counted, not held
+        rows += 1
+        kept += bool(r.get("kept", True))
+    return {"rows": rows, "kept": kept}
 
 
 def run_evaluators(dataset: str | Path, evaluators: list[tuple[dict, Any]], reference: str | Path | None = None,

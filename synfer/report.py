@@ -4,7 +4,8 @@ Sections: samples per expression (kept images per final label), the calibration 
 (calibration.json, or recomputed from metadata), a confusion matrix of preassigned vs final
 labels, the metrics (metrics.json) and the downstream benchmark (downstream.png/json) when
 present. Images are embedded as base64 PNG, so the file can be mailed or archived alone.
-`write_report()` is what `synfer run` calls at the end of a run.
+`write_report()` is what `synfer run` calls at the end of a run. The rows are read once, streamed
+(`Tally`): counts and a few images per group, so a million-row dataset reports in bounded memory.
 """
 from __future__ import annotations
 
@@ -85,41 +86,85 @@ def _table(header: list[str], rows: list[list], left=(0,)) -> str:
 # ---------------------------------------------------------------- sections
 
 
-def grid_section(root: Path, rows: list[dict], per_class: int) -> str:
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        if r.get("kept", True) and _label(r):
-            by.setdefault(_label(r), []).append(r)
+class Tally:
+    """What the report shows of the rows, gathered in one pass over them (in index order): counts, the confusion
+    of preassigned and final labels, and the first `per_class` rows of each group shown. Holds no more rows than
+    the page shows."""
+
+    def __init__(self, per_class: int):
+        self.per_class = per_class
+        self.rows = self.kept = 0
+        self.grid: dict[str, list[dict]] = {}  # final label -> first kept rows
+        self.grid_n: Counter = Counter()
+        self.changed = {"relabelled": {}, "dropped": {}}  # what -> preassigned label -> first rows
+        self.changed_n = {"relabelled": Counter(), "dropped": Counter()}
+        self.generated = 0  # rows with a preassigned label
+        self.all_preassigned = True  # every row has the key: calibration can be recounted from the rows
+        self.recount: dict[str, Counter] = {}  # synfer.pipeline.calibration_counts, row by row
+        self.labels: Counter = Counter()  # final labels (a labelled set's counts)
+        self.confusion: Counter = Counter()  # (preassigned, final label, kept)
+
+    def _keep(self, groups: dict, counts: Counter, key: str, r: dict) -> None:
+        counts[key] += 1
+        got = groups.setdefault(key, [])
+        if len(got) < self.per_class:
+            got.append(r)
+
+    def add(self, r: dict) -> None:
+        kept = r.get("kept", True)
+        label = _label(r)
+        self.rows += 1
+        self.kept += bool(kept)
+        if label:
+            self.labels[label] += 1
+            if kept:
+                self._keep(self.grid, self.grid_n, label, r)
+        if "preassigned_label" not in r:
+            self.all_preassigned = False
+        elif self.all_preassigned:
+            c = self.recount.setdefault(r["preassigned_label"], Counter())
+            c["total"] += 1
+            if not kept:
+                c["dropped"] += 1
+            else:
+                c["kept"] += 1
+                c["relabelled"] += r["label"] != r["preassigned_label"]
+        pre = r.get("preassigned_label")
+        if pre:
+            self.generated += 1
+            if not kept:
+                self._keep(self.changed["dropped"], self.changed_n["dropped"], pre, r)
+            elif label != pre:
+                self._keep(self.changed["relabelled"], self.changed_n["relabelled"], pre, r)
+            if label:
+                self.confusion[(L.canonical(pre), label, bool(kept))] += 1
+
+
+def grid_section(root: Path, tally: Tally) -> str:
     lines = []
-    for c in _ordered(by):
-        imgs = "".join(f"<img src='{_image_b64(root / r['file_name'])}' title='{html.escape(r['file_name'])}'>" for r in by[c][:per_class])
+    for c in _ordered(tally.grid):
+        imgs = "".join(f"<img src='{_image_b64(root / r['file_name'])}' title='{html.escape(r['file_name'])}'>" for r in tally.grid[c])
         lines.append(f"<div class='row'><span class='name'>{html.escape(c)}</span>{imgs}"
-                     f"<span class='muted'>{len(by[c])} kept</span></div>")
+                     f"<span class='muted'>{tally.grid_n[c]} kept</span></div>")
     body = "".join(lines) or "<p class='muted'>no kept images</p>"
     return f"<section id='grid'><h2>Samples per expression (final label, kept)</h2>{body}</section>"
 
 
-def changed_section(root: Path, rows: list[dict], per_class: int) -> str:
+def changed_section(root: Path, tally: Tally) -> str:
     """What calibration did not keep as planned: relabelled samples (preassigned -> final) and dropped ones, shown beside
     the kept grid so a reader can judge the vote, per preassigned class."""
-    gen = [r for r in rows if r.get("preassigned_label")]
-    if not gen:
+    if not tally.generated:
         return ""
-    groups = {"relabelled": [r for r in gen if r.get("kept", True) and _label(r) != r["preassigned_label"]],
-              "dropped": [r for r in gen if not r.get("kept", True)]}
     out = []
-    for what, rs in groups.items():
-        by: dict[str, list[dict]] = {}
-        for r in rs:
-            by.setdefault(r["preassigned_label"], []).append(r)
+    for what, by in tally.changed.items():
+        counts = tally.changed_n[what]
         lines = []
         for c in _ordered(by):
-            imgs = "".join(f"<img src='{_image_b64(root / r['file_name'])}' title='{html.escape(_caption(r))}'>"
-                           for r in by[c][:per_class])
+            imgs = "".join(f"<img src='{_image_b64(root / r['file_name'])}' title='{html.escape(_caption(r))}'>" for r in by[c])
             lines.append(f"<div class='row'><span class='name'>{html.escape(c)}</span>{imgs}"
-                         f"<span class='muted'>{len(by[c])} {what}</span></div>")
+                         f"<span class='muted'>{counts[c]} {what}</span></div>")
         body = "".join(lines) or f"<p class='muted'>none {what}</p>"
-        out.append(f"<h3>{what.capitalize()} ({len(rs)})</h3>{body}")
+        out.append(f"<h3>{what.capitalize()} ({sum(counts.values())})</h3>{body}")
     return ("<section id='changed'><h2>Relabelled and dropped samples (by preassigned label)</h2>"
             "<p class='muted'>hover an image: its final label and the vote's confidence</p>" + "".join(out) + "</section>")
 
@@ -131,20 +176,17 @@ def _caption(r: dict) -> str:
     return f"{r['file_name']}: {r['preassigned_label']} -> {final}{conf}"
 
 
-def calibration_counts(root: Path, rows: list[dict]) -> tuple[dict[str, dict], str]:
+def calibration_counts(root: Path, tally: Tally) -> tuple[dict[str, dict], str]:
     path = root / "calibration.json"
     if path.exists():
         return json.loads(path.read_text()), "calibration.json"
-    if rows and all("preassigned_label" in r for r in rows):
-        from synfer.pipeline import calibration_counts as recount
-
-        return {k: dict(v) for k, v in recount(rows).items()}, "recomputed from metadata.jsonl"
-    counts = Counter(_label(r) for r in rows if _label(r))
-    return {c: {"total": n, "kept": n} for c, n in counts.items()}, "no calibration: a labelled (real/FEText) set"
+    if tally.rows and tally.all_preassigned:
+        return {k: dict(v) for k, v in sorted(tally.recount.items())}, "recomputed from metadata.jsonl"
+    return {c: {"total": n, "kept": n} for c, n in tally.labels.items()}, "no calibration: a labelled (real/FEText) set"
 
 
-def calibration_section(root: Path, rows: list[dict]) -> str:
-    counts, source = calibration_counts(root, rows)
+def calibration_section(root: Path, tally: Tally) -> str:
+    counts, source = calibration_counts(root, tally)
     cols = ["total", "kept", "relabelled", "dropped"]
     body, tot = [], Counter()
     for c in _ordered(counts):
@@ -156,10 +198,9 @@ def calibration_section(root: Path, rows: list[dict]) -> str:
             f"{_table(['class'] + cols, body)}</section>")
 
 
-def confusion_section(rows: list[dict]) -> str:
+def confusion_section(tally: Tally) -> str:
     """Preassigned (rows) vs final label (columns); dropped samples get their own column."""
-    gen = [r for r in rows if r.get("preassigned_label") and _label(r)]
-    if not gen:
+    if not tally.confusion:
         return "<section id='confusion'><h2>Preassigned vs final labels</h2><p class='muted'>not a generated set: no preassigned labels</p></section>"
     import matplotlib
 
@@ -167,12 +208,11 @@ def confusion_section(rows: list[dict]) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    classes = _ordered({L.canonical(r["preassigned_label"]) for r in gen} | {_label(r) for r in gen})
+    classes = _ordered({pre for pre, _, _ in tally.confusion} | {final for _, final, _ in tally.confusion})
     cols = classes + ["dropped"]
     m = np.zeros((len(classes), len(cols)), int)
-    for r in gen:
-        j = cols.index(_label(r)) if r.get("kept", True) else len(classes)
-        m[classes.index(L.canonical(r["preassigned_label"])), j] += 1
+    for (pre, final, kept), n in tally.confusion.items():
+        m[classes.index(pre), cols.index(final) if kept else len(classes)] += n
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(cols), 0.8 + 0.5 * len(classes)), constrained_layout=True)
     ax.imshow(m / np.maximum(m.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
     for i in range(m.shape[0]):
@@ -194,7 +234,7 @@ def metrics_section(root: Path) -> str:
     path = root / "metrics.json"
     if not path.exists():
         return ("<section id='metrics'><h2>Metrics</h2><p class='muted'>no metrics.json yet: run "
-                f"<code>synfer eval {html.escape(str(root))} --reference REAL_SET</code></p></section>")
+                f"<code>synfer eval {html.escape(str(root.name if root.is_absolute() else root))} --reference REAL_SET</code></p></section>")
     from synfer.evaluate import PROVENANCE, metric_values
 
     raw = json.loads(path.read_text())
@@ -270,19 +310,20 @@ def downstream_section(root: Path, downstream) -> str:
 def write_report(dataset_dir: str | Path, downstream: str | Path | None = None, per_class: int = 6,
                  output: str | Path | None = None) -> Path:
     """Write `<dataset_dir>/report.html` (or `output`) and return its path."""
-    from synfer.dataset import atomic_write, read_metadata
+    from synfer.dataset import atomic_write, iter_metadata
 
     root = Path(dataset_dir)
-    rows = read_metadata(root)
-    kept = sum(bool(r.get("kept", True)) for r in rows)
+    tally = Tally(per_class)
+    for r in iter_metadata(root):
+        tally.add(r)
     title = f"synfer report: {root.name}"
-    parts = [
-        f"<section id='summary'><h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(root.resolve()))}: "
-        f"{len(rows)} images, {kept} kept</p></section>",
-        grid_section(root, rows, per_class),
-        changed_section(root, rows, per_class),
-        calibration_section(root, rows),
-        confusion_section(rows),
+    parts = [  # the folder's name, not its path: a published dataset carries no path of the machine it was made on
+        f"<section id='summary'><h1>{html.escape(title)}</h1><p class='muted'>{html.escape(root.resolve().name)}: "
+        f"{tally.rows} images, {tally.kept} kept</p></section>",
+        grid_section(root, tally),
+        changed_section(root, tally),
+        calibration_section(root, tally),
+        confusion_section(tally),
         metrics_section(root),
         downstream_section(root, downstream),
     ]
