@@ -152,6 +152,12 @@ def stage_weights(stage) -> Path | None:
     return Path(path).expanduser() if path is not None and Path(path).expanduser().exists() else None
 
 
+def portable_name(path: Path) -> str:
+    """A weights path as a published dataset may show it: as the recipe wrote it when relative, else the folder or
+    file name only (an absolute path names the machine, not the model; the sha256 beside it names the weights)."""
+    return str(path) if not Path(path).is_absolute() else Path(path).name
+
+
 def model_entry(role: str, info, stage, cache: dict) -> ModelEntry:
     """One stage's provenance: plugin, provider, weights and their sha256, licence and data terms."""
     cls = info.cls
@@ -162,10 +168,11 @@ def model_entry(role: str, info, stage, cache: dict) -> ModelEntry:
     if own and path is not None:
         folder = path if path.is_dir() else path.parent
         declared = declared_licence(folder)
-        licence = declared or (f"{NOT_DECLARED} for {path} (add `license:` to the front matter of {folder / CARD}; "
+        licence = declared or (f"{NOT_DECLARED} for {portable_name(path)} (add `license:` to the front matter of "
+                               f"{portable_name(folder / CARD)}; "
                                f"the plugin's default weights: {licence})")
         terms = None if declared else terms
-    entry = ModelEntry(role, info.name, info.provider, info.version, licence, terms, str(path) if path else None)
+    entry = ModelEntry(role, info.name, info.provider, info.version, licence, terms, portable_name(path) if path else None)
     if path is not None:
         entry.sha256, entry.parts = weights_sha256(path, cache)
     return entry

@@ -171,3 +171,37 @@ def test_third_party_expert_votes_without_core_change(tmp_path, registry):
         if row["preassigned_label"] == "contempt":  # it cannot see contempt: its vote moves the label to happy
             assert row["predictions"]["example-constant"][L.LABEL_SPACES["affectnet8"].index("contempt")] == 0
         assert row["label"] == "happy"
+
+
+def test_rows_name_the_model_by_folder_and_hash_not_path(tmp_path):
+    """No file of a run holds the machine's paths: rows name the generator as '<folder>@sha256:<16 hex>' (the card has
+    the full digest), the same for a copy of the folder elsewhere."""
+    import shutil
+
+    from synfer_plugins.sd.generator import TINY_MODEL_DIR, model_id
+
+    copy = tmp_path / "elsewhere" / TINY_MODEL_DIR.name
+    shutil.copytree(TINY_MODEL_DIR, copy)
+    ident = model_id(TINY_MODEL_DIR)
+    assert ident.startswith(f"{TINY_MODEL_DIR.name}@sha256:") and len(ident.split(":")[1]) == 16
+    assert model_id(copy) == ident and "/" not in ident
+
+
+@pytest.mark.slow
+def test_no_file_of_a_run_holds_a_machine_path(tmp_path):
+    """A published dataset leaks no local paths: rows, recipe.json, metrics, report, card and provenance name models by
+    folder and hash (the shipped models live under the repo; the output under tmp_path)."""
+    from pathlib import Path
+
+    from synfer.pipeline import run_recipe
+    from synfer.recipe import load_recipe
+
+    ROOT = HERE.parent
+    out = tmp_path / "run"
+    run_recipe(load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"output={out}", "num_images=2", "generator.steps=2",
+                                                                   "generator.layout.enabled=false", "evaluators=[{plugin: fer-accuracy}]"]),
+               progress=False)
+    texts = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}
+    assert {"metadata.jsonl", "recipe.json", "metrics.json", "report.html", "README.md", "provenance.json"} <= set(texts)
+    leaks = {name: needle for name, text in texts.items() for needle in (str(tmp_path), str(ROOT), str(Path.home())) if needle in text}
+    assert not leaks, leaks

@@ -38,6 +38,20 @@ OnStep = Callable[[int, "object", "object", "object"], "object | None"]
 # ---------------------------------------------------------------- the generator stage
 
 
+_MODEL_IDS: dict[str, str] = {}
+
+
+def model_id(path: Path) -> str:
+    """How rows name the model: its folder's name and the sha256 of its weights ('tiny-sd@sha256:1f2e...'), never a
+    machine path; hashed once per process (the dataset card gives the full digest)."""
+    key = str(Path(path).resolve())
+    if key not in _MODEL_IDS:
+        from synfer.card import weights_sha256
+
+        _MODEL_IDS[key] = f"{Path(path).name}@sha256:{weights_sha256(Path(path))[0][:16]}"
+    return _MODEL_IDS[key]
+
+
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). SYNFER_NATIVE_BF16=1 (or 0) says so instead of
     asking the CPU: CI forces 1 on an AVX2 machine so that it sees what `forward_dtype: auto` does on a BF16 host."""
@@ -339,7 +353,7 @@ class SDGenerator(Generator):
         """What each record keeps of how it was sampled."""
         sg = self.config.semantic_guidance
         lay = self.config.layout
-        gen = {"model": str(self.model_path), "scheduler": self.config.scheduler, "steps": self.config.steps,
+        gen = {"model": model_id(self.model_path), "scheduler": self.config.scheduler, "steps": self.config.steps,
                "guidance_scale": self.config.guidance_scale, "au_scale": self.config.au_scale if self.load().au_adapter is not None else None}
         if (fwd := self.load().forward_dtype) is not None:  # only when used: the records of runs without it keep their bytes
             gen["forward_dtype"] = str(fwd).removeprefix("torch.")
