@@ -332,12 +332,15 @@ def _around(stage, method: str, args, kwargs):
 
 
 def _dataset_files(folder):
-    """(relative name, size, mtime_ns) of a dataset's metadata and images, streamed from the listing."""
+    """(relative name, size, mtime_ns) of a dataset's metadata and images (also in images/'s sub-folders, the
+    `images_per_folder` layout), streamed from the listing."""
     import os
 
     from synfer.dataset import IMAGES, METADATA
 
-    for sub in (folder, os.path.join(folder, IMAGES)):
+    subs = [folder, os.path.join(folder, IMAGES)]
+    while subs:
+        sub = subs.pop(0)
         try:
             entries = os.scandir(sub)
         except OSError:
@@ -347,6 +350,8 @@ def _dataset_files(folder):
                 if e.is_file() and (sub != folder or e.name == METADATA):
                     st = e.stat()
                     yield os.path.relpath(e.path, folder), st.st_size, st.st_mtime_ns
+                elif sub != folder and e.is_dir(follow_symlinks=False):
+                    subs.append(e.path)
 
 
 def dataset_state(folder):

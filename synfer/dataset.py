@@ -1,7 +1,9 @@
 """The one on-disk format of the project: images + `metadata.jsonl`.
 
 `<dir>/metadata.jsonl` has one JSON object per image with at least `file_name`
-(relative to `<dir>`); images live under `<dir>/images/`. The folder loads as is with
+(relative to `<dir>`); images live under `<dir>/images/`: flat (`images/00012345.png`, the default), or in
+sub-folders of at most N images each (`images/00012/00012345.png` for N = 1000, the recipe's
+`images_per_folder`), which a filesystem and a copy to a hub handle at a million images. The folder loads as is with
 `datasets.load_dataset("imagefolder", data_dir=<dir>)`. Writes are atomic: the image goes to a
 temp file and is renamed, and its metadata line is appended (and fsynced) only after
 the image is on disk, so a crash never leaves a listed-but-missing file and a rerun
@@ -94,8 +96,14 @@ def parse_rows(rows: list[dict], path: Path | str = METADATA) -> list[dict]:
     return rows
 
 
-def image_name(index: int, ext: str = "png") -> str:
-    return f"{IMAGES}/{index:08d}.{ext}"
+def image_name(index: int, ext: str = "png", images_per_folder: int | None = None) -> str:
+    """The `file_name` of sample `index`: `images/00012345.png`, or with `images_per_folder` N the same name in
+    sub-folder `index // N` (`images/00012/00012345.png` for N = 1000), so no folder holds more than N images."""
+    if images_per_folder is None:
+        return f"{IMAGES}/{index:08d}.{ext}"
+    if isinstance(images_per_folder, bool) or not isinstance(images_per_folder, int) or images_per_folder < 1:
+        raise ValueError(f"images_per_folder must be an int >= 1 (or None for one flat images/ folder), got {images_per_folder!r}")
+    return f"{IMAGES}/{index // images_per_folder:05d}/{index:08d}.{ext}"
 
 
 def _read_lines(path: Path) -> tuple[list[dict], int]:
@@ -194,14 +202,20 @@ def collect_rows(root: Path, repair: Path | None = None) -> list[dict]:
 
 
 def _remove_temp_images(folder: Path) -> None:
-    """Delete `.<name>.tmp` files (atomic_write's temp files) in `folder`, streaming its listing (`Path.glob` lists
-    a folder whole: ~200 bytes per image, 280 MB for the paper's 1.4M)."""
+    """Delete `.<name>.tmp` files (atomic_write's temp files) in `folder` and its sub-folders (the
+    `images_per_folder` layout), streaming each listing (`Path.glob` lists a folder whole: ~200 bytes per image,
+    280 MB for the paper's 1.4M)."""
     if not folder.is_dir():
         return
+    subs = []
     with os.scandir(folder) as entries:
         for e in entries:
             if e.name.startswith(".") and e.name.endswith(".tmp") and len(e.name) >= 5:
                 Path(e.path).unlink(missing_ok=True)
+            elif e.is_dir(follow_symlinks=False):
+                subs.append(e.path)
+    for sub in subs:
+        _remove_temp_images(Path(sub))
 
 
 def scan_done(root: Path, repair: Path | None = None) -> DoneIndex:
@@ -236,12 +250,17 @@ class DatasetWriter:
     rank's part (for resume, also when the number of workers changed), one bit each.
 
     `part=None` appends to `metadata.jsonl`; `part=part_name(rank)` to that rank's part.
+    `images_per_folder` N puts sample i in `images/<i // N>/` (see `image_name`); None keeps one flat `images/`.
     Leftovers of a crash (half-written `.tmp` images, a torn line) are cleaned up on open.
     """
 
-    def __init__(self, root: str | os.PathLike, ext: str = "png", compress_level: int = 1, part: str | None = None):
+    def __init__(self, root: str | os.PathLike, ext: str = "png", compress_level: int = 1, part: str | None = None,
+                 images_per_folder: int | None = None):
         self.root = Path(root)
         self.ext = ext
+        image_name(0, ext, images_per_folder)  # a bad value fails here, before anything is written
+        self.images_per_folder = images_per_folder
+        self._folders: set[str] = set()  # sub-folders made by this writer (one mkdir each, not one per image)
         self.compress_level = compress_level  # PNG level 1: ~35% faster to encode than 6, ~11% larger
         (self.root / IMAGES).mkdir(parents=True, exist_ok=True)
         self.meta_path = self.root / (part or METADATA)
@@ -260,7 +279,11 @@ class DatasetWriter:
         return self._rows
 
     def _put_image(self, index: int, image, sync: bool) -> str:
-        name = image_name(index, self.ext)
+        name = image_name(index, self.ext, self.images_per_folder)
+        folder = name.rpartition("/")[0]
+        if folder != IMAGES and folder not in self._folders:
+            (self.root / folder).mkdir(exist_ok=True)  # ranks share folders: exist_ok makes the race harmless
+            self._folders.add(folder)
         fmt = "PNG" if self.ext == "png" else self.ext.upper()
         atomic_write(self.root / name, lambda f: image.save(f, format=fmt, compress_level=self.compress_level), sync=sync)
         return name

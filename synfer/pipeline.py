@@ -203,7 +203,7 @@ def _run(recipe, limit, registry, progress, t0, rank, world, out, force, peers=N
     from synfer.resume import check_resume
 
     check_resume(recipe, out, iter_rows(out), force=force, registry=registry, write=rank == 0)  # before anything is written
-    writer = DatasetWriter(out, part=part_name(rank) if world > 1 else None)
+    writer = DatasetWriter(out, part=part_name(rank) if world > 1 else None, images_per_folder=recipe.images_per_folder)
     n = recipe.num_images if limit is None else min(limit, recipe.num_images)
     stages = Stages(recipe, registry)
     classes = L.label_space(recipe.label_space)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from synfer import labels as L
 from synfer.threads import parse as parse_threads
@@ -140,6 +140,17 @@ class Recipe(RecipeModel):
     report: bool = True  # write <output>/report.html (synfer report)
     threads: Threads = "auto"  # CPU threads, set once at start; auto: OMP_NUM_THREADS if set, else free cores split by torchrun workers
     # (cores minus load average, at least 1; synfer/threads.py). Never blocks a resume
+    images_per_folder: int | None = Field(None, ge=1)  # None: one flat images/ folder; N: images/<index // N>/, at most N files a folder
+    # (10000 at 1M+ images, docs/results.md). Changes file_name, not pixels; a rerun with another value is refused
+
+    @model_serializer(mode="wrap")
+    def _flat_layout_unsaid(self, handler):
+        """The default flat layout is left out of a dump, so recipe.json (and the card's recipe hash) of a flat run
+        are the bytes they were before `images_per_folder` existed; a set value is recorded and checked on resume."""
+        data = handler(self)
+        if isinstance(data, dict) and self.images_per_folder is None:
+            data.pop("images_per_folder", None)
+        return data
 
     @classmethod
     def item_problems(cls, key, i, block, registry):
