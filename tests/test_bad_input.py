@@ -20,7 +20,7 @@ from synfer.recipe import RecipeError, load_recipe
     ("generator.steps=[1, 2]", ["generator.steps", "valid integer"]),
     ("generator.plugin=sdxl", ["generator.plugin", "no generator named 'sdxl'", "Installed:", "synfer plugins"]),
     ("guidance_classifier.plugin=resnet-fer", ["guidance_classifier.plugin", "'resnet-fer'"]),
-    ("generator.model=/no/such/sd15", ["generator.model", "'/no/such/sd15' does not exist", "diffusers SD 1.x folder", "synfer train generator"]),
+    ("generator.model=/no/such/sd15", ["generator.model", "'/no/such/sd15' does not exist", "diffusers SD-family folder", "synfer train generator"]),
     ("guidance_classifier.weights=/no/cnn", ["guidance_classifier.weights", "does not exist", "synfer train classifier"]),
     ("calibrator.weights=/no/feranno", ["calibrator.weights", "does not exist", "synfer train calibrator"]),
     ("num_images=-4", ["num_images", "greater than 0", "-4"]),
