@@ -107,7 +107,8 @@ def test_run_bytes_identical_at_batch_sizes_1_8_16(tmp_path, registry):
     assert len([k for k in got[1] if k.startswith("images/")]) == 10
     for bs in (8, 16):
         assert sorted(got[bs]) == sorted(got[1])
-        assert [k for k in got[1] if got[bs][k] != got[1][k] and k != "recipe.json"] == []  # images and metadata
+        # images and metadata; recipe.json and the card (README.md, provenance.json) record the recipe, batch size included
+        assert [k for k in got[1] if got[bs][k] != got[1][k] and k not in ("recipe.json", "README.md", "provenance.json")] == []
     assert len(list((tmp_path / "fetext" / "work").glob("layout-*/*.safetensors"))) > 0
 
 
@@ -144,7 +145,7 @@ def test_interrupted_and_killed_runs_resume_to_the_same_bytes(tmp_path, registry
     a, b = _files(tmp_path / "ref"), _files(tmp_path / "cut")
     assert len([k for k in a if k.startswith("images/")]) == 10
     assert sorted(a) == sorted(b)
-    assert [k for k in a if a[k] != b[k]] == []
+    assert [k for k in a if a[k] != b[k] and k != "README.md"] == []  # the card names its folder (ref, cut)
 
 
 def test_shards_are_whole_chunks_and_cover_the_plan_once():
