@@ -32,7 +32,6 @@ CMD = r"(?:synfer|torchrun|make) "
 # The commands of the docs that no journey here runs, and why (each is run elsewhere, or is this suite itself).
 ELSEWHERE = {
     "make test": "the suite itself (.ci/run)",
-    "synfer plugin new acme-fer": "tests/test_docs.py::test_plugin_template_passes_its_own_test",
     "synfer recipe docs": "tests/test_docs.py::test_recipe_reference_is_up_to_date (writes docs/ in the repo)",
     "synfer benchmark merge out/a/downstream.json out/b/downstream.json --output out/c": "tests/test_benchmark.py",
     "synfer benchmark ssl recipes/downstream.yaml": "tests/test_selfsup.py",
@@ -316,6 +315,7 @@ def test_make_demo_then_every_procedural_command(tmp_path):
     metrics = json.loads((lab.path / "out" / "quickstart" / "metrics.json").read_text())
     assert metrics["provenance"]["fer-accuracy"]["config"]["judge"]  # every metric names what made it
     assert (lab.path / "plugins" / "models" / "feranno" / "config.json").exists()  # the bootstrap's last step
+    assert (lab.path / "synfer-acme-fer" / "pyproject.toml").exists()  # `synfer plugin new NAME` (its test: tests/test_docs.py)
 
 
 def _scale_bootstrap(lab: Lab):
