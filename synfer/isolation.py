@@ -40,7 +40,11 @@ def watch_interrupts() -> None:
 def _real_interrupt(exc: KeyboardInterrupt) -> bool:
     """Whether a KeyboardInterrupt came from a Ctrl-C (or we cannot tell): it must then stop synfer."""
     global _sigints
-    if not _watching or getattr(exc, "_synfer_sigint", False):
+    if getattr(exc, "_synfer_sigint", False):
+        return True
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # no Ctrl-C reaches this process (started in the background,
+        return False  # as CI may start it): any KeyboardInterrupt was raised by code
+    if not _watching:
         return True
     if _sigints > 0:  # mark it, so an outer plugin boundary sees the same interrupt as real too
         _sigints -= 1

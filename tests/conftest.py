@@ -81,6 +81,12 @@ def _out_snapshot():
 
 def pytest_sessionstart(session):
     session.config._synfer_out = _out_snapshot()
+    # A suite started in the background (as CI may start it) has SIGINT ignored, so no Ctrl-C can reach it; the tests of
+    # what a Ctrl-C does inside a plugin need Python's own handler, as a terminal gives it. (The ignored case has its test.)
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session, exitstatus):

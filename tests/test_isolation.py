@@ -71,6 +71,20 @@ def test_a_real_ctrl_c_inside_a_plugin_still_stops_synfer(faulty):
         _vote(faulty[0], "fault-raise-interrupt")
 
 
+def test_with_sigint_ignored_every_keyboard_interrupt_is_the_plugins(faulty, monkeypatch):
+    """A process started in the background ignores SIGINT: no Ctrl-C can reach it, so a KeyboardInterrupt a plugin
+    raises is its error, even where the SIGINT counter could not be installed."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(isolation, "_watching", False)
+        with pytest.raises(PluginCallError, match="raised KeyboardInterrupt without a Ctrl-C"):
+            _vote(faulty[0], "fault-raise-interrupt")
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _dummy_recipe(reg, out, experts=(), evaluators=(), n=6):
     return validate_data({"num_images": n, "output": str(out), "grid": False, "report": False, "generator": {"plugin": "dummy", "batch_size": 2, "size": 32},
                           "experts": [{"plugin": e} for e in experts], "evaluators": [{"plugin": e} for e in evaluators]}, reg)
