@@ -28,8 +28,8 @@ from synfer.recipe import RecipeError, load_recipe
     ("expressions={boredom: 1}", ["expressions", "unknown expression 'boredom'", "known: neutral"]),
     ("label_space=rafdb7;expressions={contempt: 1}", ["'contempt' is not in label space rafdb7"]),
 ])
-def test_bad_recipe_one_clear_message(override, expect):
-    res = CliRunner().invoke(main, ["validate", "recipes/quickstart.yaml", *override.split(";")])
+def test_bad_recipe_one_clear_message(override, expect, tmp_path):
+    res = CliRunner().invoke(main, ["validate", "recipes/quickstart.yaml", *override.split(";"), f"output={tmp_path / 'o'}"])
     assert res.exit_code != 0
     assert res.output.count("problem(s)") == 1 and "Traceback" not in res.output
     for word in expect:

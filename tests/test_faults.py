@@ -204,19 +204,20 @@ def test_a_plugin_declared_label_space_votes(faulty):
 
 
 @pytest.mark.slow  # subprocesses or a diffusion run
-def test_cli_beside_the_faults(dists):
+def test_cli_beside_the_faults(dists, tmp_path):
     env = subprocess_env(HERE, *dists)
+    quickstart = [*QUICKSTART, f"output={tmp_path / 'out'}"]  # never the repo's out/quickstart, which make demo wrote
     out = subprocess.run(SYNFER + ["plugins", "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert {f["entry_point"] for f in data["failed"]} == set(LEFT_OUT)
     assert {r["name"] for r in data["plugins"] if r["clash"]} == {"tiny-cnn"}
-    bad = subprocess.run(SYNFER + ["validate", *QUICKSTART], capture_output=True, text=True, env=env, cwd=ROOT)
+    bad = subprocess.run(SYNFER + ["validate", *quickstart], capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode != 0 and "2 plugins answer to guidance_classifier 'tiny-cnn'" in bad.stderr
     assert "Traceback" not in bad.stderr
     for name in LEFT_OUT:  # each left-out plugin warned about once, in one line
         assert bad.stderr.count(f"warning: synfer plugin {name!r}") == 1, bad.stderr
-    ok = subprocess.run(SYNFER + ["-p", "no:acme", "-p", "no:acme-experts", "validate", *QUICKSTART],
+    ok = subprocess.run(SYNFER + ["-p", "no:acme", "-p", "no:acme-experts", "validate", *quickstart],
                         capture_output=True, text=True, env=env, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     env["SYNFER_PLUGINS"] = "acme-declared"  # only this third party (and the built-ins)

@@ -143,7 +143,8 @@ def test_a_broken_plugin_is_warned_about_once(tmp_path):
 
     (tmp_path / "synfer_broken.py").write_text("raise RuntimeError('boom at import')\n")
     make_dist(tmp_path, "synfer-broken", {"broken": "synfer_broken"})
-    for args in (["plugins"], ["validate", "recipes/quickstart.yaml", "generator.layout.enabled=false", "evaluators=[]"]):
+    # a new output: the repo's out/quickstart is make demo's, with another recipe.json
+    for args in (["plugins"], ["validate", "recipes/quickstart.yaml", "generator.layout.enabled=false", "evaluators=[]", f"output={tmp_path / 'o'}"]):
         out = subprocess.run([sys.executable, "-m", "synfer", *args], capture_output=True, text=True, env=subprocess_env(tmp_path), cwd=ROOT)
         assert out.returncode == 0, out.stderr
         assert out.stderr.count("boom at import") == 1, out.stderr
