@@ -111,21 +111,28 @@ def datasets_load(folder: Path, cache: Path) -> list[str]:
     return [sys.executable, "-c", code, str(folder)]
 
 
-def bench(work: Path, n: int, with_datasets: bool, log: Path, skip: tuple[str, ...] = ()) -> dict:
+STEPS = ("resume", "report", "eval", "merge", "calibrate")
+
+
+def bench(work: Path, n: int, with_datasets: bool, log: Path, skip: tuple[str, ...] = (), only: tuple[str, ...] = STEPS) -> dict:
     seed = seed_folder(work)
+    skip = tuple(skip) + tuple(s for s in STEPS if s not in only)
     res: dict = {"rows": n}
     t0 = time.perf_counter()
     main = build(seed, work / f"rows-{n}", n)
     res["build_s"] = round(time.perf_counter() - t0, 1)
     run = ["run", str(RECIPE), *OVERRIDES]
-    res["resume_first_batch"] = measure(synfer(*run, f"num_images={n + 8}", f"output={main}"), {"SYNFER_CRASH_AT": "generate:1"}, log)
-    res["resume"] = measure(synfer(*run, f"num_images={n + 8}", f"output={main}"), log=log)
-    res["report"] = measure(synfer("report", str(main)), log=log)
-    res["eval_diversity"] = measure(synfer("eval", str(main), "--evaluators", "diversity"), log=log)
+    if "resume" not in skip:
+        res["resume_first_batch"] = measure(synfer(*run, f"num_images={n + 8}", f"output={main}"), {"SYNFER_CRASH_AT": "generate:1"}, log)
+        res["resume"] = measure(synfer(*run, f"num_images={n + 8}", f"output={main}"), log=log)
+    if "report" not in skip:
+        res["report"] = measure(synfer("report", str(main)), log=log)
+    if "eval" not in skip:
+        res["eval_diversity"] = measure(synfer("eval", str(main), "--evaluators", "diversity"), log=log)
     if with_datasets:
         res["datasets_load"] = measure(datasets_load(main, work / "hf-cache"), {"HF_DATASETS_CACHE": str(work / "hf-cache")}, log)
         shutil.rmtree(work / "hf-cache", ignore_errors=True)
-    for ranks in (2, 8):
+    for ranks in (2, 8) if "merge" not in skip else ():
         folder = build(seed, work / f"merge-{n}-{ranks}", n, parts=ranks, images=main / "images")
         res[f"merge_{ranks}_ranks"] = measure(synfer("merge", str(folder)), log=log)
         shutil.rmtree(folder)
@@ -183,6 +190,7 @@ def main():
     ap.add_argument("--datasets", action="store_true", help="also time datasets.load_dataset('imagefolder')")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--skip", nargs="*", default=[], choices=["calibrate"], help="leave these out of the N-row cases")
+    ap.add_argument("--only", nargs="*", default=list(STEPS), choices=STEPS, help="run just these on the N-row folders")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "log.txt"
@@ -192,7 +200,7 @@ def main():
         session["results"].append({"case": "baseline", **baseline(args.work, args.datasets, log)})
         print(json.dumps(session["results"][-1]), flush=True)
     for n in args.rows:
-        session["results"].append({"case": f"{n} rows", **bench(args.work, n, args.datasets, log, tuple(args.skip))})
+        session["results"].append({"case": f"{n} rows", **bench(args.work, n, args.datasets, log, tuple(args.skip), tuple(args.only))})
         print(json.dumps(session["results"][-1]), flush=True)
     if args.json:
         old = json.loads(args.json.read_text()) if args.json.exists() else []
