@@ -32,7 +32,6 @@ CMD = r"(?:synfer|torchrun|make) "
 # The commands of the docs that no journey here runs, and why (each is run elsewhere, or is this suite itself).
 ELSEWHERE = {
     "make test": "the suite itself (.ci/run)",
-    "synfer recipe docs": "tests/test_docs.py::test_recipe_reference_is_up_to_date (writes docs/ in the repo)",
     "synfer benchmark merge out/a/downstream.json out/b/downstream.json --output out/c": "tests/test_benchmark.py",
     "synfer benchmark ssl recipes/downstream.yaml": "tests/test_selfsup.py",
 }
@@ -316,6 +315,8 @@ def test_make_demo_then_every_procedural_command(tmp_path):
     assert metrics["provenance"]["fer-accuracy"]["config"]["judge"]  # every metric names what made it
     assert (lab.path / "plugins" / "models" / "feranno" / "config.json").exists()  # the bootstrap's last step
     assert (lab.path / "synfer-acme-fer" / "pyproject.toml").exists()  # `synfer plugin new NAME` (its test: tests/test_docs.py)
+    # `synfer recipe docs` in the lab writes the lab's docs/: the same reference as the repo's (tests/test_docs.py)
+    assert (lab.path / "docs" / "recipes.md").read_text() == (ROOT / "docs" / "recipes.md").read_text()
 
 
 def _scale_bootstrap(lab: Lab):
