@@ -202,10 +202,10 @@ def _run(recipe, limit, registry, progress, t0, rank, world, out, force, peers=N
 
     from synfer.resume import check_resume
 
+    stages = Stages(recipe, registry)  # first: a stage that cannot be built leaves no recipe.json and no images/ behind
     check_resume(recipe, out, iter_rows(out), force=force, registry=registry, write=rank == 0)  # before anything is written
     writer = DatasetWriter(out, part=part_name(rank) if world > 1 else None, images_per_folder=recipe.images_per_folder)
     n = recipe.num_images if limit is None else min(limit, recipe.num_images)
-    stages = Stages(recipe, registry)
     classes = L.label_space(recipe.label_space)
     chunk = max(1, int(getattr(stages.generator, "chunk", 1) or 1))  # the generator's batch shape (synfer.stages.Generator)
     mine = shard_size(n, chunk, rank, world)

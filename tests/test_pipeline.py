@@ -205,3 +205,39 @@ def test_no_file_of_a_run_holds_a_machine_path(tmp_path):
     assert {"metadata.jsonl", "recipe.json", "metrics.json", "report.html", "README.md", "provenance.json"} <= set(texts)
     leaks = {name: needle for name, text in texts.items() for needle in (str(tmp_path), str(ROOT), str(Path.home())) if needle in text}
     assert not leaks, leaks
+
+
+def test_a_stage_that_cannot_be_built_leaves_no_dataset_behind(tmp_path, registry):
+    """A plugin failing in __init__ stops the run naming it, before recipe.json or images/ exist (an empty images/
+    folder once looked like a dataset to resume)."""
+    import types
+
+    from synfer import hookimpl
+    from synfer.contracts import PluginError
+    from synfer.pipeline import run_recipe
+    from synfer.recipe import validate_data
+    from synfer.stages import Expert, StageConfig
+
+    class Broken(Expert):
+        name = "broken-at-init"
+        label_space = "fer2013"
+
+        class Config(StageConfig):
+            pass
+
+        def __init__(self, config=None):
+            super().__init__(config)
+            raise RuntimeError("no weights here")
+
+        def predict(self, images):
+            return None
+
+    mod = types.ModuleType("broken_at_init")
+    mod.register_stages = hookimpl(lambda register: register(Broken))
+    registry.add(mod, provider="acme-broken")
+    out = tmp_path / "out"
+    recipe = validate_data({"num_images": 2, "output": str(out), "grid": False, "report": False, "generator": {"plugin": "dummy"},
+                            "experts": [{"plugin": "broken-at-init"}]}, registry)
+    with pytest.raises(PluginError, match="broken-at-init.*no weights here"):
+        run_recipe(recipe, registry=registry, progress=False)
+    assert not (out / "images").exists() and not (out / "recipe.json").exists()
