@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from synfer import labels as L
-from synfer.contracts import Guarded, GuardedClassifier, calling, label_space_of
+from synfer.contracts import Guarded, calling, label_space_of
+from synfer.guidance_contract import GuardedClassifier
 from synfer.dataset import DatasetWriter, atomic_write, iter_rows, merge, part_name, write_json
 from synfer.ensemble import ExpertEnsemble, Member
 from synfer.faults import crash_point

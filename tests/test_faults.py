@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import HERE, make_dist, subprocess_env
 from synfer import labels as L
-from synfer.contracts import GuardedClassifier, PluginCallError, PluginContractError, guidance_targets
+from synfer.contracts import PluginCallError, PluginContractError
+from synfer.guidance_contract import GuardedClassifier, guidance_targets
 from synfer.ensemble import ExpertEnsemble, Member
 from synfer.plugins import PluginError, Registry
 from synfer.recipe import RecipeError, VoteConfig, validate_data

@@ -15,7 +15,8 @@ from PIL import Image
 import fault_plugins.stage_faults as stage_faults
 from conftest import HERE, subprocess_env
 from synfer import isolation
-from synfer.contracts import RESERVED, Guarded, GuardedClassifier, PluginCallError, PluginContractError
+from synfer.contracts import RESERVED, Guarded, PluginCallError, PluginContractError
+from synfer.guidance_contract import GuardedClassifier
 from synfer.ensemble import ExpertEnsemble, Member
 from synfer.recipe import VoteConfig, validate_data
 from synfer.stages import GeneratedSample, SampleRequest

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from synfer import labels as L
-from synfer.contracts import guidance_targets
+from synfer.guidance_contract import guidance_targets
 from synfer.seeds import stream_rng
 from synfer_plugins.sd.prediction import prediction_type, split_prediction
 
