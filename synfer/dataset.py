@@ -25,85 +25,10 @@ import os
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from synfer.faults import crash_point
+from synfer.rows import (  # noqa: F401 (the row format, re-exported: readers import it from here)
+    IMAGES, METADATA, PARTS, DatasetError, DatasetRow, check_row, image_name, not_a_dataset, parse_rows, row_label, torn)
 from synfer.rowscan import BUFFER, DoneIndex, LineScan, Rows, image_exists
-
-METADATA = "metadata.jsonl"
-IMAGES = "images"
-PARTS = ".parts"
-
-
-class DatasetError(Exception):
-    pass
-
-
-class DatasetRow(BaseModel):
-    """One line of `metadata.jsonl`, as every reader sees it (report, evaluators, calibrate, benchmark).
-
-    Two kinds of rows share the file format:
-    - generated rows (`synfer run`): `label` is the final class *name*, beside `preassigned_label`
-      and `kept`;
-    - labelled rows (`synfer fetext build`, real sets): `expression` is the class name and `label`
-      its *index* in the build's label space (kept for `datasets.load_dataset` users).
-    Read the class through `row_label()`, never through `label` directly. Other keys (aus,
-    prompt, predictions, ...) pass through untouched; the on-disk format is unchanged.
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    file_name: str
-    index: int | None = None
-    label: str | int | None = None
-    expression: str | None = None
-    preassigned_label: str | None = None
-    kept: bool = True
-    aus: dict[str, float] | None = None
-
-    @property
-    def generated(self) -> bool:
-        return self.preassigned_label is not None
-
-
-def row_label(row: dict | DatasetRow) -> str | None:
-    """The class of a row, canonical: a generated row's final `label`, a labelled row's
-    `expression`; None for an unlabelled row. An index `label` without `expression` (a
-    hand-made row) is refused: the index means nothing without its label space."""
-    from synfer import labels as L
-
-    get = row.get if isinstance(row, dict) else lambda k, d=None: getattr(row, k, d)
-    label, expression = get("label"), get("expression")
-    if isinstance(label, str) and label:
-        return L.canonical(label)
-    if expression:
-        return L.canonical(expression)
-    if label is not None and not isinstance(label, bool):
-        raise DatasetError(f"row {get('file_name')!r} has an index label ({label!r}) but no 'expression': "
-                           "write the class name in 'expression' (as 'synfer fetext build' does)")
-    return None
-
-
-def parse_rows(rows: list[dict], path: Path | str = METADATA) -> list[dict]:
-    """Check every row against `DatasetRow`; a bad row fails with its line number and what is wrong."""
-    for n, r in enumerate(rows, 1):
-        try:
-            DatasetRow.model_validate(r)
-        except ValidationError as exc:
-            what = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise DatasetError(f"{path}: row {n} is not a synfer dataset row ({what}); expected at least "
-                               "file_name (and label/expression for labelled sets)") from None
-    return rows
-
-
-def image_name(index: int, ext: str = "png", images_per_folder: int | None = None) -> str:
-    """The `file_name` of sample `index`: `images/00012345.png`, or with `images_per_folder` N the same name in
-    sub-folder `index // N` (`images/00012/00012345.png` for N = 1000), so no folder holds more than N images."""
-    if images_per_folder is None:
-        return f"{IMAGES}/{index:08d}.{ext}"
-    if isinstance(images_per_folder, bool) or not isinstance(images_per_folder, int) or images_per_folder < 1:
-        raise ValueError(f"images_per_folder must be an int >= 1 (or None for one flat images/ folder), got {images_per_folder!r}")
-    return f"{IMAGES}/{index // images_per_folder:05d}/{index:08d}.{ext}"
 
 
 def _read_lines(path: Path) -> tuple[list[dict], int]:
@@ -387,20 +312,16 @@ def read_metadata(root: str | os.PathLike, verify: bool = True) -> list[dict]:
     root = Path(root)
     path = root / METADATA
     if not path.exists():
-        raise DatasetError(f"{root} is not a synfer dataset: no {METADATA}. Build one with 'synfer run' or 'synfer fetext build'.")
+        raise not_a_dataset(root)
     rows, good = _read_lines(path)
     if good != path.stat().st_size:  # a torn or garbled line: reading on would silently drop rows
-        raise DatasetError(f"{path}: line {len(rows) + 1} is cut off or not JSON (a write was interrupted?); rerun the command "
-                           "that wrote the dataset (it repairs the file and redoes that sample) or delete that line")
+        raise torn(path, len(rows) + 1)
     parse_rows(rows, path)
     if verify:
         missing = [r["file_name"] for r in rows if not (root / r["file_name"]).exists()]
         if missing:
             raise DatasetError(f"{len(missing)} file(s) listed in {path} are missing, e.g. {missing[:3]}; rerun the command that wrote it to repair")
     return sorted(rows, key=lambda r: r.get("index", 0))
-
-
-_FIELDS = tuple(DatasetRow.model_fields)
 
 
 def iter_metadata(root: str | os.PathLike, verify: bool = True) -> Iterator[dict]:
@@ -413,7 +334,7 @@ def iter_metadata(root: str | os.PathLike, verify: bool = True) -> Iterator[dict
     root = Path(root)
     path = root / METADATA
     if not path.exists():
-        raise DatasetError(f"{root} is not a synfer dataset: no {METADATA}. Build one with 'synfer run' or 'synfer fetext build'.")
+        raise not_a_dataset(root)
     scan, base = LineScan(path), str(root)
     keys, offs = array("q"), array("q")
     missing, first_missing, ordered, last = 0, [], True, None
@@ -427,8 +348,7 @@ def iter_metadata(root: str | os.PathLike, verify: bool = True) -> Iterator[dict
         keys.append(key)
         offs.append(pos)
     if scan.good != path.stat().st_size:
-        raise DatasetError(f"{path}: line {scan.rows + 1} is cut off or not JSON (a write was interrupted?); rerun the command "
-                           "that wrote the dataset (it repairs the file and redoes that sample) or delete that line")
+        raise torn(path, scan.rows + 1)
     if missing:
         raise DatasetError(f"{missing} file(s) listed in {path} are missing, e.g. {first_missing}; rerun the command that wrote it to repair")
     if ordered:
@@ -443,12 +363,7 @@ def iter_metadata(root: str | os.PathLike, verify: bool = True) -> Iterator[dict
             if f.tell() != offs[n]:
                 f.seek(offs[n])
             r = json.loads(f.readline())
-            try:
-                DatasetRow.model_validate({k: r[k] for k in _FIELDS if k in r})
-            except ValidationError as exc:
-                what = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-                raise DatasetError(f"{path}: row {n + 1} is not a synfer dataset row ({what}); expected at least "
-                                   "file_name (and label/expression for labelled sets)") from None
+            check_row(r, path, n + 1)
             yield r
 
 
