@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from synfer.labels import sample_seed
 from synfer.stages import GeneratedSample, Generator, SampleRequest, StageConfig, missing_path
 from synfer_plugins.sd.model import TINY_MODEL_DIR, SDModel
+from synfer_plugins.sd.runtime import forward_dtype, model_id, native_bf16_cpu  # noqa: F401 (re-exported)
 from synfer_plugins.sd.sampling import GuidanceConfig, LayoutConfig, LayoutInit, SemanticGuidance
 
 log = logging.getLogger(__name__)
@@ -36,43 +37,6 @@ log = logging.getLogger(__name__)
 OnStep = Callable[[int, "object", "object", "object"], "object | None"]
 
 # ---------------------------------------------------------------- the generator stage
-
-
-_MODEL_IDS: dict[str, str] = {}
-
-
-def model_id(path: Path) -> str:
-    """How rows name the model: its folder's name and the sha256 of its weights ('tiny-sd@sha256:1f2e...'), never a
-    machine path; hashed once per process (the dataset card gives the full digest)."""
-    key = str(Path(path).resolve())
-    if key not in _MODEL_IDS:
-        from synfer.card import weights_sha256
-
-        _MODEL_IDS[key] = f"{Path(path).name}@sha256:{weights_sha256(Path(path))[0][:16]}"
-    return _MODEL_IDS[key]
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). SYNFER_NATIVE_BF16=1 (or 0) says so instead of
-    asking the CPU: CI forces 1 on an AVX2 machine so that it sees what `forward_dtype: auto` does on a BF16 host."""
-    import os
-
-    import torch
-
-    forced = os.environ.get("SYNFER_NATIVE_BF16", "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def forward_dtype(setting: str | None, model: SDModel):
-    """generator.forward_dtype -> the torch dtype the gradient-free passes autocast to, or None."""
-    import torch
-
-    if setting != "auto":
-        return getattr(torch, setting) if setting else None
-    native = native_bf16_cpu()
-    return torch.bfloat16 if model.device.type == "cpu" and model.dtype == torch.float32 and native else None
 
 
 class SDGenerator(Generator):
