@@ -96,6 +96,9 @@ def _files(root: Path) -> list[Path]:
     return out
 
 
+_HASHED: dict[str, tuple[str, dict[str, str]]] = {}  # stamp -> (sha256, parts): each weights folder hashed once a process
+
+
 def weights_sha256(path: Path, cache: dict[str, Any] | None = None) -> tuple[str, dict[str, str]]:
     """sha256 of a weights file, or of a folder (over its files' relative paths and sha256s) with one digest per
     top-level entry. `cache` (stamp -> result, from the last provenance.json) skips rehashing unchanged weights."""
@@ -109,6 +112,8 @@ def weights_sha256(path: Path, cache: dict[str, Any] | None = None) -> tuple[str
         stamp = stamp_key(folder_stamp(path, ("",)))
     if cache is not None and stamp in cache:
         return cache[stamp]["sha256"], cache[stamp]["parts"]
+    if stamp in _HASHED:  # hashed already in this process (the rows' model name, then the card)
+        return _HASHED[stamp]
     if path.is_file():
         digest, parts = _file_sha256(path), {}
     else:
@@ -120,6 +125,7 @@ def weights_sha256(path: Path, cache: dict[str, Any] | None = None) -> tuple[str
         digest = hashlib.sha256("".join(line for ls in lines.values() for line in ls).encode()).hexdigest()
     if cache is not None:
         cache[stamp] = {"sha256": digest, "parts": parts}
+    _HASHED[stamp] = digest, parts
     return digest, parts
 
 

@@ -317,7 +317,9 @@ class SDGenerator(Generator):
         """What each record keeps of how it was sampled."""
         sg = self.config.semantic_guidance
         lay = self.config.layout
-        gen = {"model": model_id(self.model_path), "scheduler": self.config.scheduler, "steps": self.config.steps,
+        if getattr(self, "_model_id", None) is None:  # once per generator: settings() runs for every generate() call
+            self._model_id = model_id(self.model_path)
+        gen = {"model": self._model_id, "scheduler": self.config.scheduler, "steps": self.config.steps,
                "guidance_scale": self.config.guidance_scale, "au_scale": self.config.au_scale if self.load().au_adapter is not None else None}
         if (fwd := self.load().forward_dtype) is not None:  # only when used: the records of runs without it keep their bytes
             gen["forward_dtype"] = str(fwd).removeprefix("torch.")

@@ -6,18 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-_MODEL_IDS: dict[str, str] = {}
-
-
 def model_id(path: Path) -> str:
     """How rows name the model: its folder's name and the sha256 of its weights ('tiny-sd@sha256:1f2e...'), never a
-    machine path; hashed once per process (the dataset card gives the full digest)."""
-    key = str(Path(path).resolve())
-    if key not in _MODEL_IDS:
-        from synfer.card import weights_sha256
+    machine path; hashed once per process and reused by the dataset card (synfer.card.weights_sha256)."""
+    from synfer.card import weights_sha256
 
-        _MODEL_IDS[key] = f"{Path(path).name}@sha256:{weights_sha256(Path(path))[0][:16]}"
-    return _MODEL_IDS[key]
+    return f"{Path(path).name}@sha256:{weights_sha256(Path(path))[0][:16]}"
 
 
 def native_bf16_cpu() -> bool:
