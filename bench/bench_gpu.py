@@ -79,7 +79,7 @@ def fake_fetext(folder: Path, n: int, size: int) -> Path:
     from PIL import Image
 
     from synfer import labels as L
-    from synfer.dataset import DatasetWriter
+    from synfer.engine.dataset import DatasetWriter
 
     w = DatasetWriter(folder)
     rng = np.random.default_rng(0)

@@ -78,9 +78,9 @@ def before_issue_17(threads: int | None = None) -> list[str]:
 RUN_ONE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from synfer.recipe import load_recipe
-from synfer.pipeline import run_recipe
-from synfer.threads import configure
+from synfer.engine.recipe import load_recipe
+from synfer.engine.pipeline import run_recipe
+from synfer.engine.threads import configure
 recipe = load_recipe("recipes/quickstart.yaml", sys.argv[1:])
 threads = configure(recipe.threads)  # as `synfer run` does at start-up
 t1 = time.perf_counter()
@@ -247,7 +247,7 @@ def long_run(args, results, unset) -> None:
 
 EVAL = r"""
 import json, sys
-from synfer.evaluate import evaluate_dataset
+from synfer.engine.evaluate import evaluate_dataset
 m = evaluate_dataset(sys.argv[1], "out/fetext-quick-test", ["fer-accuracy", "label-quality", "fid"])
 print(json.dumps(m))
 """

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from synfer.fetch import extract_from_wheel
+from synfer.engine.fetch import extract_from_wheel
 from synfer_plugins.face_detectors import RetinaFaceDetector, nms
 from synfer_plugins.tflite_torch import build_tflite_graph
 

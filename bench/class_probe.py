@@ -22,9 +22,9 @@ def main():
     args = ap.parse_args()
 
     from synfer import labels as L
-    from synfer.benchmark import load_config, load_sets, per_class_subset, trainable
-    from synfer.scoring import per_class_recall
-    from synfer.seeds import stream_rng
+    from synfer.commands.downstream import load_config, load_sets, per_class_subset, trainable
+    from synfer.engine.scoring import per_class_recall
+    from synfer.engine.seeds import stream_rng
 
     cfg = load_config(args.recipe, [f"synthetic={args.synthetic}", f"real_per_class={args.per_class}", "allow_short=true"])
     (xr, yr), (xs, ys, _), tests = load_sets(cfg)

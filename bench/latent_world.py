@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SYNFER = [sys.executable, "-m", "synfer.cli"]
+SYNFER = [sys.executable, "-m", "synfer"]
 RESULTS = ROOT / "bench" / "results" / "latent-guidance.json"
 
 
@@ -44,7 +44,7 @@ def resume(work: Path) -> list[str]:
 def stage_base(a) -> None:
     if (a.out / "base" / "model_index.json").exists():
         return
-    from synfer.dataset import read_metadata
+    from synfer.engine.dataset import read_metadata
     from synfer_plugins.sd.testing import build_sd15
 
     captions = [r["caption"] for r in read_metadata(a.data)] + ["", "a photo of a happy person"]

@@ -5,7 +5,7 @@
 Renders --n faces from train identities and --n from test identities (192 x 192, AUs drawn from
 the FAU-FE prior per class, seed 0), runs the face mesh and the PLS inverse on each, fits the
 ridge read-out on train, and prints READOUT (for plugins/mesh_pls_aus.py) and the test F1
-(AU on at intensity >= 0.25, synfer.scoring.au_f1_scores). Needs `synfer models fetch face-mesh`,
+(AU on at intensity >= 0.25, synfer.engine.scoring.au_f1_scores). Needs `synfer models fetch face-mesh`,
 `retinaface` and `au-mesh-pls` (fetched on first use).
 """
 import argparse
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from synfer import labels as L
-from synfer.scoring import au_f1_scores
+from synfer.engine.scoring import au_f1_scores
 from synfer_plugins.mesh_pls_aus import BLIND_AUS, MeshPLSAUDetector
 from synfer_plugins.procedural import render_faces, sample_expression_aus, split_identities
 

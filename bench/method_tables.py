@@ -52,7 +52,7 @@ def main():
         if args.only and args.only not in (name, table):
             continue
         target = out / name
-        cmd = [sys.executable, "-m", "synfer.cli", "run", "recipes/quickstart.yaml", f"num_images={args.n}", f"output={target}",
+        cmd = [sys.executable, "-m", "synfer", "run", "recipes/quickstart.yaml", f"num_images={args.n}", f"output={target}",
                f"generator.steps={args.steps}", "grid=true", *BASE, *overrides]
         print("$", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})

@@ -41,7 +41,7 @@ def tiny(i: int):
 
 
 def write(folder: Path, n: int, per_folder: int | None, batch: int) -> dict:
-    from synfer.dataset import DatasetWriter
+    from synfer.engine.dataset import DatasetWriter
 
     w = DatasetWriter(folder, images_per_folder=per_folder)
     tiny(0)  # imports done before the clock starts
@@ -62,7 +62,7 @@ def folders(folder: Path) -> dict:
 
 
 def reopen(folder: Path, n: int, per_folder: int | None) -> dict:
-    from synfer.dataset import DatasetWriter
+    from synfer.engine.dataset import DatasetWriter
 
     t0 = time.perf_counter()
     w = DatasetWriter(folder, images_per_folder=per_folder)

@@ -18,7 +18,7 @@ import numpy as np
 def main():
     import torch
 
-    from synfer.dataset import read_metadata
+    from synfer.engine.dataset import read_metadata
     from synfer.stages import SampleRequest
     from synfer_plugins.sd.generator import SDGenerator
     from synfer_plugins.tiny_cnn import MODELS, load_arrays, load_net, predict_logits

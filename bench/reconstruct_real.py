@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def pick_rows(rows, per_class: int):
-    from synfer.dataset import row_label
+    from synfer.engine.dataset import row_label
 
     taken: dict[str, int] = {}
     out = []
@@ -41,7 +41,7 @@ def main():
 
     from tqdm import tqdm
 
-    from synfer.dataset import DatasetWriter, read_metadata, row_label
+    from synfer.engine.dataset import DatasetWriter, read_metadata, row_label
     from synfer.labels import sample_seed
     from synfer.stages import SampleRequest
     from synfer_plugins.sd.generator import SDGenerator
@@ -64,7 +64,7 @@ def main():
 
 def record(row: dict) -> dict:
     """The metadata of a face's rendition: the real face's label and AUs, and which face it came from."""
-    from synfer.dataset import row_label
+    from synfer.engine.dataset import row_label
 
     return {"label": row_label(row), "expression": row_label(row), "aus": row["aus"], "prompt": row["caption"], "kept": True,
             "layout_source": row["file_name"]}

@@ -50,7 +50,7 @@ def load(folder: Path, files):
 
 
 def rows(folder: Path):
-    from synfer.dataset import read_metadata
+    from synfer.engine.dataset import read_metadata
 
     return read_metadata(folder)
 

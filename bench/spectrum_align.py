@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synfer.arrays import load_arrays
+from synfer.engine.arrays import load_arrays
 
 SIZE, PAD, BANDS = 32, 16, 16
 

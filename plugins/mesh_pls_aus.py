@@ -116,7 +116,7 @@ class MeshPLSAUDetector(AUDetector):
 
     @classmethod
     def problems(cls, config):
-        from synfer.fetch import weights_problems
+        from synfer.engine.fetch import weights_problems
         from synfer_plugins.landmark_aus import LandmarkAUDetector
 
         mesh = LandmarkAUDetector.Config(weights=config.weights, detector=config.detector, min_presence=config.min_presence)
@@ -132,14 +132,14 @@ class MeshPLSAUDetector(AUDetector):
 
     @property
     def weights_path(self):
-        from synfer.fetch import default_path
+        from synfer.engine.fetch import default_path
 
         return self.config.pls or default_path("au-mesh-pls")
 
     @property
     def pls(self) -> PLSInverse:
         if self._pls is None:
-            from synfer.fetch import weights_file
+            from synfer.engine.fetch import weights_file
 
             self._pls = PLSInverse(weights_file(self.config.pls, "au-mesh-pls", self.name))
         return self._pls

@@ -5,7 +5,7 @@ from pydantic import Field
 
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.seeds import stream_rng
+from synfer.engine.seeds import stream_rng
 from synfer.stages import Prompter, SampleRequest, StageConfig, missing_path
 
 COARSE = "a photo of a {expression} person"

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from synfer import hookimpl
-from synfer.fetch import default_path
+from synfer.engine.fetch import default_path
 from synfer.stages import GuidanceClassifier, StageConfig
 
 FACEX_CLASSES = ("anger", "disgust", "fear", "happy", "neutral", "sad", "surprise")
@@ -79,7 +79,7 @@ class _WheelExpert(GuidanceClassifier):
 
     @classmethod
     def problems(cls, config):
-        from synfer.fetch import weights_problems
+        from synfer.engine.fetch import weights_problems
 
         return weights_problems(config.weights, cls.asset)
 
@@ -88,7 +88,7 @@ class _WheelExpert(GuidanceClassifier):
         self._model = None
 
     def _path(self) -> Path:
-        from synfer.fetch import weights_file
+        from synfer.engine.fetch import weights_file
 
         return weights_file(self.config.weights, self.asset, self.name)
 

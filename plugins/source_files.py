@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from synfer.dataset import DatasetError
+from synfer.engine.dataset import DatasetError
 
 
 def load_image(path: Path, max_pixels: int | None = None, min_size: int = 1):

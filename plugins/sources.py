@@ -102,13 +102,13 @@ class ImageFolderConfig(DatasetSourceConfig):
     ignore_unknown: bool = False  # skip folders with unknown names instead of failing
     unlabelled: bool = False  # keep photos with no class (loose files at the root, metadata rows without a label): expression null
     # Unaligned photos: true (RetinaFace) or a face_detector block with optional size/zoom; each image becomes
-    # its largest face, aligned (synfer.align; default 256 px at zoom 0.8, forehead to chin); no face: skipped.
+    # its largest face, aligned (synfer.engine.align; default 256 px at zoom 0.8, forehead to chin); no face: skipped.
     align: bool | dict = False
 
     @field_validator("align")
     @classmethod
     def _align(cls, v):
-        from synfer.align import align_block
+        from synfer.engine.align import align_block
 
         align_block(v)  # says what a valid setting looks like
         return v
@@ -137,7 +137,7 @@ class ImageFolderSource(_DatasetSource):
         root = self._root()
         aligner = None
         if self.config.align:
-            from synfer.align import aligner_for
+            from synfer.engine.align import aligner_for
 
             aligner = aligner_for(self.config.align, size=256, zoom=0.8)
         if (root / "metadata.jsonl").is_file():
@@ -183,7 +183,7 @@ class ImageFolderSource(_DatasetSource):
     def _rows(self, root: Path, aligner) -> Iterator[FaceRecord]:
         """A labelled folder's rows: `label` as a class name or an index into `label_space`, else `expression`; rows a
         vote did not keep (`kept: false`) are left out; AUs already annotated come along."""
-        from synfer.dataset import read_metadata
+        from synfer.engine.dataset import read_metadata
 
         for row in read_metadata(root, verify=False):
             if row.get("kept") is False:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from synfer.arrays import load_arrays  # noqa: F401  (moved to the core; kept importable here)
-from synfer.checkpoints import load_state
+from synfer.engine.arrays import load_arrays  # noqa: F401  (moved to the core; kept importable here)
+from synfer.engine.checkpoints import load_state
 from synfer import hookimpl
 from synfer import labels as L
 from synfer.stages import AUDetector, GuidanceClassifier, StageConfig, TrainableClassifier, missing_path
@@ -262,11 +262,11 @@ class ArrayDataset:
 def fit(net, images, targets, task: str = "classify", iters: int = 1500, batch_size: int = 64, lr: float = 2e-3,
         seed: int = 0, work_dir=None, resume: bool = False, log_interval: int = 100, checkpoint_interval: int | None = None,
         threads: int | None = None):
-    """Train `net` in place on uint8 images (N,H,W,3) through synfer.training.run_training (mmengine Runner).
+    """Train `net` in place on uint8 images (N,H,W,3) through synfer.engine.training.run_training (mmengine Runner).
     task: 'classify' (int targets, cross-entropy) or 'au' (intensities in [0,1], BCE). Returns [(iter, loss)]."""
     import tempfile
 
-    from synfer.training import run_training
+    from synfer.engine.training import run_training
 
     import numpy as np
     import torch
@@ -299,7 +299,7 @@ def train_from_folder(data, out, task: str = "classify", label_space: str = "aff
     import numpy as np
 
     x, y, aus, _ = load_arrays(data, label_space, size=size, limit=limit)
-    from synfer.training import seed_everything
+    from synfer.engine.training import seed_everything
 
     outputs = len(L.label_space(label_space)) if task == "classify" else len(L.AU_KEYS)
     seed_everything(seed)  # the initial weights follow --seed too
@@ -323,10 +323,10 @@ def evaluate_net(net, test, task: str, label_space: str = "affectnet8", size: in
     x, y, aus, _ = load_arrays(test, label_space, size=size)
     logits = predict_logits(net, x)
     if task == "classify":
-        from synfer.scoring import classification_scores
+        from synfer.engine.scoring import classification_scores
 
         return {**classification_scores(y, logits.argmax(1)), "n": int(len(y))}
-    from synfer.scoring import au_f1_scores
+    from synfer.engine.scoring import au_f1_scores
 
     scores = au_f1_scores(aus, 1 / (1 + np.exp(-logits)), undefined=0.0)  # an AU absent from the test set scores 0
     return {"au_f1_mean": scores["au_f1"], "au_f1": {k: scores[f"au_f1_{k}"] for k in L.AU_KEYS}, "n": int(len(aus))}

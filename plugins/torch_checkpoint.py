@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import field_validator, model_validator
 
-from synfer.checkpoints import load_state
+from synfer.engine.checkpoints import load_state
 from synfer import hookimpl
 from synfer.labels import LABEL_SPACES, canonical
 from synfer.stages import GuidanceClassifier, StageConfig, missing_path

@@ -219,7 +219,7 @@ def _weights_path(configured: str | None) -> Path | None:
     if configured:
         return Path(configured).expanduser()
     try:
-        from synfer.fetch import FetchError, default_path
+        from synfer.engine.fetch import FetchError, default_path
 
         return default_path(ASSET)
     except (ImportError, FetchError):

@@ -1,5 +1,5 @@
 """`python -m synfer ...` (what `torchrun -m synfer run RECIPE` launches): the `synfer` command."""
-from synfer.cli import main
+from synfer.commands.cli import main
 
 if __name__ == "__main__":
     main()

@@ -14,10 +14,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from synfer import labels as L
+from synfer.commands.label import LabelRecipe, label_folder
+from synfer.commands.report import write_report
+from synfer.contract import labels as L
+from synfer.engine.dataset import DatasetError, collect_rows, open_rgb, read_metadata, row_label
+from synfer.engine.pipeline import plan as make_plan
+from synfer.engine.pipeline import run_recipe
+from synfer.engine.recipe import Recipe, RecipeError, apply_overrides, expert_kind, read_yaml, validate_recipe
+from synfer.engine.registry import PluginError, get_registry
+from synfer.engine.resume import ResumeMismatch, check_resume
+from synfer.engine.threads import configure
 
 __all__ = ["Dataset", "label", "load_recipe", "open_dataset", "plan", "run", "stage", "validate"]
 
@@ -40,8 +51,6 @@ def _overrides(settings: dict[str, Any], prefix: str = "") -> list[str]:
 
 def _data(recipe) -> tuple[dict, str]:
     """A recipe given as a path, a mapping or a pydantic model -> (mapping, name for messages)."""
-    from synfer.recipe import RecipeError, read_yaml
-
     if isinstance(recipe, (str, os.PathLike)):
         if not Path(recipe).is_file():
             raise RecipeError([f"no recipe file {str(recipe)!r}; expected a YAML recipe such as recipes/quickstart.yaml"], str(recipe))
@@ -57,8 +66,6 @@ def _with_device(model, data: dict, device: str | None, registry) -> dict:
     """Every stage block of `data` whose plugin's Config has a `device` field, set to `device`."""
     if device is None:
         return data
-    from synfer.plugins import PluginError
-    from synfer.recipe import expert_kind
 
     def put(kind: str, block):
         if not isinstance(block, dict) or "plugin" not in block:
@@ -82,9 +89,6 @@ def _with_device(model, data: dict, device: str | None, registry) -> dict:
 
 
 def _resolve(model, recipe, overrides: Sequence[str], settings: dict, device: str | None, registry, drop=()):
-    from synfer.plugins import get_registry
-    from synfer.recipe import apply_overrides, validate_recipe
-
     reg = registry or get_registry()
     data, source = _data(recipe)
     problems: list[str] = []
@@ -94,21 +98,15 @@ def _resolve(model, recipe, overrides: Sequence[str], settings: dict, device: st
 
 
 def load_recipe(recipe, *overrides: str, device: str | None = None, registry=None, **settings):
-    """A validated `Recipe` (synfer.recipe) from a path, mapping or Recipe, with settings applied.
+    """A validated `Recipe` (synfer.engine.recipe) from a path, mapping or Recipe, with settings applied.
 
     Raises `RecipeError` listing every problem (its `.problems` is the list); `validate` returns them instead.
     """
-    from synfer.recipe import Recipe
-
     return _resolve(Recipe, recipe, overrides, settings, device, registry)
 
 
 def validate(recipe, *overrides: str, device: str | None = None, registry=None, **settings) -> list[str]:
     """Every problem `synfer validate` would report, as a list of lines (empty: the recipe would run). No weights load."""
-    from synfer.dataset import collect_rows
-    from synfer.recipe import RecipeError
-    from synfer.resume import ResumeMismatch, check_resume
-
     try:
         r = load_recipe(recipe, *overrides, device=device, registry=registry, **settings)
     except RecipeError as exc:
@@ -131,12 +129,9 @@ def run(recipe, *overrides: str, device: str | None = None, limit: int | None = 
     `limit` generates only the first N samples; `force` resumes into an output another recipe started.
     The run's summary (counts, metrics) is `Dataset.summary`.
     """
-    from synfer.pipeline import run_recipe
-    from synfer.threads import configure
-
     r = load_recipe(recipe, *overrides, device=device, registry=registry, **settings)
     configure(r.threads)  # as the CLI does, before any torch work
-    summary = run_recipe(r, limit=limit, registry=registry, progress=progress, force=force)
+    summary = run_recipe(r, limit=limit, registry=registry, progress=progress, force=force, finish=write_report)
     data = open_dataset(r.output, label_space=r.label_space)
     data.summary = summary
     return data
@@ -146,8 +141,6 @@ def stage(kind: str, name: str, *, device: str | None = None, registry=None, **c
     """One stage built from its plugin for direct use, e.g. `stage("expert", "tiny-cnn").predict(pil_images)` or
     `stage("generator", "sd", steps=10).generate(plan(recipe, 4))`. `kind` is a stage kind (`synfer plugins`);
     `expert` also finds guidance classifiers. Weights load on first use."""
-    from synfer.plugins import get_registry
-
     reg = registry or get_registry()
     if device is not None:
         config["device"] = device
@@ -157,8 +150,6 @@ def stage(kind: str, name: str, *, device: str | None = None, registry=None, **c
 def plan(recipe, n: int | None = None, *overrides: str, registry=None, **settings) -> list:
     """The first `n` `SampleRequest`s of a recipe (seed, expression, AUs from the FAU-FE prior, the prompter's
     prompt): what `run` hands its generator, for `stage("generator", ...).generate(requests)`."""
-    from synfer.pipeline import plan as make_plan
-
     r = load_recipe(recipe, *overrides, registry=registry, **settings)
     requests = make_plan(r, limit=n)
     block = dict(r.prompter)
@@ -172,12 +163,6 @@ def label(photos, recipe, *overrides: str, device: str | None = None, progress: 
     """`synfer label`: the recipe's experts vote on the faces in `photos` (a folder, or a list of PIL images or
     paths), an `au_detector` annotates AUs; written to the recipe's `output` and returned as a `Dataset`.
     A generation recipe works too (its experts, label space and vote; its generation keys are ignored)."""
-    import shutil
-    import tempfile
-
-    from synfer.label import LabelRecipe, label_folder
-    from synfer.recipe import Recipe
-
     r = _resolve(LabelRecipe, recipe, overrides, settings, device, registry,
                  drop=set(Recipe.model_fields) - set(LabelRecipe.model_fields))
     if isinstance(photos, (str, os.PathLike)):
@@ -209,8 +194,6 @@ class Dataset:
     """
 
     def __init__(self, folder: str | os.PathLike, label_space: str | None = None):
-        from synfer.dataset import read_metadata
-
         self.folder = Path(folder)
         self.rows: list[dict] = read_metadata(self.folder)
         self.label_space = label_space or self._label_space()
@@ -246,8 +229,6 @@ class Dataset:
 
     def label(self, i: int) -> str | None:
         """Row i's class name (a run's final label, a labelled set's expression)."""
-        from synfer.dataset import row_label
-
         return row_label(self.rows[i])
 
     def kept_mask(self) -> list[bool]:
@@ -259,14 +240,10 @@ class Dataset:
 
     def image(self, i: int):
         """Row i's image, RGB (PIL)."""
-        from synfer.dataset import open_rgb
-
         return open_rgb(self.folder / self.rows[i]["file_name"])
 
     def images(self, rows: list[dict] | None = None) -> Iterator:
         """The images of `rows` (default: all), RGB (PIL), one at a time."""
-        from synfer.dataset import open_rgb
-
         for r in self.rows if rows is None else rows:
             yield open_rgb(self.folder / r["file_name"])
 
@@ -287,9 +264,7 @@ class Dataset:
         names, the same for a run and a FEText set), `soft_label` (floats), `agreement`, `kept` (bool), one float
         column per AU (`AU1`, ...), `predictions` (each voter's probabilities), and the text columns present
         (`prompt`, `caption`, `source`). Kept rows: `ds.filter(lambda kept: kept, input_columns="kept")`."""
-        import datasets as hf
-
-        from synfer.dataset import DatasetError, row_label
+        import datasets as hf  # optional
 
         names = list(L.label_space(label_space or self.label_space))
 

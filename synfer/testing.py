@@ -11,14 +11,18 @@ dict of numbers. Images come from `sample_images`, seeded, so a failure reproduc
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import numpy as np
+
+from synfer.contract.labels import label_space
+from synfer.engine.registry import Registry
 
 
 def plugin_registry(*modules, installed: bool = False):
     """A fresh Registry holding `modules` (each registered as its own provider), plus the
     installed entry points when `installed` is true. Registration errors raise as they would in synfer."""
-    from synfer.plugins import Registry
-
     reg = Registry()
     if installed:
         reg.load_entrypoints(strict=True)
@@ -29,8 +33,7 @@ def plugin_registry(*modules, installed: bool = False):
 
 def sample_images(n: int = 4, size: int = 64, seed: int = 0):
     """`n` seeded RGB PIL images of side `size`: smooth blobs, not noise, so classifiers see structure."""
-    import numpy as np
-    from PIL import Image
+    from PIL import Image  # heavy
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -45,8 +48,6 @@ def sample_images(n: int = 4, size: int = 64, seed: int = 0):
 
 
 def _classes(stage) -> int:
-    from synfer.labels import label_space
-
     space = getattr(type(stage), "label_space", None)
     assert isinstance(space, str), f"{stage.name}: `label_space` must be set on the class (a name from `synfer labels`), got {space!r}"
     return len(label_space(space))
@@ -55,8 +56,6 @@ def _classes(stage) -> int:
 def check_expert(stage, n: int = 5) -> None:
     """predict(list of PIL images) -> (n, classes) probabilities: finite, >= 0, rows summing to 1, deterministic;
     the images it was given unchanged."""
-    import numpy as np
-
     c = _classes(stage)
     images = sample_images(n)
     before = [im.tobytes() for im in images]
@@ -73,7 +72,7 @@ def check_expert(stage, n: int = 5) -> None:
 def check_guidance_classifier(stage, n: int = 3, size: int = 32) -> None:
     """forward((n, 3, size, size) in [-1, 1]) -> float logits (n, classes) with a gradient back to the images;
     predict() then works as an expert."""
-    import torch
+    import torch  # heavy
 
     c = _classes(stage)
     x = (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).requires_grad_(True)
@@ -88,8 +87,6 @@ def check_guidance_classifier(stage, n: int = 3, size: int = 32) -> None:
 
 def check_evaluator(stage, dataset: str | Path) -> None:
     """evaluate(dataset) -> a non-empty dict of str -> finite float."""
-    import math
-
     out = stage.evaluate(Path(dataset))
     assert isinstance(out, dict) and out, f"{stage.name}: evaluate gave {out!r}; expected a dict of metric name -> number"
     for k, v in out.items():

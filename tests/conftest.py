@@ -13,7 +13,7 @@ def registry():
     """The installed plugins plus the dummy test stages."""
     import dummy_plugins
 
-    from synfer.plugins import Registry
+    from synfer.engine.registry import Registry
 
     reg = Registry()
     reg.load_entrypoints()

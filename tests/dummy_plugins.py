@@ -10,7 +10,7 @@ from pydantic import Field
 
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.resume import NOT_SAMPLES
+from synfer.engine.resume import NOT_SAMPLES
 from synfer.stages import Evaluator, Expert, GeneratedSample, Generator, GuidanceClassifier, StageConfig
 
 
@@ -65,7 +65,7 @@ class CountEvaluator(Evaluator):
         pass
 
     def evaluate(self, dataset, reference=None):
-        from synfer.dataset import read_metadata
+        from synfer.engine.dataset import read_metadata
 
         return {"count": float(len(read_metadata(dataset)))}
 

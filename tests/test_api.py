@@ -14,7 +14,7 @@ from PIL import Image
 
 import synfer
 from synfer import labels as L
-from synfer.dataset import DatasetWriter
+from synfer.engine.dataset import DatasetWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "plugins" / "models" / "tiny-sd" / "unet"
@@ -40,7 +40,7 @@ def test_import_synfer_stays_light():
     code = ("import sys, synfer; assert 'synfer.api' not in sys.modules; f = synfer.validate; "
             "assert 'synfer.api' in sys.modules; assert 'torch' not in sys.modules, 'torch imported'; "
             "assert {'run', 'stage', 'label', 'open_dataset', 'load_recipe', 'validate'} <= set(dir(synfer)); "
-            "import synfer.label; assert synfer.label.__module__ == 'synfer.api', 'the submodule shadows synfer.label()'")
+            "import synfer.commands.label; assert synfer.label.__module__ == 'synfer.api', 'the submodule shadows synfer.label()'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     with pytest.raises(AttributeError, match="no attribute 'rn'"):
         synfer.rn
@@ -108,7 +108,7 @@ def test_stage_and_label_on_pil_images(tmp_path, registry):
 def session_dir(tmp_path, monkeypatch):
     """docs/api.md's working folder: recipes/ as in the repo, and the two small FEText sets `make demo` builds
     (the quickstart's layout source and FID reference), at toy scale."""
-    from synfer.fetext import build_fetext, load_fetext_recipe
+    from synfer.commands.fetext import build_fetext, load_fetext_recipe
 
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     monkeypatch.chdir(tmp_path)

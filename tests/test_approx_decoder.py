@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
 from synfer import labels as L  # noqa: E402
-from synfer.cli import main  # noqa: E402
-from synfer.dataset import read_metadata  # noqa: E402
+from synfer.commands.cli import main  # noqa: E402
+from synfer.engine.dataset import read_metadata  # noqa: E402
 
 from test_training import make_fetext  # noqa: E402
 
@@ -124,7 +124,7 @@ def test_gradient_term_passes_the_classifiers_gradient_as_the_vae_does(distilled
     quantity Eq. 6 reads. On the pairs it learned from, its cosine with the VAE's is near 1; the pixels-only decoder's is not."""
     import json
 
-    from synfer.plugins import get_registry
+    from synfer.engine.registry import get_registry
     from synfer_plugins.sd.approx_decoder import ApproxDecoder, distillation_pairs, vjp_cosine
     from synfer_plugins.sd.model import SDModel
     from synfer_plugins.sd.training import FETextDataset

@@ -129,7 +129,7 @@ def _validate(tmp_path, model):
     args = ["validate", "recipes/quickstart.yaml", "generator.layout.source=tests", "evaluators.4.reference=tests",
             f"output={tmp_path / 'out'}", f"generator.model={model}"]
     code = ("import sys, runpy; sys.argv=['synfer']+%r\n"
-            "try:\n    runpy.run_module('synfer.cli', run_name='__main__')\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+            "try:\n    runpy.run_module('synfer.commands.cli', run_name='__main__')\nexcept SystemExit as e:\n    print('exit', e.code)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'" % (args,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert "torch was imported" not in out.stderr, out.stderr
@@ -157,7 +157,7 @@ def pooled_plugin(monkeypatch):
     """The global registry with tests/backbone_plugin.py added, as an installed plugin would be."""
     import backbone_plugin
 
-    import synfer.plugins as plugins
+    import synfer.engine.registry as plugins
 
     reg = plugins.Registry()
     reg.load_entrypoints()
@@ -177,7 +177,7 @@ def test_a_third_party_backbone_in_one_short_file_trains_and_samples(pooled_plug
     from test_families import Clf, _train
 
     from synfer import labels as L
-    from synfer.dataset import DatasetWriter
+    from synfer.engine.dataset import DatasetWriter
     from synfer_plugins.sd.generator import SDGenerator
 
     source = Path(pooled_plugin.__file__).read_text().splitlines()
@@ -202,8 +202,8 @@ def test_a_third_party_backbone_in_one_short_file_trains_and_samples(pooled_plug
             "--batch-size", 4, "--dim", 16, "--generator", "sd-pooled"])
     torch.jit.save(torch.jit.script(Clf()), str(tmp_path / "clf.ts"))
 
-    from synfer.pipeline import run_recipe
-    from synfer.recipe import load_recipe
+    from synfer.engine.pipeline import run_recipe
+    from synfer.engine.recipe import load_recipe
 
     clf = {"plugin": "torch-checkpoint", "path": str(tmp_path / "clf.ts"), "label_space": "affectnet8", "size": 64}
     overrides = [f"output={tmp_path / 'out'}", "num_images=2", "generator.plugin=sd-pooled", f"generator.model={tmp_path / 'fer'}",

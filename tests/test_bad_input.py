@@ -9,10 +9,10 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from synfer.cli import main
-from synfer.dataset import METADATA
-from synfer.pipeline import run_recipe
-from synfer.recipe import RecipeError, load_recipe
+from synfer.commands.cli import main
+from synfer.engine.dataset import METADATA
+from synfer.engine.pipeline import run_recipe
+from synfer.engine.recipe import RecipeError, load_recipe
 
 
 @pytest.mark.parametrize("override,expect", [
@@ -88,7 +88,7 @@ def test_messy_source_folder(tmp_path):
 
 def test_checkpoint_of_the_wrong_architecture(tmp_path):
     """A model folder whose weights do not fit its config: one sentence with counts, examples and the fix."""
-    from synfer.checkpoints import CheckpointMismatch
+    from synfer.engine.checkpoints import CheckpointMismatch
     from synfer_plugins.tiny_cnn import build_net, load_net, save_net
 
     save_net(build_net(8, width=16, size=32), tmp_path / "cnn", {"num_outputs": 8, "width": 16, "size": 32})
@@ -104,7 +104,7 @@ def test_checkpoint_of_the_wrong_architecture(tmp_path):
 def test_state_dict_of_another_model_lists_missing_and_unexpected(tmp_path):
     import torch
 
-    from synfer.checkpoints import CheckpointMismatch, load_state
+    from synfer.engine.checkpoints import CheckpointMismatch, load_state
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     other = {"encoder.weight": torch.zeros(4, 3), "0.weight": torch.zeros(4, 3)}

@@ -7,9 +7,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from synfer.dataset import DatasetWriter
+from synfer.engine.dataset import DatasetWriter
 
-bench = pytest.importorskip("synfer.benchmark")
+bench = pytest.importorskip("synfer.commands.downstream")
+from synfer.commands.benchmark import benchmark_cli  # noqa: E402
 CLASSES = ("neutral", "happy", "sad")
 
 
@@ -48,7 +49,7 @@ def test_downstream_end_to_end(tmp_path):
     recipe.write_text(yaml.safe_dump({"real_train": str(real), "synthetic": str(syn), "real_test": str(test),
                                       "real_per_class": 4, "scales": [1, 2], "seeds": [0, 1], "iters": 3,
                                       "batch_size": 8, "size": 16, "width": 8}))
-    res = CliRunner().invoke(bench.benchmark_cli, ["downstream", str(recipe), "scales=[2]", f"output={tmp_path / 'out'}"])
+    res = CliRunner().invoke(benchmark_cli, ["downstream", str(recipe), "scales=[2]", f"output={tmp_path / 'out'}"])
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "out" / "downstream.json").read_text())
     assert len(result["runs"]) == 6  # (real, synthetic, real+synthetic) x two seeds
@@ -76,7 +77,7 @@ def test_runs_in_parts_merge_into_the_run_of_all(tmp_path):
     recipe.write_text(yaml.safe_dump({"real_train": str(real), "synthetic": str(syn), "real_test": str(test),
                                       "real_per_class": 4, "scales": [1], "seeds": [0], "iters": 3,
                                       "batch_size": 8, "size": 16, "width": 8, "threads": 1}))
-    run = lambda *args: CliRunner().invoke(bench.benchmark_cli, [*args], catch_exceptions=False)
+    run = lambda *args: CliRunner().invoke(benchmark_cli, [*args], catch_exceptions=False)
     assert run("downstream", str(recipe), f"output={tmp_path / 'all'}").exit_code == 0
     assert run("downstream", str(recipe), "settings=[real,synthetic]", f"output={tmp_path / 'a'}").exit_code == 0
     assert run("downstream", str(recipe), "settings=[real+synthetic]", f"output={tmp_path / 'b'}").exit_code == 0
@@ -96,7 +97,7 @@ def test_runs_in_parts_merge_into_the_run_of_all(tmp_path):
 
 
 def test_downstream_config_is_strict(tmp_path):
-    from synfer.recipe import RecipeError
+    from synfer.engine.recipe import RecipeError
 
     recipe = tmp_path / "d.yaml"
     recipe.write_text("real_train: a\nsynthetic: b\nreal_test: c\n")
@@ -125,7 +126,7 @@ def test_second_split_is_scored_by_the_same_models(tmp_path):
     recipe.write_text(yaml.safe_dump({"real_train": str(real), "synthetic": str(syn), "real_test": str(test), "real_test_2": str(test2),
                                       "real_per_class": 4, "scales": [1], "seeds": [0, 1], "iters": 3, "batch_size": 8, "size": 16, "width": 8,
                                       "settings": ["real", "real+synthetic"], "output": str(tmp_path / "out")}))
-    res = CliRunner().invoke(bench.benchmark_cli, ["downstream", str(recipe)])
+    res = CliRunner().invoke(benchmark_cli, ["downstream", str(recipe)])
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "out" / "downstream.json").read_text())
     assert [(r["setting"], r["seed"]) for r in result["runs"]] == [("real", 0), ("real+synthetic", 0), ("real", 1), ("real+synthetic", 1)]
@@ -189,7 +190,7 @@ def test_soft_label_targets(tmp_path):
     assert y.shape == (8, 2) and np.array_equal(y[:4], np.eye(2)[y_r]) and np.array_equal(y[4:], p_s)
     assert np.array_equal(bench.compose("synthetic", x_r, y_r, x_s, y_s, "concat", p_s)[1], p_s)
     assert np.array_equal(bench.compose("real", x_r, y_r, x_s, y_s, "concat", p_s)[1], y_r)
-    from synfer.arrays import soft_targets
+    from synfer.engine.arrays import soft_targets
 
     rows = [{"soft_label": [1, 3]}, {}, {"soft_label": [0.5, 0.25, 0.25]}]
     assert np.allclose(soft_targets(rows, np.array([0, 1, 0]), 2), [[0.25, 0.75], [0, 1], [1, 0]])

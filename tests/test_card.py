@@ -1,4 +1,4 @@
-"""The dataset card (README.md) and provenance manifest every run writes (synfer.card): the Hub's DatasetCard parses
+"""The dataset card (README.md) and provenance manifest every run writes (synfer.engine.card): the Hub's DatasetCard parses
 it, every model that touched an image is named with its licence and weights' sha256, the strictest term comes
 first and non-commercial terms anywhere are said, the bytes do not depend on the output path, and the folder
 still loads as an imagefolder."""
@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from huggingface_hub import DatasetCard
 from PIL import Image
 
-from synfer import card as C
+from synfer.engine import card as C
 from synfer import labels as L
-from synfer.dataset import DatasetWriter
-from synfer.pipeline import run_recipe
-from synfer.recipe import load_recipe
+from synfer.engine.dataset import DatasetWriter
+from synfer.engine.pipeline import run_recipe
+from synfer.engine.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CNN = ROOT / "plugins" / "models" / "tiny-cnn"
@@ -125,7 +125,7 @@ def test_source_faces_terms_come_from_their_source_plugins(tmp_path, registry):
 
 
 def test_plugins_list_their_licences():
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     res = CliRunner().invoke(main, ["plugins", "--json"])
     assert res.exit_code == 0, res.output
@@ -134,6 +134,6 @@ def test_plugins_list_their_licences():
     assert rows[("generator", "sd")]["licence"].startswith("MIT") and rows[("source", "rafdb")]["data_terms"]
     builtin = [r for r in rows.values() if r["provider"] == "synfer"]
     missing = [r["name"] for r in builtin if not r["licence"]]
-    assert builtin and not missing, f"built-in plugins without a `licence` class attribute (synfer.card): {missing}"
+    assert builtin and not missing, f"built-in plugins without a `licence` class attribute (synfer.engine.card): {missing}"
     text = CliRunner().invoke(main, ["plugins"]).output
     assert "retinaface" in text and "data: CC BY-NC-ND" in text

@@ -6,7 +6,7 @@ import yaml
 
 torch = pytest.importorskip("torch")
 
-from synfer.dataset import DatasetWriter  # noqa: E402
+from synfer.engine.dataset import DatasetWriter  # noqa: E402
 from synfer.stages import SampleRequest  # noqa: E402
 from test_generator import CAPTIONS, generator, requests  # noqa: E402
 
@@ -65,7 +65,7 @@ def test_chunk_1_is_the_old_exact_path(model_dir):
 
 
 def test_exact_batching_is_retired_with_a_pointer_to_chunk(registry, tmp_path):
-    from synfer.recipe import RecipeError, load_recipe
+    from synfer.engine.recipe import RecipeError, load_recipe
 
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({"generator": {"plugin": "sd", "exact_batching": False}}))
@@ -78,7 +78,7 @@ def test_exact_batching_is_retired_with_a_pointer_to_chunk(registry, tmp_path):
 
 def _recipe(tmp_path, name, **gen):
     """The shipped tiny model with layout init, semantic guidance, FERAnno and a vote: 10 samples, 3 steps."""
-    from synfer.recipe import validate_data
+    from synfer.engine.recipe import validate_data
 
     src = tmp_path / "fetext"
     if not src.exists():
@@ -96,7 +96,7 @@ def _files(out):
 
 @pytest.mark.slow  # three diffusion runs of the shipped model (~20 s on 2 cores)
 def test_run_bytes_identical_at_batch_sizes_1_8_16(tmp_path, registry):
-    from synfer.pipeline import run_recipe
+    from synfer.engine.pipeline import run_recipe
 
     got = {}
     for bs in (1, 8, 16):  # and the layout bank: off at 1, filled at 8, read at 16 (the same bytes each way)
@@ -149,7 +149,7 @@ def test_interrupted_and_killed_runs_resume_to_the_same_bytes(tmp_path, registry
 
 
 def test_shards_are_whole_chunks_and_cover_the_plan_once():
-    from synfer.pipeline import shard, shard_size
+    from synfer.engine.pipeline import shard, shard_size
 
     for n in (0, 1, 7, 10, 33):
         for chunk in (1, 3, 4, 16):
@@ -163,8 +163,8 @@ def test_shards_are_whole_chunks_and_cover_the_plan_once():
 
 def test_the_run_hands_the_generator_whole_chunks(registry, tmp_path, monkeypatch):
     """A generator with `chunk` 4 and batch_size 6 gets 2 chunks per call; a resume hands it the rest of a chunk."""
-    from synfer.pipeline import run_recipe
-    from synfer.recipe import validate_data
+    from synfer.engine.pipeline import run_recipe
+    from synfer.engine.recipe import validate_data
 
     gen = registry.get("generator", "dummy")
     calls = []

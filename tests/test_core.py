@@ -10,11 +10,11 @@ import yaml
 from conftest import HERE, make_dist, subprocess_env
 
 from synfer import labels as L
-from synfer.plugins import PluginError, Registry
-from synfer.recipe import RecipeError, apply_overrides, load_recipe
+from synfer.engine.registry import PluginError, Registry
+from synfer.engine.recipe import RecipeError, apply_overrides, load_recipe
 
 ROOT = HERE.parent
-SYNFER = [sys.executable, "-m", "synfer.cli"]
+SYNFER = [sys.executable, "-m", "synfer"]
 
 
 def test_label_spaces_map_by_name():
@@ -45,7 +45,7 @@ def test_fitted_au_prior_recovers_the_prior_that_drew_the_annotations(tmp_path):
     AUPrior gives back its four numbers, as a recipe block that validates."""
     from click.testing import CliRunner
 
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     truth = L.AUPrior(low=0.3, high=0.9, extra_rate=0.1, extra_high=0.6)
     rng = np.random.default_rng(0)
@@ -63,7 +63,7 @@ def test_fitted_au_prior_recovers_the_prior_that_drew_the_annotations(tmp_path):
     assert out.exit_code == 0, out.output
     block = yaml.safe_load(out.output)["au_prior"]
     assert block == pytest.approx(fit, abs=1e-4)
-    from synfer.recipe import AUPriorConfig
+    from synfer.engine.recipe import AUPriorConfig
 
     prior = AUPriorConfig(**block)  # the block a recipe takes, and what the pipeline builds from it
     assert L.AUPrior(**prior.model_dump()) == L.AUPrior(**block)
@@ -114,7 +114,7 @@ def test_duplicate_names_name_both_providers(registry):
 
     mod = type(sys)("clash_mod")
     mod.register_stages = lambda register: register(Clash)
-    from synfer.hookspecs import hookimpl
+    from synfer.contract.hookspecs import hookimpl
 
     hookimpl(mod.register_stages)
     registry.add(mod, provider="clash-dist")  # both stay installed; a recipe names the one it means
@@ -130,7 +130,7 @@ def test_duplicate_names_name_both_providers(registry):
 
 
 def test_misspelled_hook_is_caught():
-    from synfer.hookspecs import hookimpl
+    from synfer.contract.hookspecs import hookimpl
 
     mod = type(sys)("typo_mod")
 
@@ -196,9 +196,9 @@ def test_overrides(tmp_path, registry):
 
 
 def test_cli_import_does_not_load_torch():
-    code = "import sys, synfer.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, synfer.commands.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import synfer.cli"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import synfer.commands.cli"], capture_output=True, text=True, check=True)
     assert " torch" not in out.stderr
 
 
@@ -209,7 +209,7 @@ def test_cli_import_does_not_load_torch():
 def test_light_commands_do_not_import_torch(args, tmp_path):
     args = [a.replace("OUTPUT", str(tmp_path / "out")) for a in args]
     code = ("import sys, runpy; sys.argv=['synfer']+%r\n"
-            "try:\n    runpy.run_module('synfer.cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "try:\n    runpy.run_module('synfer.commands.cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "assert 'torch' not in sys.modules, 'torch was imported'" % (args,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -264,7 +264,7 @@ def test_wheel_and_editable_install_include_builtin_plugins(tmp_path):
     if build.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {build.stderr[-300:]}")
     names = zipfile.ZipFile(next(tmp_path.glob("synfer-*.whl"))).namelist()
-    assert "synfer_plugins/procedural/__init__.py" in names and "synfer_plugins/procedural/face_parts.py" in names and "synfer/cli.py" in names
+    assert "synfer_plugins/procedural/__init__.py" in names and "synfer_plugins/procedural/face_parts.py" in names and "synfer/commands/cli.py" in names
     assert not any(n.startswith("plugins/") for n in names)  # never the bare, colliding name
     assert any(n.startswith("synfer_plugins/models/tiny-sd/unet/") for n in names) or not (ROOT / "plugins/models/tiny-sd").exists()
     assert not any("/work/" in n for n in names)  # training work dirs are not shipped

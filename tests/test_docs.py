@@ -107,7 +107,7 @@ def test_readme_measured_numbers_link_to_results():
 @pytest.mark.slow
 def test_plugin_template_passes_its_own_test(tmp_path):
     """`synfer plugin new` writes a package whose test passes, installed as a distribution would be."""
-    from synfer.scaffold import write_plugin
+    from synfer.commands.scaffold import write_plugin
 
     pkg = write_plugin("acme-fer", tmp_path / "src")
     assert (pkg / "synfer_acme_fer" / "weights" / "model.safetensors").stat().st_size > 1000
@@ -129,7 +129,7 @@ def test_plugin_template_passes_its_own_test(tmp_path):
 def test_plugin_template_refuses_bad_names_and_overwrites(tmp_path):
     import click
 
-    from synfer.scaffold import names, write_plugin
+    from synfer.commands.scaffold import names, write_plugin
 
     assert names("my-fer") == {"name": "my-fer", "dist": "synfer-my-fer", "module": "synfer_my_fer", "cls": "MyFerClassifier"}
     for bad in ("My_FER", "1fer", "fer-", "fer net"):
@@ -144,8 +144,8 @@ def test_recipe_reference_is_up_to_date():
     """docs/recipes.md and docs/recipe.schema.json are what `synfer recipe docs` writes now."""
     import json
 
-    from synfer.plugins import Registry
-    from synfer.recipedocs import render, schema
+    from synfer.engine.registry import Registry
+    from synfer.commands.recipedocs import render, schema
 
     reg = Registry()
     reg.load_entrypoints()
@@ -155,8 +155,8 @@ def test_recipe_reference_is_up_to_date():
 
 
 def test_recipe_reference_documents_every_builtin_key():
-    from synfer.plugins import Registry
-    from synfer.recipedocs import render
+    from synfer.engine.registry import Registry
+    from synfer.commands.recipedocs import render
 
     reg = Registry()
     reg.load_entrypoints()
@@ -201,7 +201,7 @@ def test_recipe_schema_accepts_the_shipped_recipes_and_names_every_key():
 
 @pytest.mark.slow
 def test_recipe_docs_command_checks_without_torch(tmp_path):
-    code = ("import sys; from click.testing import CliRunner; from synfer.cli import main; "
+    code = ("import sys; from click.testing import CliRunner; from synfer.commands.cli import main; "
             "r = CliRunner().invoke(main, ['recipe', 'docs', '--check']); print(r.output); "
             "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -229,8 +229,8 @@ def test_plugin_guide_examples_run(monkeypatch):
 
 def test_recipe_reference_descriptions_are_whole():
     """A field comment that wraps onto comment-only lines is documented whole, not cut off mid-sentence."""
-    from synfer.plugins import Registry
-    from synfer.recipedocs import render
+    from synfer.engine.registry import Registry
+    from synfer.commands.recipedocs import render
 
     reg = Registry()
     reg.load_entrypoints()

@@ -12,7 +12,7 @@ from PIL import Image
 
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.dataset import DatasetWriter
+from synfer.engine.dataset import DatasetWriter
 from synfer.stages import AUDetector, GuidanceClassifier, StageConfig
 
 ev = pytest.importorskip("synfer_plugins.evaluators")
@@ -62,7 +62,7 @@ JUDGES.register_stages = _register_judges
 @pytest.fixture(autouse=True)
 def judges():
     """Make the tiny-cnn plugins and the test judges visible to the evaluators' registry."""
-    from synfer.plugins import get_registry
+    from synfer.engine.registry import get_registry
 
     reg = get_registry()
     reg.add(JUDGES, provider="tests")  # no-op once registered
@@ -275,7 +275,7 @@ def test_label_quality_evaluator(tmp_path):
 def test_eval_cli_merges_metrics(tmp_path):
     from click.testing import CliRunner
 
-    from synfer.evaluate import eval_cli
+    from synfer.commands.eval import eval_cli
 
     weights = random_net(tmp_path / "oracle")
     d = write_set(tmp_path / "d", [np.full((8, 8, 3), c) for c in (RED, BLUE, RED, BLUE)],

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from synfer import labels as L  # noqa: E402
-from synfer.dataset import DatasetWriter, read_metadata  # noqa: E402
+from synfer.engine.dataset import DatasetWriter, read_metadata  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 SIZE = 64
@@ -34,7 +34,7 @@ class Clf(torch.nn.Module):
 def _train(args):
     from click.testing import CliRunner
 
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     result = CliRunner().invoke(main, ["train", *map(str, args)])
     assert result.exit_code == 0, (result.output, result.exception)
@@ -151,8 +151,8 @@ def test_guidance_moves_the_pooled_embedding_with_the_text(world):
 
 
 def test_the_method_runs_on_the_family(world, tmp_path):
-    from synfer.pipeline import run_recipe
-    from synfer.recipe import load_recipe
+    from synfer.engine.pipeline import run_recipe
+    from synfer.engine.recipe import load_recipe
 
     family, root = world
     clf = {"plugin": "torch-checkpoint", "path": str(root / "clf.ts"), "label_space": "affectnet8", "size": SIZE}

@@ -11,11 +11,11 @@ from PIL import Image
 
 from conftest import HERE, make_dist, subprocess_env
 from synfer import labels as L
-from synfer.contracts import PluginCallError, PluginContractError
-from synfer.guidance_contract import GuardedClassifier, guidance_targets
-from synfer.ensemble import ExpertEnsemble, Member
-from synfer.plugins import PluginError, Registry
-from synfer.recipe import RecipeError, VoteConfig, validate_data
+from synfer.contract.contracts import PluginCallError, PluginContractError
+from synfer.contract.guidance_contract import GuardedClassifier, guidance_targets
+from synfer.engine.ensemble import ExpertEnsemble, Member
+from synfer.engine.registry import PluginError, Registry
+from synfer.engine.recipe import RecipeError, VoteConfig, validate_data
 from synfer.stages import GeneratedSample, LabelledSample, SampleRequest
 
 ROOT = HERE.parent
@@ -231,8 +231,8 @@ def test_cli_beside_the_faults(dists, tmp_path):
 def test_a_run_records_which_samples_a_7_class_classifier_could_not_guide(faulty, tmp_path):
     """End to end on a tiny generator: contempt (outside fer2013) is written `guided: false`."""
     pytest.importorskip("torch")
-    from synfer.dataset import read_metadata
-    from synfer.pipeline import run_recipe
+    from synfer.engine.dataset import read_metadata
+    from synfer.engine.pipeline import run_recipe
     from test_generator import tiny
 
     reg, _ = faulty
@@ -285,8 +285,8 @@ def test_hooks_without_the_marker_or_none_at_all_are_errors():
 
 
 def test_errors_inside_any_stage_name_it_in_one_line(registry, tmp_path):
-    """The generator, prompter and evaluators are called through synfer.contracts.Guarded by the pipeline."""
-    from synfer.pipeline import run_recipe
+    """The generator, prompter and evaluators are called through synfer.contract.contracts.Guarded by the pipeline."""
+    from synfer.engine.pipeline import run_recipe
 
     recipe = validate_data({"num_images": 2, "output": str(tmp_path / "o"), "grid": False, "report": False,
                             "generator": {"plugin": "dummy", "steps": 0}}, registry)

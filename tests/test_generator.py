@@ -155,7 +155,7 @@ def test_denoise_hooks_start_step_and_on_step(tmp_path):
 def test_config_is_strict_and_plugin_registered():
     from pydantic import ValidationError
 
-    from synfer.plugins import Registry
+    from synfer.engine.registry import Registry
 
     with pytest.raises(ValidationError):
         SDGenerator.Config(stepz=3)

@@ -14,11 +14,11 @@ from PIL import Image
 
 import fault_plugins.stage_faults as stage_faults
 from conftest import HERE, subprocess_env
-from synfer import isolation
-from synfer.contracts import RESERVED, Guarded, PluginCallError, PluginContractError
-from synfer.guidance_contract import GuardedClassifier
-from synfer.ensemble import ExpertEnsemble, Member
-from synfer.recipe import VoteConfig, validate_data
+from synfer.contract import isolation
+from synfer.contract.contracts import RESERVED, Guarded, PluginCallError, PluginContractError
+from synfer.contract.guidance_contract import GuardedClassifier
+from synfer.engine.ensemble import ExpertEnsemble, Member
+from synfer.engine.recipe import VoteConfig, validate_data
 from synfer.stages import GeneratedSample, SampleRequest
 from test_faults import FAULTS, ROOT, SYNFER, dists, faulty  # noqa: F401 - the module's fixtures
 
@@ -96,8 +96,8 @@ def _files(out: Path) -> dict:
 
 
 def test_ctrl_c_in_a_plugin_stops_a_run_that_resumes_to_the_same_files(registry, tmp_path):
-    from synfer.dataset import METADATA
-    from synfer.pipeline import run_recipe
+    from synfer.engine.dataset import METADATA
+    from synfer.engine.pipeline import run_recipe
 
     registry.add(stage_faults, provider="acme-stages")
     stage_faults.CtrlC.calls, stage_faults.CtrlC.at = 0, 3  # Ctrl-C while the second batch is voted on (one call a sample)
@@ -135,9 +135,9 @@ def test_an_expert_editing_its_images_changes_neither_the_samples_nor_the_next_v
 
 
 def test_the_files_written_are_the_generated_ones_whatever_an_expert_does(registry, tmp_path, monkeypatch):
-    from synfer import contracts
-    from synfer.dataset import read_metadata
-    from synfer.pipeline import run_recipe
+    from synfer.contract import contracts
+    from synfer.engine.dataset import read_metadata
+    from synfer.engine.pipeline import run_recipe
 
     registry.add(stage_faults, provider="acme-stages")
     monkeypatch.setattr(contracts, "_told_touched", set())
@@ -152,7 +152,7 @@ def test_the_files_written_are_the_generated_ones_whatever_an_expert_does(regist
 
 
 def test_an_evaluator_that_writes_into_the_dataset_is_named(registry, tmp_path):
-    from synfer.pipeline import run_recipe
+    from synfer.engine.pipeline import run_recipe
 
     registry.add(stage_faults, provider="acme-stages")
     run_recipe(_dummy_recipe(registry, tmp_path / "o", n=2), registry=registry, progress=False)
@@ -241,8 +241,8 @@ def test_guidance_errors_name_the_real_samples_of_a_padded_chunk(faulty):
 @pytest.mark.slow  # a diffusion run
 def test_a_classifier_without_gradient_stops_a_guided_run_before_a_row_claims_guidance(faulty, tmp_path):
     pytest.importorskip("torch")
-    from synfer.dataset import collect_rows
-    from synfer.pipeline import run_recipe
+    from synfer.engine.dataset import collect_rows
+    from synfer.engine.pipeline import run_recipe
     from test_generator import tiny
 
     reg, _ = faulty
@@ -272,7 +272,7 @@ def test_reserved_config_names_are_refused_and_documented(faulty):
 
 
 def _reload(monkeypatch, dists, only, modules, **env):
-    from synfer.plugins import Registry
+    from synfer.engine.registry import Registry
 
     monkeypatch.syspath_prepend(str(dists[list(FAULTS).index(only)]))
     for m in modules:
@@ -301,8 +301,8 @@ def test_what_a_plugin_prints_goes_to_stderr(monkeypatch, dists, capsys):
 
 
 def test_commands_named_like_synfer_or_another_plugin_are_refused_naming_both(faulty, monkeypatch):
-    from synfer.cli import LazyGroup
-    from synfer.training import train_cli
+    from synfer.commands.cli import LazyGroup
+    from synfer.commands.train import train_cli
 
     # `synfer train` is one group per process: an earlier in-process `synfer` call filled it with the built-ins'
     # commands, which would then look like synfer's own here. Start it from synfer's own commands.
@@ -356,8 +356,8 @@ def test_a_run_whose_expert_exits_in_init_stops_with_one_line(dists, tmp_path):
 
 
 def test_calibrate_takes_the_writer_lock(tmp_path):
-    from synfer.calibrate import calibrate_dataset
-    from synfer.lock import LockError, OutputLock
+    from synfer.commands.calibrate import calibrate_dataset
+    from synfer.engine.lock import LockError, OutputLock
 
     with OutputLock(tmp_path, "synfer run"):
         with pytest.raises(LockError, match=rf"{tmp_path} is being written by PID \d+ .*\(synfer run\)"):

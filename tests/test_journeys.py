@@ -63,7 +63,7 @@ def _is_command(cmd: str) -> bool:
     make target. `synfer run` alone in a sentence names a command; it is not one to run."""
     import click
 
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     words = cmd.split()
     if words[0] == "make":
@@ -342,7 +342,7 @@ def _sd15_standins(lab: Lab):
 def _sd15_base(lab: Lab, fetext: str):
     from synfer_plugins.sd.testing import build_sd15
 
-    from synfer.dataset import read_metadata
+    from synfer.engine.dataset import read_metadata
 
     if not (lab.path / "models" / "sd15").exists():
         captions = [r["caption"] for r in read_metadata(lab.path / fetext)] + ["a photo of a person"]
@@ -412,10 +412,10 @@ def test_documented_commands_parse():
     """The parser reads what a user would copy: numbered header steps, backslash continuations, chains, backticks."""
     sd15 = documented()["recipes/sd15-affectnet8.yaml"]
     assert sd15[0] == "synfer models fetch fer-minixception" and sd15[-1] == "synfer run recipes/sd15-affectnet8.yaml"
-    assert any(c.startswith("torchrun --nproc_per_node 8 -m synfer.cli train generator --data data/fetext-affectnet") for c in sd15)
+    assert any(c.startswith("torchrun --nproc_per_node 8 -m synfer train generator --data data/fetext-affectnet") for c in sd15)
     assert "synfer validate recipes/sd15-affectnet8.yaml" in sd15
-    assert scaled(shlex.split("torchrun --nproc_per_node 8 -m synfer.cli train generator --iters 20000 --batch-size 16"))[1:] == \
-        ["--nproc_per_node", "2", "-m", "synfer.cli", "train", "generator", "--iters", "2", "--batch-size", "2"]
+    assert scaled(shlex.split("torchrun --nproc_per_node 8 -m synfer train generator --iters 20000 --batch-size 16"))[1:] == \
+        ["--nproc_per_node", "2", "-m", "synfer", "train", "generator", "--iters", "2", "--batch-size", "2"]
 
 
 def test_readme_plugin_snippet_registers():

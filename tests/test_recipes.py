@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from synfer.dataset import DatasetWriter, read_metadata
-from synfer.recipe import load_recipe
+from synfer.engine.dataset import DatasetWriter, read_metadata
+from synfer.engine.recipe import load_recipe
 
 ROOT = Path(__file__).parent.parent
 
@@ -19,10 +19,10 @@ def _load_any(path: Path):
     """A shipped recipe through the loader of its kind (run, FEText, downstream benchmark, bootstrap)."""
     import yaml
 
-    from synfer.benchmark import load_config
-    from synfer.bootstrap import Bootstrap
-    from synfer.cli import main
-    from synfer.fetext import load_fetext_recipe
+    from synfer.commands.downstream import load_config
+    from synfer.commands.bootstrap import Bootstrap
+    from synfer.commands.cli import main
+    from synfer.commands.fetext import load_fetext_recipe
 
     data = yaml.safe_load(path.read_text())
     if "steps" in data:
@@ -35,7 +35,7 @@ def _load_any(path: Path):
     if "real_train" in data:
         return load_config(path)
     if "face_detector" in data:  # a `synfer label` recipe
-        from synfer.label import load_label_recipe
+        from synfer.commands.label import load_label_recipe
 
         return load_label_recipe(path)
     return load_recipe(path)
@@ -46,7 +46,7 @@ def test_every_shipped_recipe_validates(name, tmp_path, monkeypatch):
     """Each recipe of recipes/ validates as shipped, except for the inputs a fresh checkout does not
     have (built by make demo, or a lab's data): those are named as missing, and once they exist
     (empty stand-ins here, relative to the working folder) the recipe validates."""
-    from synfer.recipe import RecipeError
+    from synfer.engine.recipe import RecipeError
 
     assert len(SHIPPED) >= 5
     monkeypatch.chdir(tmp_path)
@@ -71,7 +71,7 @@ def test_every_shipped_recipe_validates(name, tmp_path, monkeypatch):
 def test_sd15_recipe_on_tiny_models(tmp_path):
     from PIL import Image
 
-    from synfer.pipeline import run_recipe
+    from synfer.engine.pipeline import run_recipe
     from synfer_plugins.feranno.train import train_feranno
     from synfer_plugins.sd.model import create_tiny_model
 
@@ -104,7 +104,7 @@ def test_sd15_recipe_on_tiny_models(tmp_path):
 def test_bootstrap_recipe_lists_every_training_step():
     from click.testing import CliRunner
 
-    from synfer.bootstrap import bootstrap_cli
+    from synfer.commands.bootstrap import bootstrap_cli
 
     result = CliRunner().invoke(bootstrap_cli, [str(ROOT / "recipes/bootstrap.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -115,7 +115,7 @@ def test_bootstrap_recipe_lists_every_training_step():
 def test_bootstrap_skips_a_step_when_any_created_path_exists(tmp_path):
     from click.testing import CliRunner
 
-    from synfer.bootstrap import bootstrap_cli
+    from synfer.commands.bootstrap import bootstrap_cli
 
     (tmp_path / "final").mkdir()
     recipe = tmp_path / "b.yaml"

@@ -21,8 +21,8 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from synfer.cli import main
-from synfer.dataset import METADATA, DatasetError, read_metadata
+from synfer.commands.cli import main
+from synfer.engine.dataset import METADATA, DatasetError, read_metadata
 
 HERE = Path(__file__).parent
 
@@ -245,7 +245,7 @@ def dummy_env(monkeypatch):
     """`synfer` in-process with the dummy test plugins registered."""
     import dummy_plugins
 
-    from synfer import plugins
+    from synfer.engine import registry as plugins
 
     reg = plugins.Registry()
     reg.load_entrypoints()
@@ -261,7 +261,7 @@ def dummy_env(monkeypatch):
     (PermissionError(errno.EACCES, "Permission denied"), ["Permission denied:", "choose a folder you can write"]),
 ])
 def test_os_errors_are_one_message_and_v_shows_the_traceback(tmp_path, dummy_env, monkeypatch, err, expect):
-    from synfer import dataset
+    from synfer.engine import dataset
 
     out = tmp_path / "out"
     recipe = _run_recipe_file(tmp_path, out)
@@ -291,7 +291,7 @@ def test_plugin_error_names_the_plugin(tmp_path, dummy_env):
 
 
 def test_quiet_and_verbose_are_global_options(tmp_path, dummy_env):
-    from synfer.cli import verbosity
+    from synfer.engine.logs import verbosity
 
     res = cli("-q", "run", _run_recipe_file(tmp_path, tmp_path / "out"))
     assert res.exit_code == 0 and verbosity() == -1 and os.environ.get("TQDM_DISABLE") == "1"
@@ -363,7 +363,7 @@ def test_two_concurrent_runs_one_wins(tmp_path):
 
 
 def test_torchrun_ranks_share_the_lock(tmp_path, monkeypatch):
-    from synfer.lock import LockError, OutputLock
+    from synfer.engine.lock import LockError, OutputLock
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -435,8 +435,8 @@ def test_one_image_skips_fid_with_a_note_and_still_writes_metrics_and_report(tmp
 
 def test_a_huge_plan_is_built_lazily_with_progress_from_the_start(tmp_path, dummy_env):
     """num_images far beyond memory: the first batch is generated at once (today the whole plan is built first)."""
-    from synfer.pipeline import iter_plan, run_recipe
-    from synfer.recipe import load_recipe
+    from synfer.engine.pipeline import iter_plan, run_recipe
+    from synfer.engine.recipe import load_recipe
 
     class Enough(Exception):
         pass
@@ -453,7 +453,7 @@ def test_a_huge_plan_is_built_lazily_with_progress_from_the_start(tmp_path, dumm
     orig = gen.generate
     gen.generate = first_batch
     try:
-        from synfer.contracts import PluginCallError
+        from synfer.contract.contracts import PluginCallError
 
         with pytest.raises(PluginCallError) as err:  # a plugin's exception comes out naming the plugin, its cause chained
             run_recipe(recipe, registry=dummy_env, progress=False)

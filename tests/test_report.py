@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synfer.dataset import DatasetWriter
-from synfer.report import write_report
+from synfer.engine.dataset import DatasetWriter
+from synfer.commands.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SECTIONS = ("summary", "grid", "changed", "calibration", "confusion", "metrics", "downstream")
@@ -26,7 +26,7 @@ def generated_set(root, downstream=True):
     (root / "metrics.json").write_text(json.dumps({"fid": 12.5, "fer_accuracy": 0.8, "au_f1": 0.6, "diversity": 0.3,
                                                    "label_quality": 0.9, "fer_accuracy_happy": 1.0}))
     if downstream:
-        from synfer.benchmark import plot_downstream, summarize
+        from synfer.commands.downstream import plot_downstream, summarize
 
         runs = [{"setting": s, "scale": k, "seed": 0, "train_images": 10, "accuracy": a, "uar": a}
                 for s, k, a in [("real", 0.0, 0.5), ("synthetic", 1, 0.4), ("synthetic", 2, 0.45), ("real+synthetic", 1, 0.6), ("real+synthetic", 2, 0.65)]]
@@ -68,7 +68,7 @@ def test_report_prefers_calibration_json_and_finds_downstream_elsewhere(tmp_path
 def test_report_of_a_real_set_and_cli(tmp_path):
     from click.testing import CliRunner
 
-    from synfer.report import report_cli
+    from synfer.commands.report import report_cli
 
     w = DatasetWriter(tmp_path / "real")
     for i, e in enumerate(["happy", "sad", "happy"]):

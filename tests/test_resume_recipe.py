@@ -6,10 +6,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from synfer.dataset import DatasetWriter, read_metadata
-from synfer.pipeline import run_recipe
-from synfer.recipe import load_recipe
-from synfer.resume import RECIPE_FILE, ResumeMismatch, changed_keys
+from synfer.engine.dataset import DatasetWriter, read_metadata
+from synfer.engine.pipeline import run_recipe
+from synfer.engine.recipe import load_recipe
+from synfer.engine.resume import RECIPE_FILE, ResumeMismatch, changed_keys
 
 
 def _recipe(tmp_path, registry, overrides=()):
@@ -85,8 +85,8 @@ def test_changed_keys_ignores_free_keys():
 
 
 def test_cli_run_with_another_seed_exits_1_naming_seed(tmp_path, registry, monkeypatch):
-    from synfer import plugins
-    from synfer.cli import main
+    from synfer.engine import registry as plugins
+    from synfer.commands.cli import main
 
     monkeypatch.setattr(plugins, "_REGISTRY", registry)  # the installed plugins plus the dummy stages
     recipe = tmp_path / "r.yaml"
@@ -108,7 +108,7 @@ def test_expert_align_is_the_ensembles_key_in_the_resolved_recipe(tmp_path, regi
     """An expert block's `align` (the core's face alignment, like `weight`) is recorded beside the plugin's Config, never
     passed to it: the shipped sd15 recipe sets align: true on every expert, and resolving it once failed with
     'align: Extra inputs are not permitted' after validate had said ok."""
-    from synfer.resume import resolved_recipe
+    from synfer.engine.resume import resolved_recipe
 
     recipe = _recipe(tmp_path, registry, ["experts=[{plugin: dummy-expert, weight: 0.5, align: true}]"])
     saved = resolved_recipe(recipe, registry)

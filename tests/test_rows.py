@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from synfer.dataset import DatasetError, DatasetRow, DatasetWriter, read_metadata, row_label
+from synfer.engine.dataset import DatasetError, DatasetRow, DatasetWriter, read_metadata, row_label
 
 ROOT = Path(__file__).parent.parent
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).parent.parent
 @pytest.fixture(scope="module")
 def fetext(tmp_path_factory):
     """A small real FEText build: 24 procedural faces, `label` stored as an index."""
-    from synfer.fetext import build_fetext, load_fetext_recipe
+    from synfer.commands.fetext import build_fetext, load_fetext_recipe
 
     out = tmp_path_factory.mktemp("fetext") / "set"
     recipe = load_fetext_recipe(ROOT / "recipes" / "fetext-procedural.yaml", [f"output={out}", "sources.0.num_images=24", "batch_size=8"])
@@ -51,7 +51,7 @@ def test_a_bad_row_names_its_line(tmp_path):
 
 
 def test_report_on_a_fetext_folder(fetext):
-    from synfer.report import report_cli
+    from synfer.commands.report import report_cli
 
     result = CliRunner().invoke(report_cli, [str(fetext)])
     assert result.exit_code == 0, result.output
@@ -76,8 +76,8 @@ def test_calibrate_a_labelled_folder(tmp_path, registry):
     import yaml
 
     from synfer import labels as L
-    from synfer.calibrate import calibrate_dataset
-    from synfer.recipe import load_recipe
+    from synfer.commands.calibrate import calibrate_dataset
+    from synfer.engine.recipe import load_recipe
 
     space = L.label_space("affectnet8")
     w = DatasetWriter(tmp_path / "set")

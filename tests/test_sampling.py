@@ -5,7 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from synfer import labels as L  # noqa: E402
-from synfer.dataset import DatasetWriter  # noqa: E402
+from synfer.engine.dataset import DatasetWriter  # noqa: E402
 from synfer_plugins.sd.sampling import GuidanceConfig, LayoutConfig, SemanticGuidance, invert  # noqa: E402
 from test_generator import generator, requests  # noqa: E402
 

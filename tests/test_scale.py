@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from synfer.dataset import METADATA, PARTS, DatasetWriter, collect_rows, iter_metadata, merge, part_name, read_metadata
-from synfer.rowscan import DoneIndex
+from synfer.engine.dataset import METADATA, PARTS, DatasetWriter, collect_rows, iter_metadata, merge, part_name, read_metadata
+from synfer.engine.rowscan import DoneIndex
 
 CLASSES = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt"]
 
@@ -55,14 +55,14 @@ def _folder(root: Path, n: int, parts: int = 0) -> Path:
     return root
 
 
-# What a run does with the rows on disk (synfer.pipeline._run and the commands), in one child process.
+# What a run does with the rows on disk (synfer.engine.pipeline._run and the commands), in one child process.
 CHILD = r"""
 import sys
 from pathlib import Path
-from synfer.dataset import DatasetWriter, iter_metadata, iter_rows, merge
-from synfer.pipeline import calibration_counts
-from synfer.report import Tally
-from synfer.resume import _labelled
+from synfer.engine.dataset import DatasetWriter, iter_metadata, iter_rows, merge
+from synfer.engine.pipeline import calibration_counts
+from synfer.commands.report import Tally
+from synfer.engine.resume import _labelled
 
 a, b = Path(sys.argv[1]), Path(sys.argv[2])
 def status(key):  # this process's own numbers (ru_maxrss keeps the peak of the parent forked before exec)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import HERE, make_dist, subprocess_env
 
-from synfer.dataset import METADATA, PARTS, DatasetWriter, merge, part_name, read_metadata
+from synfer.engine.dataset import METADATA, PARTS, DatasetWriter, merge, part_name, read_metadata
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
@@ -233,7 +233,7 @@ def test_parts_merge_idempotent_and_resume_across_world_sizes(tmp_path):
 
 @pytest.mark.parametrize("spec,hits", [("write:2", 2), ("other", 0)])
 def test_crash_point_counts_only_its_name(spec, hits):
-    code = ("from synfer.faults import crash_point\n"
+    code = ("from synfer.engine.faults import crash_point\n"
             "for i in range(3):\n    crash_point('write')\n    print(i, flush=True)\n")
     p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SYNFER_CRASH_AT": spec}, capture_output=True, text=True)
     if hits:
@@ -247,8 +247,8 @@ def test_nan_during_guidance_is_retried_with_derived_seed_or_dropped(tmp_path, r
     or, when every retry fails too, dropped and counted in the summary. The NaN comes from the gradient of a
     later guided step (NaN logits, or a broken gradient on the first step, are the classifier's error: test_isolation)."""
     from synfer.labels import sample_seed
-    from synfer.pipeline import run_recipe
-    from synfer.recipe import load_recipe
+    from synfer.engine.pipeline import run_recipe
+    from synfer.engine.recipe import load_recipe
 
     def recipe(name, poison):
         p = _write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, num_images=3, grid=False, evaluators=[], experts=[],

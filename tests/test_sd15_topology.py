@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from synfer import labels as L  # noqa: E402
-from synfer.dataset import DatasetWriter, read_metadata  # noqa: E402
+from synfer.engine.dataset import DatasetWriter, read_metadata  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 SIZE = 64  # the smallest side an SD 1.5 topology takes: VAE x8, then 3 UNet downsamplings
@@ -34,7 +34,7 @@ class Clf(torch.nn.Module):
 def _train(args):
     from click.testing import CliRunner
 
-    from synfer.cli import main
+    from synfer.commands.cli import main
 
     result = CliRunner().invoke(main, ["train", *map(str, args)])
     assert result.exit_code == 0, (result.output, result.exception)
@@ -83,7 +83,7 @@ def test_topology_is_sd15(world):
 
 def test_trainings_keep_their_own_work_folders(world):
     """generator and au-adapter share --out: each checkpoints into OUT/work/<kind>, neither clobbers the other."""
-    from synfer.training import RUN_KIND_FILE, kind_work_dir
+    from synfer.engine.training import RUN_KIND_FILE, kind_work_dir
 
     work = world / "sd15-fer" / "work"
     for kind in ("generator", "au-adapter"):
@@ -225,8 +225,8 @@ def test_layout_bank_on_the_sd15_topology(world, tmp_path, monkeypatch):
 
 
 def _run_recipe(world, out, dtype, device, extra=()):
-    from synfer.pipeline import run_recipe
-    from synfer.recipe import load_recipe
+    from synfer.engine.pipeline import run_recipe
+    from synfer.engine.recipe import load_recipe
 
     clf = {"plugin": "torch-checkpoint", "path": str(world / "clf.ts"), "label_space": "affectnet8", "size": SIZE}
     overrides = [f"output={out}", "num_images=2", f"generator.model={world / 'sd15-fer'}", f"generator.dtype={dtype}",

@@ -12,8 +12,8 @@ pytest.importorskip("peft")
 
 from click.testing import CliRunner  # noqa: E402
 
-from synfer.cli import main  # noqa: E402
-from synfer.dataset import read_metadata  # noqa: E402
+from synfer.commands.cli import main  # noqa: E402
+from synfer.engine.dataset import read_metadata  # noqa: E402
 
 from test_training import make_fetext  # noqa: E402
 
@@ -100,7 +100,7 @@ class _Fixed:
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
-    from synfer.training import run_training
+    from synfer.engine.training import run_training
     from synfer_plugins.sd.model import create_tiny_model
     from synfer_plugins.sd.training import DiffusionTrainModel, FETextDataset
 

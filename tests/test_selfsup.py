@@ -1,4 +1,4 @@
-"""The self-supervised paradigm (synfer.selfsup): SimCLR pretraining + linear probe, on a toy that is easy to learn."""
+"""The self-supervised paradigm (synfer.commands.selfsup): SimCLR pretraining + linear probe, on a toy that is easy to learn."""
 import json
 
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 pytest.importorskip("torch")
-from synfer import selfsup  # noqa: E402
+from synfer.commands import selfsup  # noqa: E402
+from synfer.commands.downstream import SSLConfig  # noqa: E402
 
 from test_benchmark import write_set  # noqa: E402
 
@@ -36,7 +37,7 @@ def test_pretraining_lowers_the_loss_and_the_probe_beats_chance():
     y = np.arange(120) % 3  # class = a colour; SimCLR must keep colour apart despite the jitter
     colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
     x = np.clip(colours[y][:, None, None, :] + rng.normal(0, 25, (120, 16, 16, 3)), 0, 255).astype(np.uint8)
-    cfg = selfsup.SSLConfig(steps=30, batch_size=32, width=8, lr=5e-3)
+    cfg = SSLConfig(steps=30, batch_size=32, width=8, lr=5e-3)
     enc, losses = selfsup.pretrain(x[:90], cfg, seed=0)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
     predict = selfsup.linear_probe(selfsup.embed(enc, x[:90]), y[:90], 3, iters=100, weight_decay=1e-3, seed=0)
@@ -47,7 +48,7 @@ def test_pretraining_lowers_the_loss_and_the_probe_beats_chance():
 def test_ssl_command_writes_rows_in_the_downstream_format(tmp_path):
     from click.testing import CliRunner
 
-    from synfer.benchmark import benchmark_cli
+    from synfer.commands.benchmark import benchmark_cli
 
     real, syn, test = write_set(tmp_path / "real", 30, 0, False), write_set(tmp_path / "syn", 60, 1, True), write_set(tmp_path / "test", 15, 2, False)
     recipe = tmp_path / "d.yaml"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_scaleout import POINTS, _env, _run, _write_recipe, snapshot
 
-from synfer.dataset import METADATA, PARTS, DatasetWriter, image_name, merge, part_name, read_metadata
+from synfer.engine.dataset import METADATA, PARTS, DatasetWriter, image_name, merge, part_name, read_metadata
 
 PER_FOLDER = 4
 
@@ -55,8 +55,8 @@ def test_writer_resume_and_merge_in_sub_folders(tmp_path):
 
 
 def test_flat_recipe_json_is_unchanged_and_another_layout_is_refused(tmp_path, registry):
-    from synfer.recipe import load_recipe
-    from synfer.resume import ResumeMismatch, check_resume, resolved_recipe
+    from synfer.engine.recipe import load_recipe
+    from synfer.engine.resume import ResumeMismatch, check_resume, resolved_recipe
 
     flat = load_recipe(_write_recipe(tmp_path / "flat.yaml", tmp_path / "ds"), registry=registry)
     assert "images_per_folder" not in resolved_recipe(flat, registry)  # recipe.json and the card's hash: as before
@@ -75,7 +75,7 @@ def test_flat_recipe_json_is_unchanged_and_another_layout_is_refused(tmp_path, r
 def test_an_evaluator_writing_into_a_sub_folder_is_caught(tmp_path):
     from PIL import Image
 
-    from synfer.contracts import changed_files, dataset_state
+    from synfer.contract.contracts import changed_files, dataset_state
 
     w = DatasetWriter(tmp_path, images_per_folder=2)
     w.write_many([(i, Image.new("RGB", (4, 4), (i, i, i)), {"label": "happy"}) for i in range(5)])
@@ -115,7 +115,7 @@ def test_sharded_run_layout_pixels_report_and_card(sharded_ref):
     assert json.loads(files["ds/metrics.json"])["count"] == 12.0  # the run's own evaluator read every row's image
     from huggingface_hub import DatasetCard
 
-    from synfer.card import CARD
+    from synfer.engine.card import CARD
 
     card = DatasetCard(files[f"ds/{CARD}"].decode())
     assert card.data.to_dict()["configs"][0]["data_files"][0]["path"] == ["metadata.jsonl", "images/**"]

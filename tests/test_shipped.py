@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from synfer.dataset import DatasetWriter, read_metadata
+from synfer.engine.dataset import DatasetWriter, read_metadata
 
 ROOT = Path(__file__).parent.parent
 SHIPPED = ROOT / "plugins" / "models" / "tiny-sd" / "unet"
@@ -32,7 +32,7 @@ def test_cli_files_identical_for_batch_size_1_and_8(tmp_path, fetext):
     outs = []
     for bs in (1, 8):
         out = tmp_path / f"bs{bs}"
-        cmd = [sys.executable, "-m", "synfer.cli", "run", str(ROOT / "recipes/quickstart.yaml"), "num_images=6", f"output={out}",
+        cmd = [sys.executable, "-m", "synfer", "run", str(ROOT / "recipes/quickstart.yaml"), "num_images=6", f"output={out}",
                "generator.steps=6", f"generator.batch_size={bs}", f"generator.layout.source={fetext}", "evaluators=[]", "report=false"]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": ""})
         assert done.returncode == 0, done.stderr[-2000:]

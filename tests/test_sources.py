@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synfer.plugins import Registry
+from synfer.engine.registry import Registry
 from synfer_plugins import sources as S
 
 

@@ -1,10 +1,10 @@
-"""The thread policy (synfer/threads.py): `auto` takes the free cores, one per torchrun worker, a user's OMP_NUM_THREADS."""
+"""The thread policy (synfer/engine/threads.py): `auto` takes the free cores, one per torchrun worker, a user's OMP_NUM_THREADS."""
 import logging
 
 import pytest
 from click.testing import CliRunner
 
-from synfer import threads as T
+from synfer.engine import threads as T
 
 
 @pytest.mark.parametrize("env,cores,load,want", [
@@ -69,7 +69,7 @@ def test_configure_sets_torch_and_logs_why(monkeypatch, caplog):
     monkeypatch.setattr(T, "_runnable_others", lambda: 0.0)
     monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     try:
-        with caplog.at_level(logging.INFO, logger="synfer.threads"):
+        with caplog.at_level(logging.INFO, logger="synfer.engine.threads"):
             assert T.configure("auto") == 1
         assert torch.get_num_threads() == 1
         assert T.os.environ["OMP_NUM_THREADS"] == "1"  # child processes follow
@@ -85,7 +85,7 @@ def test_configure_sets_torch_and_logs_why(monkeypatch, caplog):
 
 
 def test_recipe_threads_field(registry, tmp_path):
-    from synfer.recipe import RecipeError, load_recipe
+    from synfer.engine.recipe import RecipeError, load_recipe
 
     p = tmp_path / "r.yaml"
     p.write_text("generator: {plugin: dummy}\n")
@@ -99,7 +99,7 @@ def test_train_threads_option_runs_before_the_subcommand_only(monkeypatch):
     """`synfer train --threads N CMD` applies N once, when CMD runs; a bad value is a usage error."""
     import click
 
-    from synfer.training import train_cli
+    from synfer.commands.train import train_cli
 
     seen = []
     monkeypatch.setattr(T, "configure", lambda setting: seen.append(setting))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from synfer import labels as L
-from synfer.dataset import DatasetWriter
+from synfer.engine.dataset import DatasetWriter
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from click.testing import CliRunner  # noqa: E402
 from conftest import HERE, subprocess_env  # noqa: E402
 from test_training import make_fetext  # noqa: E402
 
-from synfer.cli import main  # noqa: E402
-from synfer.training import latest_checkpoint  # noqa: E402
+from synfer.commands.cli import main  # noqa: E402
+from synfer.engine.training import latest_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 slow = pytest.mark.slow  # subprocess kills and several trainings: about a minute each on 2 busy cores
@@ -29,7 +29,7 @@ def weights(out: Path) -> dict[str, bytes]:
 
 
 def work(out: Path) -> Path:
-    """The folder holding a training's checkpoints: OUT/work, or OUT/work/<kind> (synfer.training.kind_work_dir)."""
+    """The folder holding a training's checkpoints: OUT/work, or OUT/work/<kind> (synfer.engine.training.kind_work_dir)."""
     found = sorted(p.parent for p in (out / "work").rglob("last_checkpoint"))
     assert len(found) == 1, found
     return found[0]
@@ -89,12 +89,12 @@ def truncated_latest_falls_back(common: list[str], out: Path, ref: dict) -> None
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    logging.getLogger("synfer.checkpoints").addHandler(handler)
+    logging.getLogger("synfer.engine.checkpoints").addHandler(handler)
     try:
         assert latest_checkpoint(work(out)).name == "iter_2.pth"
         train([*common, "--seed", "3", "--out", str(out), "--resume"])
     finally:
-        logging.getLogger("synfer.checkpoints").removeHandler(handler)
+        logging.getLogger("synfer.engine.checkpoints").removeHandler(handler)
     assert any("iter_4.pth is truncated or unreadable; resuming from the previous one" in m for m in seen), seen
     assert weights(out) == ref
 

@@ -1,4 +1,4 @@
-"""synfer.training (mmengine Runner) and `synfer train generator / au-adapter / vae` on tiny data."""
+"""synfer.engine.training (mmengine Runner) and `synfer train generator / au-adapter / vae` on tiny data."""
 import json
 from pathlib import Path
 
@@ -12,8 +12,8 @@ from click.testing import CliRunner  # noqa: E402
 from mmengine.model import BaseModel  # noqa: E402
 
 from synfer.labels import au_dict, sample_aus  # noqa: E402
-from synfer.cli import main  # noqa: E402
-from synfer.training import TrainResult, latest_checkpoint, run_training  # noqa: E402
+from synfer.commands.cli import main  # noqa: E402
+from synfer.engine.training import TrainResult, latest_checkpoint, run_training  # noqa: E402
 
 EXPRESSIONS = ("happy", "sad", "surprise", "neutral")
 
@@ -25,7 +25,7 @@ def make_fetext(root: Path, n: int = 24, size: int = 48) -> Path:
     """A tiny FEText folder: cartoon faces whose mouth shows the expression, with captions and AUs."""
     from PIL import Image, ImageDraw
 
-    from synfer.dataset import DatasetWriter
+    from synfer.engine.dataset import DatasetWriter
 
     rng = np.random.default_rng(0)
     w = DatasetWriter(root)

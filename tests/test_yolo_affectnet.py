@@ -18,7 +18,7 @@ pytest.importorskip("skimage.data", reason="scikit-image (real test photos) is n
 
 from realfaces import asset, cached_member, crops, network, photos  # noqa: E402,F401 (fixtures)
 
-from synfer.fetch import cache_root  # noqa: E402
+from synfer.engine.fetch import cache_root  # noqa: E402
 
 ULTRALYTICS = ("ultralytics==8.3.86", "torchvision==0.28.0", "py-cpuinfo==9.0.0", "ultralytics-thop==2.0.14")
 
@@ -30,7 +30,7 @@ def _weights():
 
 
 def test_registers_as_an_opt_in_guidance_classifier(tmp_path):
-    from synfer.plugins import Registry
+    from synfer.engine.registry import Registry
     from synfer_plugins import yolo_affectnet
     from synfer_plugins.yolo_affectnet import YoloAffectNetClassifier as Y
 

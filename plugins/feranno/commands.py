@@ -42,7 +42,7 @@ def train_calibrator_cmd(data, model, generator, out, test, iters, batch_size, l
     """Train FERAnno (paper 4.4) on FEText with the generator's UNet frozen."""
     import json
 
-    from synfer.training import seed_everything
+    from synfer.engine.training import seed_everything
     from synfer_plugins.feranno.train import train_feranno
 
     seed_everything(seed)  # --seed fixes the whole run, the encoder's initial weights included

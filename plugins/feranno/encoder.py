@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synfer.checkpoints import load_state
+from synfer.engine.checkpoints import load_state
 from synfer_plugins.feranno.capture import align_capture
 
 ORDERS = ("coarse-to-fine", "fine-to-coarse")

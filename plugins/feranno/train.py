@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModel
 
-from synfer.arrays import load_arrays
-from synfer.stamps import folder_stamp, stamp_key
+from synfer.engine.arrays import load_arrays
+from synfer.engine.stamps import folder_stamp, stamp_key
 from synfer_plugins.feranno.capture import align_capture, condition_inputs, default_max_res, extract
 from synfer_plugins.feranno.encoder import build_encoder, save_encoder
 from synfer_plugins.feranno.stage import FERAnnoConfig
@@ -165,8 +165,8 @@ def train_feranno(data, model, out, test=None, iters: int = 800, batch_size: int
     plugin that loads `model` (default: the built-in, even beside a third party's "sd").
     """
     from synfer import labels as L
-    from synfer.plugins import get_registry
-    from synfer.training import kind_work_dir, run_training
+    from synfer.engine.registry import get_registry
+    from synfer.engine.training import kind_work_dir, run_training
 
     if threads:
         torch.set_num_threads(threads)
@@ -213,6 +213,6 @@ def evaluate_feranno(sd, enc, enc_cfg, test, label_space, size, cfg, batch_size:
         with torch.no_grad():
             preds.append(enc([v.float() for v in f], {k: v.float() for k, v in at.items()}).argmax(1).cpu().numpy())
     pred = np.concatenate(preds)
-    from synfer.scoring import classification_scores
+    from synfer.engine.scoring import classification_scores
 
     return {**classification_scores(y, pred), "n": int(len(y))}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from synfer import labels as L
-from synfer.seeds import stream_rng
+from synfer.engine.seeds import stream_rng
 
 SKIN_TONES = {  # name -> RGB
     "fair": (246, 222, 204), "light": (236, 200, 172), "medium": (214, 170, 132),

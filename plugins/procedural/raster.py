@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from synfer import labels as L
-from synfer.seeds import stream_rng
+from synfer.engine.seeds import stream_rng
 from synfer_plugins.procedural.face_parts import build_ops, identity_arrays
 from synfer_plugins.procedural.identity import Identity
 

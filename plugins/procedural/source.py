@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from synfer import labels as L
-from synfer.recipe import LabelSpaceName, Mix, Seed
+from synfer.engine.recipe import LabelSpaceName, Mix, Seed
 from synfer.stages import FaceRecord, Source, StageConfig
 from synfer_plugins.procedural.identity import (MAX_IDENTITIES, SPLIT_OFFSET, Identity, identity_id, sample_expression_aus,
                                                 sample_identity, split_identities)

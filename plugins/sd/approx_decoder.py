@@ -221,8 +221,8 @@ def train_approx_decoder(model: str | Path, data: str | Path, out: str | Path | 
     """Distil MODEL's VAE decoder into an ApproxDecoder at `size`, on the model's own x0 estimates; with `classifier`
     (a guidance-classifier plugin name) it also learns to pass that classifier's gradient as the VAE does.
     Returns (folder written, held-out error)."""
-    from synfer.plugins import get_registry
-    from synfer.training import run_training, seed_everything
+    from synfer.engine.registry import get_registry
+    from synfer.engine.training import run_training, seed_everything
     from synfer_plugins.sd.data import FETextDataset
     from synfer_plugins.sd.latent_cache import cached_latents
     from synfer_plugins.sd.model import SDModel

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from synfer.checkpoints import load_state
+from synfer.engine.checkpoints import load_state
 from synfer.labels import AU_KEYS, AU_SCALE
 
 WEIGHTS_NAME = "au_adapter.safetensors"

@@ -42,8 +42,8 @@ class TrainOptions:
         return Path(self.work_dir) if self.work_dir else Path(self.out) / "work"
 
     def run_dir_for(self, kind: str) -> Path:
-        """This training kind's own work folder (see synfer.training.kind_work_dir)."""
-        from synfer.training import kind_work_dir
+        """This training kind's own work folder (see synfer.engine.training.kind_work_dir)."""
+        from synfer.engine.training import kind_work_dir
 
         return kind_work_dir(self.out, kind, self.work_dir)
 
@@ -79,8 +79,8 @@ def _common_options(fn):
 
 
 def _options(kw: dict, extra: dict) -> tuple[str, TrainOptions]:
-    from synfer.optimizers import check_optimizer
-    from synfer.training import seed_everything
+    from synfer.engine.optimizers import check_optimizer
+    from synfer.engine.training import seed_everything
 
     plugin = kw.pop("plugin")
     try:
@@ -92,7 +92,7 @@ def _options(kw: dict, extra: dict) -> tuple[str, TrainOptions]:
 
 
 def _trainer(plugin: str, method: str):
-    from synfer.plugins import PluginError, get_registry
+    from synfer.engine.registry import PluginError, get_registry
 
     try:
         cls = get_registry().get("generator", plugin)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from synfer.dataset import read_metadata
+from synfer.engine.dataset import read_metadata
 from synfer.labels import au_vector, canonical
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synfer.stamps import folder_stamp, stamp_key
+from synfer.engine.stamps import folder_stamp, stamp_key
 
 ARRAY, DONE = "latents.npy", "done.json"
 

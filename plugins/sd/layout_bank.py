@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from synfer.stamps import folder_stamp, stamp_key
+from synfer.engine.stamps import folder_stamp, stamp_key
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 def model_id(path: Path) -> str:
     """How rows name the model: its folder's name and the sha256 of its weights ('tiny-sd@sha256:1f2e...'), never a
-    machine path; hashed once per process and reused by the dataset card (synfer.card.weights_sha256)."""
-    from synfer.card import weights_sha256
+    machine path; hashed once per process and reused by the dataset card (synfer.engine.card.weights_sha256)."""
+    from synfer.engine.card import weights_sha256
 
     return f"{Path(path).name}@sha256:{weights_sha256(Path(path))[0][:16]}"
 

@@ -13,8 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from synfer import labels as L
-from synfer.guidance_contract import guidance_targets
-from synfer.seeds import stream_rng
+from synfer.contract.guidance_contract import guidance_targets
+from synfer.engine.seeds import stream_rng
 from synfer_plugins.sd.prediction import prediction_type, split_prediction
 
 
@@ -70,7 +70,7 @@ class LayoutInit:
     """
 
     def __init__(self, generator, config: LayoutConfig):
-        from synfer.dataset import read_metadata, row_label
+        from synfer.engine.dataset import read_metadata, row_label
 
         if not config.source:
             raise ValueError("generator.layout.enabled is true but generator.layout.source is empty: "

@@ -1,4 +1,4 @@
-"""Training of the "sd" generator's parts on FEText, through synfer.training.run_training (mmengine).
+"""Training of the "sd" generator's parts on FEText, through synfer.engine.training.run_training (mmengine).
 
 - generator (paper 4.2.1, Eq. 3): noise-prediction loss on (image, caption) pairs; the
   tiny model is created from the captions when --model is absent or "tiny"; its text
@@ -9,7 +9,7 @@
   (`expression_map`: between-class over total variance of FEText, eyes and mouth), and
   `snr_gamma` is Min-SNR weighting (Hang et al. 2023, diffusers' `--snr_gamma`). The
   expression explains 0.4% of a 32 px face's pixel variance, so unweighted Eq. 3 teaches
-  hair and skin from text long before it teaches a 3-pixel mouth shape (docs/results.md, issue 4).
+  hair and skin from text long before it teaches a 3-pixel mouth shape (docs/results.md, Shipped models).
 - AU adapter (4.2.2): same loss (and the same optional weights), UNet/text encoder/VAE
   frozen, only the adapter trains.
   Text, AUs and both are each dropped at `drop_rate` (IP-Adapter's recipe); the
@@ -18,7 +18,7 @@
 
 For a one-GPU lab (as diffusers' example scripts): `--lora-rank R` trains a peft LoRA on the UNet only
 (lora.py; saved where `pipe.load_lora_weights` reads it), `--grad-accum N` and `--optimizer adamw8bit`
-(synfer.training.run_training), frozen modules held in the training dtype under `--bf16`, and the VAE
+(synfer.engine.training.run_training), frozen modules held in the training dtype under `--bf16`, and the VAE
 latents (or, in pixel space, the resized images) computed once into a memory-mapped cache on disk
 (latent_cache.py) instead of encoding every image at every step.
 """
@@ -33,7 +33,7 @@ import torch
 from mmengine.model import BaseModel
 from torch import nn
 
-from synfer.dataset import read_metadata
+from synfer.engine.dataset import read_metadata
 from synfer_plugins.sd.data import FETextDataset, expression_map  # noqa: F401  (tests and callers import them from here)
 from synfer_plugins.sd.prediction import prediction_type, training_target
 
@@ -211,7 +211,7 @@ class VAETrainModel(BaseModel):
 
 
 def _train(opts, model, dataset, *, lr: float, ema: bool, name: str):
-    from synfer.training import run_training
+    from synfer.engine.training import run_training
 
     return run_training(
         model, dataset, work_dir=opts.run_dir_for(name.replace("_", "-")), max_iters=opts.iters, batch_size=opts.batch_size, lr=lr,
@@ -293,7 +293,7 @@ def train_generator(opts, backbones=None, **overrides) -> Path:
     train_te = extra.get("train_text_encoder")
     train_te = (tiny and not lora_rank) if train_te is None else train_te
     lr = opts.lr or (1e-3 if tiny else 1e-4 if lora_rank else 1e-5)  # 1e-4: diffusers' LoRA example
-    ema = tiny if opts.ema is None else opts.ema  # EMA helps the tiny model (docs/results.md, early design measurements)
+    ema = tiny if opts.ema is None else opts.ema  # EMA on for the tiny model, as in the early design probes (docs/results.md)
     dataset = _dataset(opts, sd, base, rows)
     model = DiffusionTrainModel(sd, train_unet=True, train_text_encoder=train_te, train_adapter=False,
                                 caption_dropout=extra.get("caption_dropout", 0.1), lora_rank=lora_rank, **_common(opts, sd),

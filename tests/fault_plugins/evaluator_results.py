@@ -1,5 +1,5 @@
 """Evaluators whose results break the contract (issue 40's evaluator rows; their handling is issue 38's metrics.json
-work in synfer/evaluate.py and synfer/pipeline.py): a clashing key, NaN, a numpy scalar, a string, a list, None."""
+work in synfer/engine/evaluate.py and synfer/engine/pipeline.py): a clashing key, NaN, a numpy scalar, a string, a list, None."""
 import numpy as np
 
 from synfer import hookimpl
