@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test test-bf16 test-fast bench clean
+.PHONY: venv demo test test-bf16 test-fast check-commits bench clean
 
 venv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test-bf16: venv
 # trainings). `make test` still runs everything; `-m "not network"` also skips PyPI fetches.
 test-fast: venv
 	$(VENV)/bin/pytest -q -x -m "not slow" --durations=10
+
+# Before pushing: every commit subject since BASE (default: the upstream branch, else the last 20) fits 72 characters;
+# the why goes in the body. e.g. `make check-commits BASE=origin/main`
+BASE ?= $(shell git rev-parse -q --verify @{upstream} 2>/dev/null || git rev-parse -q --verify HEAD~20 2>/dev/null || git rev-list --max-parents=0 HEAD)
+check-commits:
+	@git log --format='%h %s' $(BASE)..HEAD | awk '{ n = length($$0) - length($$1) - 1; if (n > 72) { print "subject of " n " characters (max 72): " $$0; bad = 1 } } END { exit bad }'
+	@echo "commit subjects since $(BASE): all within 72 characters"
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
