@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 18 capacity probe: the shipped generator's recipe (recipes/bootstrap.yaml) at half width, then its rendition of real
-# faces and the data-rich benchmark on it (docs/results.md, Downstream, lever table). ~46 min on 2 cores; resumable by step:
+# Capacity probe (2026-12-05): the shipped generator's recipe (recipes/bootstrap.yaml) at half width, then its rendition of real
+# faces and the data-rich benchmark on it (docs/experiments/2026-12-02-downstream.md, lever table). ~46 min on 2 cores; resumable by step:
 #     bash bench/capacity_probe.sh
 set -euo pipefail
 export OMP_NUM_THREADS=2
