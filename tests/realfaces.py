@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,17 +114,23 @@ KERAS = ("keras==3.10.0", "absl-py==2.5.1", "namex==0.1.0", "optree==0.20.0", "m
          "markdown-it-py==4.3.0", "mdurl==0.1.2")  # Keras 3 and what it imports; numpy, h5py and torch are ours
 
 
+def pip_target(requirements: tuple[str, ...], package: str) -> Path:
+    """A reference runtime pip-installed (no dependencies, wheels only) into the cache, once; skips without PyPI."""
+    target = cache_root() / "_test-deps" / requirements[0].replace("==", "-")
+    if not (target / package).is_dir():
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                               "--only-binary=:all:", "--target", str(target), *requirements], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"{requirements[0]} could not be installed (no PyPI?): {proc.stderr[-300:]}")
+    return target
+
+
 @pytest.fixture(scope="module")
 def keras():
     """Keras 3 on its torch backend, pip-installed into the cache: the reference runtime of the .h5 experts."""
     import os
 
-    target = cache_root() / "_test-deps" / KERAS[0].replace("==", "-")
-    if not (target / "keras").is_dir():
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                               "--only-binary=:all:", "--target", str(target), *KERAS], capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"{KERAS[0]} could not be installed (no PyPI?): {proc.stderr[-300:]}")
+    target = pip_target(KERAS, "keras")
     os.environ.setdefault("KERAS_BACKEND", "torch")
     if os.environ["KERAS_BACKEND"] != "torch":
         pytest.skip("KERAS_BACKEND is set to another backend")

@@ -16,9 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("skimage.data", reason="scikit-image (real test photos) is not installed")
 
-from realfaces import asset, cached_member, crops, network, photos  # noqa: E402,F401 (fixtures)
+from realfaces import asset, cached_member, crops, network, photos, pip_target  # noqa: E402,F401 (fixtures)
 
-from synfer.engine.fetch import cache_root  # noqa: E402
 
 ULTRALYTICS = ("ultralytics==8.3.86", "torchvision==0.28.0", "py-cpuinfo==9.0.0", "ultralytics-thop==2.0.14")
 
@@ -63,12 +62,7 @@ def ultralytics():
     """ultralytics 8.3.86 and what its model code imports that synfer lacks, pip-installed into the cache."""
     import os
 
-    target = cache_root() / "_test-deps" / ULTRALYTICS[0].replace("==", "-")
-    if not (target / "ultralytics").is_dir():
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                               "--only-binary=:all:", "--target", str(target), *ULTRALYTICS], capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"{ULTRALYTICS[0]} could not be installed (no PyPI?): {proc.stderr[-300:]}")
+    target = pip_target(ULTRALYTICS, "ultralytics")
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(target.parent / "ultralytics-config"))
     sys.path.insert(0, str(target))

@@ -1,16 +1,6 @@
-"""`synfer benchmark downstream RECIPE`: does the synthetic set help a FER model on real faces? (paper 5.2, Fig. 6)
-
-The same small FER classifier (`classifier:`, a registered guidance classifier that is also a
-synfer.contract.stages.TrainableClassifier; default the built-in tiny-cnn) is trained on
-(a) real only, (b) synthetic only and (c) real + synthetic, with the synthetic set at
-several multiples of the real set's size, for several seeds, and tested on a held-out real
-set (and, when `real_test_2` names one, on a second held-out split built with another seed:
-every trained model is scored on both, and no setting was chosen on the second). Every
-training gets the same number of steps, so a setting wins by its data, not by a longer
-schedule. `real_per_class` picks the regime (50: data-scarce; 250: data-rich). Writes
-`downstream.json` and `downstream.png` (accuracy and UAR vs synthetic scale, a line per
-setting, a band for real only) and prints a table. `synfer benchmark ssl` (synfer.commands.selfsup)
-adds the self-supervised paradigm in the same format. The benchmark itself: synfer.commands.downstream.
+"""`synfer benchmark downstream | merge | ssl RECIPE`: does the synthetic set help a FER model on real faces?
+(paper 5.2, Fig. 6; Table 2 for `ssl`). The benchmarks themselves: synfer.commands.downstream (supervised, and the
+recipe both read) and synfer.commands.selfsup (SimCLR + linear probe).
 """
 from __future__ import annotations
 
@@ -29,6 +19,18 @@ def benchmark_cli():
     """Benchmarks of a synthetic dataset's usefulness (paper 5.2)."""
 
 
+def _config(recipe, overrides):
+    try:
+        return load_config(recipe, overrides)
+    except RecipeError as exc:
+        raise click.ClickException(str(exc))
+
+
+def _show(result: dict, out: Path, name: str) -> None:
+    click.echo(table(result))
+    click.echo(f"-> {out / (name + '.json')}, {out / (name + '.png')}")
+
+
 @benchmark_cli.command("downstream")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("overrides", nargs=-1)
@@ -37,16 +39,11 @@ def downstream(recipe, overrides):
 
     OVERRIDES are key=value pairs, e.g. seeds=[0] iters=50 synthetic=out/quickstart
     """
-    try:
-        cfg = load_config(recipe, overrides)
-    except RecipeError as exc:
-        raise click.ClickException(str(exc))
+    cfg = _config(recipe, overrides)
     n = training_count(cfg.seeds, cfg.settings, cfg.scales, alone="real")
     click.echo(f"downstream: {n} trainings of {cfg.iters} steps at {cfg.size}x{cfg.size}")
-    result = run_downstream(cfg, echo=click.echo)
-    click.echo(table(result))
-    out = Path(cfg.output or cfg.synthetic)
-    click.echo(f"-> {out / 'downstream.json'}, {out / 'downstream.png'}")
+    _show(run_downstream(cfg, echo=click.echo), Path(cfg.output or cfg.synthetic), "downstream")
+
 
 @benchmark_cli.command("merge")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
@@ -59,8 +56,8 @@ def merge_cmd(results, output):
         raise click.ClickException(str(exc))
     out = Path(output)
     result["config"]["output"] = str(out)
-    click.echo(table(write_result(result, out)))
-    click.echo(f"-> {out / 'downstream.json'}, {out / 'downstream.png'}")
+    _show(write_result(result, out), out, "downstream")
+
 
 @benchmark_cli.command("ssl")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
@@ -70,14 +67,8 @@ def ssl_command(recipe, overrides):
 
     Same recipe as `downstream` (its `ssl:` block sets the pretraining), e.g. ssl.steps=100 seeds=[0]
     """
-    try:
-        cfg = load_config(recipe, overrides)
-    except RecipeError as exc:
-        raise click.ClickException(str(exc))
+    cfg = _config(recipe, overrides)
     s = cfg.ssl
     n = training_count(cfg.seeds, s.settings, s.scales, alone="ssl-real")
     click.echo(f"ssl: {n} SimCLR pretrainings of {s.steps} steps (batch {s.batch_size} x 2 views) at {cfg.size}x{cfg.size} + linear probes")
-    result = run_ssl(cfg, echo=click.echo)
-    click.echo(table(result))
-    out = Path(cfg.output or cfg.synthetic)
-    click.echo(f"-> {out / 'ssl.json'}, {out / 'ssl.png'}")
+    _show(run_ssl(cfg, echo=click.echo), Path(cfg.output or cfg.synthetic), "ssl")
