@@ -70,7 +70,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from synfer.contract.stages import GuidanceClassifier, StageConfig, missing_path
+from synfer.stages import GuidanceClassifier, StageConfig, missing_path
 
 CLASSES = 8  # affectnet8: neutral, happy, sad, surprise, fear, disgust, anger, contempt
 
