@@ -1,13 +1,20 @@
 """Reading the files of real FER datasets: images at any bit depth as 8-bit RGB, and CSV/label
 files whose layout is checked up front (one error naming the file, the missing column and the
-expected layout), so a source never yields a white face, a wrong label or nothing, silently.
+expected layout), so a source never yields a white face, a wrong label or nothing, silently;
+and the base every dataset source shares (skipped files, filtered rows, limit).
 """
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
+from pydantic import Field, field_validator
+
+from synfer import labels as L
 from synfer.engine.dataset import DatasetError
+from synfer.stages import FaceRecord, Source, StageConfig
 
 
 def load_image(path: Path, max_pixels: int | None = None, min_size: int = 1):
@@ -93,3 +100,73 @@ def open_table(path: Path, source: str, required: list[str], expected: str):
         raise SourceSchemaError(f"{source} source: {path} has no column {', '.join(missing)} (its header: "
                                 f"{', '.join(header)[:200]}); expected {expected}")
     return f, reader
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class DatasetSourceConfig(StageConfig):
+    root: str  # the dataset folder
+    label_space: str = "affectnet8"  # keep only classes of this space (synfer.labels.LABEL_SPACES)
+    limit: int | None = Field(None, gt=0)  # stop after this many records
+    tag: str | None = None  # `source` written into the metadata; default: the plugin name
+    max_pixels: int = Field(40_000_000, gt=0)  # bigger images are skipped unread (a 40 MP face crop is already absurd)
+    min_size: int = Field(16, ge=1)  # images (face crops) with a side below this are skipped: upscaled they are a flat blur
+
+    @field_validator("label_space")
+    @classmethod
+    def _known_space(cls, v):
+        L.label_space(v)
+        return v
+
+
+class DatasetSource(Source):
+    """Bookkeeping shared by the dataset readers (synfer_plugins.sources): skipped files, filtered rows, limit."""
+
+    Config = DatasetSourceConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.skipped: list[str] = []  # "path (why)" of files that could not be read
+        self.filtered: Counter[str] = Counter()  # reason -> rows left out on purpose
+        self._space = L.label_space(self.config.label_space)
+
+    @property
+    def tag(self) -> str:
+        return self.config.tag or self.name
+
+    def _root(self) -> Path:
+        root = Path(self.config.root).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"{self.name} source: root {str(root)!r} does not exist; set `root:` to the dataset folder")
+        return root
+
+    def _load(self, path: Path):
+        """The RGB image at `path`, or None with "path (why)" added to `skipped`."""
+        image, why = load_image(path, self.config.max_pixels, self.config.min_size)
+        if image is None:
+            self.skipped.append(f"{path} ({why})")
+        return image
+
+    def _big_enough(self, image, where: str) -> bool:
+        """False (and `where` skipped with the reason) when a crop has a side below min_size."""
+        if min(image.size) < self.config.min_size:
+            self.skipped.append(f"{where} (too small: {image.width}x{image.height}, a side below min_size {self.config.min_size})")
+            return False
+        return True
+
+    def _keep(self, expression: str) -> bool:
+        if expression not in self._space:
+            self.filtered[f"{expression} not in {self.config.label_space}"] += 1
+            return False
+        return True
+
+    def _stream(self) -> Iterator[FaceRecord]:
+        raise NotImplementedError
+
+    def records(self) -> Iterator[FaceRecord]:
+        self.skipped, self.filtered = [], Counter()
+        for n, record in enumerate(self._stream()):
+            if self.config.limit is not None and n >= self.config.limit:
+                return
+            yield record

@@ -17,82 +17,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pydantic import Field, field_validator
+from pydantic import field_validator
 
 from synfer import hookimpl
 from synfer import labels as L
-from synfer.stages import FaceRecord, Source, StageConfig
-from synfer_plugins.source_files import SourceSchemaError, load_image, open_table, to_rgb8  # noqa: F401 (re-exported)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class DatasetSourceConfig(StageConfig):
-    root: str  # the dataset folder
-    label_space: str = "affectnet8"  # keep only classes of this space (synfer.labels.LABEL_SPACES)
-    limit: int | None = Field(None, gt=0)  # stop after this many records
-    tag: str | None = None  # `source` written into the metadata; default: the plugin name
-    max_pixels: int = Field(40_000_000, gt=0)  # bigger images are skipped unread (a 40 MP face crop is already absurd)
-    min_size: int = Field(16, ge=1)  # images (face crops) with a side below this are skipped: upscaled they are a flat blur
-
-    @field_validator("label_space")
-    @classmethod
-    def _known_space(cls, v):
-        L.label_space(v)
-        return v
-
-
-class _DatasetSource(Source):
-    """Bookkeeping shared by the readers below: skipped files, filtered rows, limit."""
-
-    Config = DatasetSourceConfig
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.skipped: list[str] = []  # "path (why)" of files that could not be read
-        self.filtered: Counter[str] = Counter()  # reason -> rows left out on purpose
-        self._space = L.label_space(self.config.label_space)
-
-    @property
-    def tag(self) -> str:
-        return self.config.tag or self.name
-
-    def _root(self) -> Path:
-        root = Path(self.config.root).expanduser()
-        if not root.exists():
-            raise FileNotFoundError(f"{self.name} source: root {str(root)!r} does not exist; set `root:` to the dataset folder")
-        return root
-
-    def _load(self, path: Path):
-        """The RGB image at `path`, or None with "path (why)" added to `skipped`."""
-        image, why = load_image(path, self.config.max_pixels, self.config.min_size)
-        if image is None:
-            self.skipped.append(f"{path} ({why})")
-        return image
-
-    def _big_enough(self, image, where: str) -> bool:
-        """False (and `where` skipped with the reason) when a crop has a side below min_size."""
-        if min(image.size) < self.config.min_size:
-            self.skipped.append(f"{where} (too small: {image.width}x{image.height}, a side below min_size {self.config.min_size})")
-            return False
-        return True
-
-    def _keep(self, expression: str) -> bool:
-        if expression not in self._space:
-            self.filtered[f"{expression} not in {self.config.label_space}"] += 1
-            return False
-        return True
-
-    def _stream(self) -> Iterator[FaceRecord]:
-        raise NotImplementedError
-
-    def records(self) -> Iterator[FaceRecord]:
-        self.skipped, self.filtered = [], Counter()
-        for n, record in enumerate(self._stream()):
-            if self.config.limit is not None and n >= self.config.limit:
-                return
-            yield record
-
+from synfer.stages import FaceRecord
+from synfer_plugins.source_files import (  # noqa: F401 (re-exported)
+    IMAGE_EXTENSIONS, DatasetSource, DatasetSourceConfig, SourceSchemaError, load_image, open_table, to_rgb8)
 
 # ---------------------------------------------------------------- ImageFolder
 
@@ -114,7 +45,7 @@ class ImageFolderConfig(DatasetSourceConfig):
         return v
 
 
-class ImageFolderSource(_DatasetSource):
+class ImageFolderSource(DatasetSource):
     """`root/<class>/<image>` (folder names like 'Happy', 'angry', 'Surprised' or label-space indices '0'..'7'), or a
     folder with a `metadata.jsonl` (datasets' imagefolder: `file_name` plus `label`/`expression`), such as what
     `synfer label` writes; loose photos at the root are unlabelled (`unlabelled: true`)."""
@@ -213,7 +144,7 @@ class AffectNetConfig(DatasetSourceConfig):
     crop_face: bool = True  # crop to face_x, face_y, face_width, face_height
 
 
-class AffectNetSource(_DatasetSource):
+class AffectNetSource(DatasetSource):
     """AffectNet's CSV: subDirectory_filePath, face box, landmarks, expression 0..10, valence, arousal."""
 
     name = "affectnet-csv"
@@ -293,7 +224,7 @@ class RafDBConfig(DatasetSourceConfig):
     aligned: bool = True  # Image/aligned/<name>_aligned.jpg; false: Image/original/<name>.jpg
 
 
-class RafDBSource(_DatasetSource):
+class RafDBSource(DatasetSource):
     """RAF-DB basic: `EmoLabel/list_patition_label.txt` lines 'train_00001.jpg 5', labels 1..7."""
 
     name = "rafdb"
@@ -357,7 +288,7 @@ class Fer2013Config(DatasetSourceConfig):
     split: Literal["train", "val", "test", "all"] = "train"  # Training, PublicTest, PrivateTest
 
 
-class Fer2013Source(_DatasetSource):
+class Fer2013Source(DatasetSource):
     """FER2013's single CSV: emotion (0..6), pixels (48*48 grey values), Usage."""
 
     name = "fer2013-csv"
