@@ -6,6 +6,7 @@ Tests that need them are marked `network` and skip cleanly without PyPI.
 """
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -52,20 +53,8 @@ def photos():
 @pytest.fixture(scope="module")
 def litert():
     """LiteRT's Interpreter class, pip-installed into the cache (no dependencies; numpy is ours)."""
-    target = cache_root() / "_test-deps" / LITERT.replace("==", "-")
-    if not (target / "ai_edge_litert").is_dir():
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                               "--only-binary=:all:", "--target", str(target), LITERT], capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"{LITERT} could not be installed (no PyPI or no wheel for this platform): {proc.stderr[-300:]}")
-    sys.path.insert(0, str(target))
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError as exc:
-        pytest.skip(f"{LITERT} does not import here: {exc}")
-    finally:
-        sys.path.remove(str(target))
-    return Interpreter
+    target = pip_target((LITERT,), "ai_edge_litert")
+    return import_from(target, "ai_edge_litert.interpreter", LITERT).Interpreter
 
 
 def run_litert(Interpreter, path, x: np.ndarray) -> list[np.ndarray]:
@@ -125,6 +114,32 @@ def pip_target(requirements: tuple[str, ...], package: str) -> Path:
     return target
 
 
+def import_from(target: Path, module: str, requirement: str):
+    """`module` imported from a pip target folder (left off sys.path afterwards); skips when it does not import here."""
+    sys.path.insert(0, str(target))
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.skip(f"{requirement} does not import here: {exc}")
+    finally:
+        sys.path.remove(str(target))
+
+
+def assert_gradients_reach_the_image(clf) -> None:
+    """A guidance classifier's logits carry the gradient back to the image, and a step against it lowers the loss."""
+    import torch
+
+    from synfer import labels as L
+
+    x = (torch.rand(2, 3, 96, 80, generator=torch.Generator().manual_seed(2)) * 2 - 1).requires_grad_(True)
+    target = torch.full((2,), L.LABEL_SPACES["fer2013"].index("surprise"))
+    loss = torch.nn.functional.cross_entropy(clf.forward(x), target)
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.nn.functional.cross_entropy(clf.forward(x - 0.05 * x.grad.sign()), target) < loss
+
+
 @pytest.fixture(scope="module")
 def keras():
     """Keras 3 on its torch backend, pip-installed into the cache: the reference runtime of the .h5 experts."""
@@ -134,14 +149,7 @@ def keras():
     os.environ.setdefault("KERAS_BACKEND", "torch")
     if os.environ["KERAS_BACKEND"] != "torch":
         pytest.skip("KERAS_BACKEND is set to another backend")
-    sys.path.insert(0, str(target))
-    try:
-        import keras as module
-    except ImportError as exc:
-        pytest.skip(f"{KERAS[0]} does not import here: {exc}")
-    finally:
-        sys.path.remove(str(target))
-    return module
+    return import_from(target, "keras", KERAS[0])
 
 
 # A real labelled set we may measure on, never committed: EmoPy 0.0.5's sample photos (its wheel's

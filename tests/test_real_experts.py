@@ -14,7 +14,7 @@ pytest.importorskip("tflite")
 skdata = pytest.importorskip("skimage.data", reason="scikit-image (real test photos) is not installed")
 
 from PIL import Image  # noqa: E402
-from realfaces import asset, astronaut_face, cached_member, crops, litert, network, photos, run_litert  # noqa: E402,F401 (fixtures)
+from realfaces import asset, assert_gradients_reach_the_image, astronaut_face, cached_member, crops, litert, network, photos, run_litert  # noqa: E402,F401 (fixtures)
 
 from synfer import labels as L  # noqa: E402
 from synfer.engine.fetch import FetchError  # noqa: E402
@@ -110,13 +110,7 @@ def test_gradients_reach_the_image(name):
 
     cls = {"pyemotion": PyEmotionClassifier, "facex": FacexClassifier}[name]
     clf = cls(cls.Config(weights=str(asset(name))))
-    x = (torch.rand(2, 3, 96, 80, generator=torch.Generator().manual_seed(2)) * 2 - 1).requires_grad_(True)
-    target = torch.full((2,), L.LABEL_SPACES["fer2013"].index("surprise"))
-    loss = torch.nn.functional.cross_entropy(clf.forward(x), target)
-    loss.backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    with torch.no_grad():
-        assert torch.nn.functional.cross_entropy(clf.forward(x - 0.05 * x.grad.sign()), target) < loss
+    assert_gradients_reach_the_image(clf)
 
 
 @network

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import pickle
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("skimage.data", reason="scikit-image (real test photos) is not installed")
 
-from realfaces import asset, cached_member, crops, network, photos, pip_target  # noqa: E402,F401 (fixtures)
+from realfaces import asset, cached_member, crops, network, photos, import_from, pip_target  # noqa: E402,F401 (fixtures)
 
 
 ULTRALYTICS = ("ultralytics==8.3.86", "torchvision==0.28.0", "py-cpuinfo==9.0.0", "ultralytics-thop==2.0.14")
@@ -65,13 +64,7 @@ def ultralytics():
     target = pip_target(ULTRALYTICS, "ultralytics")
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(target.parent / "ultralytics-config"))
-    sys.path.insert(0, str(target))
-    try:
-        import ultralytics.nn.tasks  # noqa: F401 (the classes the checkpoint names)
-    except ImportError as exc:
-        pytest.skip(f"{ULTRALYTICS[0]} does not import here: {exc}")
-    finally:
-        sys.path.remove(str(target))
+    import_from(target, "ultralytics.nn.tasks", ULTRALYTICS[0])  # the classes the checkpoint names
     return target
 
 
