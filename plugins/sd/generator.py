@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 OnStep = Callable[[int, "object", "object", "object"], "object | None"]
 
-# ---------------------------------------------------------------- the generator stage
-
 
 class SDGenerator(Generator):
     """Text + AU conditioned sampler (DDIM, DPM-Solver++ or UniPC) with classifier-free guidance on a diffusers model folder."""

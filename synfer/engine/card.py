@@ -4,9 +4,8 @@ A lab that publishes a synthetic set must say what made each image and under whi
 manifest names the recipe (sha256 of the resolved `recipe.json`), the seed, and every model that
 touched an image (prompter, generator with its AU adapter, guidance classifier, calibrator, experts,
 their face detectors) with the sha256 of its weights and its licence, plus the terms of the source
-faces (FEText folders a stage read, e.g. the layout source). The card is the Hub's dataset-card
-format: YAML front matter (licence, task categories, size category, label names, the train split as
-`configs`) and prose, with the strictest term stated at the top.
+faces (FEText folders a stage read, e.g. the layout source). The card is a Hub dataset card: YAML front
+matter (licence, task categories, size, label names, `configs`) and prose, the strictest term at the top.
 
 Where the facts come from (no plugin is imported by name):
 - a plugin class declares `licence` (its code and the weights it ships or fetches) and, where its
@@ -16,8 +15,7 @@ Where the facts come from (no plugin is imported by name):
 - weights the recipe points at (not the plugin's default) have the licence their folder declares in
   a README.md front matter (`license: ...`, as on the Hub), else they are "not declared".
 
-Nothing here depends on time, host or output path, so an interrupted and resumed run (or N torchrun
-workers) writes the same bytes as one uninterrupted run.
+Nothing here depends on time, host or output path: a resumed run (or N workers) writes the same bytes.
 """
 from __future__ import annotations
 
